@@ -45,6 +45,7 @@ MEDMNIST_FINDINGS: dict[str, tuple[str, ...]] = {
 _ALIASES = {name.lower().replace("_", " "): name for name in CHESTXRAY14_FINDINGS + CHEXPERT_FINDINGS}
 _ALIASES.update({k.lower(): v for k, v in CHEXPERT_TO_CANONICAL.items()})
 _ALIASES["pleural thickening"] = "Pleural_Thickening"
+_ALIASES["infiltrate"] = "Infiltration"  # BBox_List_2017.csv spells it so
 
 
 def canonical(name: str) -> str:

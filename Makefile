@@ -1,0 +1,28 @@
+# Two entry points, each bootstrapping .venv on first use:  make demo  |  make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
+export FLWR_TELEMETRY_ENABLED = 0
+export FLWR_DISABLE_UPDATE_CHECK = 1
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch>=2.9,<2.15" "torchvision>=0.24,<0.30"
+	$(PY) -m pip install -q -e ".[dev]"
+	@bash scripts/ensure-browser.sh || echo "note: no headless browser; browser tests will be skipped"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedxray demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf runs .pytest_cache

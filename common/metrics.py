@@ -1,0 +1,286 @@
+"""Clinical metrics for multi-label (and one-vs-rest multi-class) chest X-ray classification.
+
+Plain functions over numpy arrays, shared by centralised training, the Flower server's global evaluation,
+the federated clients, the simulations and the model card, so every number in the project means the same.
+
+Conventions:
+* ``y_true`` (N, F) in {0, 1}; ``y_prob`` (N, F) probabilities; a 1-D array is one finding.
+* ``mask`` (N, F) bool, False = label unknown (CheXpert U-Ignore): the entry is left out of that finding's
+  metrics. A NaN in ``y_true`` is treated as masked too.
+* A case is predicted positive when ``prob >= threshold``.
+* Zero division (no predicted positives, no positives, no negatives) gives 0, as scikit-learn's
+  ``zero_division=0``; AUC is undefined (None + a note) when a finding lacks either class.
+* Results are JSON-serialisable: plain floats/ints/lists, NaN -> None.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+HEADLINE = ("accuracy", "precision", "recall", "f1", "auc")  # the seed paper's order
+SEED_PAPER = {"accuracy": 0.914, "precision": 0.892, "recall": 0.925, "f1": 0.908, "auc": 0.941}
+_RATES = ("accuracy", "precision", "recall", "specificity", "f1")
+_EPS = 1e-6  # thresholds are clipped to [_EPS, 1 - _EPS] so they stay strictly inside (0, 1)
+
+
+# ----------------------------------------------------------------------------- input handling
+def _prepare(y_true, y_prob, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2-D float arrays plus a bool mask that also hides NaN labels; shape errors say which input is wrong."""
+    y_true = np.asarray(y_true, dtype=float)
+    y_prob = np.asarray(y_prob, dtype=float)
+    if y_true.ndim == 1:
+        y_true = y_true[:, None]
+    if y_prob.ndim == 1:
+        y_prob = y_prob[:, None]
+    if y_true.ndim != 2 or y_true.shape != y_prob.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_prob {y_prob.shape} must be the same (N, F) shape")
+    m = np.ones(y_true.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).reshape(y_true.shape[0], -1)
+    if m.shape != y_true.shape:
+        raise ValueError(f"mask {m.shape} must match y_true {y_true.shape}")
+    m = m & np.isfinite(y_true)
+    if not np.isfinite(y_prob[m]).all():
+        raise ValueError("y_prob has NaN/inf at labelled entries")
+    return y_true, y_prob, m
+
+
+def _thresholds(thresholds, n_findings: int) -> np.ndarray:
+    """None -> 0.5 each; a scalar is broadcast; otherwise one per finding."""
+    t = np.full(n_findings, 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
+    t = np.broadcast_to(t, (n_findings,)) if t.ndim == 0 else t
+    if t.shape != (n_findings,):
+        raise ValueError(f"need {n_findings} thresholds, got {t.shape}")
+    return t.astype(float)
+
+
+def _num(x) -> float | None:
+    """Plain float for JSON; NaN/inf/None -> None."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+# ----------------------------------------------------------------------------- metric math
+def _rates(tn: float, fp: float, fn: float, tp: float) -> dict[str, float]:
+    """Threshold metrics from confusion counts, zero division -> 0 (scikit-learn's zero_division=0)."""
+    div = lambda a, b: a / b if b > 0 else 0.0  # noqa: E731
+    n = tn + fp + fn + tp
+    return {
+        "accuracy": div(tp + tn, n) if n > 0 else math.nan,
+        "precision": div(tp, tp + fp),
+        "recall": div(tp, tp + fn),
+        "specificity": div(tn, tn + fp),
+        "f1": div(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def _counts(y: np.ndarray, yhat: np.ndarray) -> list[int]:
+    """[tn, fp, fn, tp] of 0/1 arrays (also fine when empty, unlike sklearn's confusion_matrix)."""
+    y, yhat = y == 1, yhat == 1
+    return [int((~y & ~yhat).sum()), int((~y & yhat).sum()), int((y & ~yhat).sum()), int((y & yhat).sum())]
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC, NaN when only one class is present (undefined)."""
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
+
+
+def _tie_groups(p: np.ndarray) -> np.ndarray:
+    """Rank of each score among the distinct scores (equal scores share a group), for the weighted AUC."""
+    return np.unique(p, return_inverse=True)[1].ravel()
+
+
+def _weighted_auc(y: np.ndarray, groups: np.ndarray, w: np.ndarray) -> float:
+    """Mann-Whitney AUC with integer sample weights (bootstrap counts), ties counted 1/2.
+
+    Equal to roc_auc_score on the rows repeated w times, but O(n) with no re-sorting per resample.
+    """
+    k = int(groups.max()) + 1 if len(groups) else 0
+    pos = np.bincount(groups, weights=w * y, minlength=k)
+    neg = np.bincount(groups, weights=w * (1 - y), minlength=k)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def _percentile_ci(values: list[float]) -> list[float] | None:
+    v = np.asarray([x for x in values if math.isfinite(x)])
+    return None if v.size == 0 else [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+
+
+# ----------------------------------------------------------------------------- public API
+def tune_thresholds(y_true, y_prob, method: str = "f1", mask=None) -> np.ndarray:
+    """Per-finding decision threshold chosen on validation data (F,) float.
+
+    "f1": the score on the precision-recall curve with the highest F1 (findings are imbalanced, so 0.5 is
+    rarely right); "youden": argmax(TPR - FPR) on the ROC curve (balances sensitivity and specificity).
+    A finding with no positives or no negatives has no curve to optimise: it keeps 0.5. Thresholds are
+    clipped to [1e-6, 1 - 1e-6] so they stay inside (0, 1).
+    """
+    if method not in ("f1", "youden"):
+        raise ValueError(f"method must be 'f1' or 'youden', got {method!r}")
+    y_true, y_prob, m = _prepare(y_true, y_prob, mask)
+    out = np.full(y_true.shape[1], 0.5)
+    for j in range(y_true.shape[1]):
+        y, p = y_true[m[:, j], j], y_prob[m[:, j], j]
+        if not 0 < y.sum() < len(y):
+            continue
+        if method == "f1":
+            prec, rec, thr = precision_recall_curve(y, p)
+            prec, rec = prec[: len(thr)], rec[: len(thr)]  # last point (p=1, r=0) has no threshold
+            f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(prec), where=(prec + rec) > 0)
+            out[j] = thr[int(np.argmax(f1))]
+        else:
+            fpr, tpr, thr = roc_curve(y, p)
+            out[j] = thr[int(np.argmax(tpr - fpr))]
+    return np.clip(out, _EPS, 1 - _EPS)
+
+
+def macro_f1(y_true, y_prob, thresholds, mask=None) -> float:
+    """Mean per-finding F1 at the given thresholds; cheap enough to select epochs/rounds with."""
+    y_true, y_prob, m = _prepare(y_true, y_prob, mask)
+    pred = y_prob >= _thresholds(thresholds, y_true.shape[1])
+    pos = y_true == 1
+    tp = (pred & pos & m).sum(0)
+    fp = (pred & ~pos & m).sum(0)
+    fn = (~pred & pos & m).sum(0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    labelled = m.any(0)
+    return float(f1[labelled].mean()) if labelled.any() else math.nan
+
+
+def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootstrap: int = 0, seed: int = 0) -> dict:
+    """Per-finding, macro and micro clinical metrics, plus the seed paper's five headline figures (= macro).
+
+    thresholds None -> 0.5 each. bootstrap > 0 resamples rows with np.random.default_rng(seed) and gives
+    percentile 95% CIs of each finding's AUC and F1 and of macro AUC/F1; resamples where an AUC is
+    undefined are skipped for that AUC (for macro AUC: where any finding with a defined AUC loses it).
+    """
+    y_true, y_prob, m = _prepare(y_true, y_prob, mask)
+    n, n_find = y_true.shape
+    findings = [str(f) for f in findings]
+    if len(findings) != n_find:
+        raise ValueError(f"{len(findings)} finding names for {n_find} columns")
+    thr = _thresholds(thresholds, n_find)
+    pred = (y_prob >= thr).astype(float)
+
+    per_finding: dict[str, dict] = {}
+    notes: list[str] = []
+    for j, name in enumerate(findings):
+        mj = m[:, j]
+        y, p = y_true[mj, j], y_prob[mj, j]
+        tn, fp, fn, tp = _counts(y, pred[mj, j])
+        auc = _auc(y, p)
+        if len(y) == 0:
+            notes.append(f"{name}: no labelled cases in this split; metrics undefined")
+        elif tp + fn == 0:
+            notes.append(f"{name}: no positive cases in this split; AUC undefined")
+        elif tn + fp == 0:
+            notes.append(f"{name}: no negative cases in this split; AUC undefined")
+        per_finding[name] = {
+            **{k: _num(v) for k, v in _rates(tn, fp, fn, tp).items()},
+            "auc": _num(auc),
+            "support": int(tp + fn), "negatives": int(tn + fp), "n": int(len(y)), "threshold": float(thr[j]),
+            "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]], "auc_ci": None, "f1_ci": None,
+        }
+
+    def mean_of(key: str) -> float | None:
+        vals = [r[key] for r in per_finding.values() if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    macro = {k: mean_of(k) for k in (*_RATES, "auc")}
+    micro = {k: _num(v) for k, v in _rates(*_counts(y_true[m], pred[m])).items()}
+    micro["auc"] = _num(_auc(y_true[m], y_prob[m]))
+
+    result = {
+        "n": int(n), "thresholds": [float(t) for t in thr], "per_finding": per_finding,
+        "macro": macro, "micro": micro, "headline": {k: macro[k] for k in HEADLINE},
+        "headline_ci": None, "notes": notes,
+    }
+    if bootstrap > 0 and n > 0:
+        _bootstrap(result, y_true, y_prob, pred, m, findings, bootstrap, seed)
+    return result
+
+
+def _bootstrap(result: dict, y_true, y_prob, pred, m, findings, n_boot: int, seed: int) -> None:
+    """Fill auc_ci/f1_ci and headline_ci in place. Resampling rows = integer weights per row (bincount)."""
+    rng = np.random.default_rng(seed)
+    n, n_find = y_true.shape
+    cols = [np.flatnonzero(m[:, j]) for j in range(n_find)]
+    groups = [_tie_groups(y_prob[c, j]) for j, c in enumerate(cols)]
+    defined = [result["per_finding"][f]["auc"] is not None for f in findings]
+    aucs = np.full((n_boot, n_find), math.nan)
+    f1s = np.full((n_boot, n_find), math.nan)
+    for b in range(n_boot):
+        w_all = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float)
+        for j, c in enumerate(cols):
+            w, y, yhat = w_all[c], y_true[c, j], pred[c, j]
+            if w.sum() == 0:
+                continue
+            tp, fp, fn = (w * y * yhat).sum(), (w * (1 - y) * yhat).sum(), (w * y * (1 - yhat)).sum()
+            f1s[b, j] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
+            if defined[j]:
+                aucs[b, j] = _weighted_auc(y, groups[j], w)
+    for j, name in enumerate(findings):
+        if defined[j]:
+            result["per_finding"][name]["auc_ci"] = _percentile_ci(aucs[:, j].tolist())
+        if result["per_finding"][name]["n"] > 0:
+            result["per_finding"][name]["f1_ci"] = _percentile_ci(f1s[:, j].tolist())
+    macro_auc = [float(np.mean(row[defined])) if any(defined) and np.isfinite(row[defined]).all() else math.nan
+                 for row in aucs]
+    macro_f1s = [float(np.nanmean(row)) if np.isfinite(row).any() else math.nan for row in f1s]
+    result["headline_ci"] = {"auc": _percentile_ci(macro_auc), "f1": _percentile_ci(macro_f1s)}
+
+
+# ----------------------------------------------------------------------------- text tables
+def _pct(v) -> str:
+    return "n/a" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.1f}"
+
+
+def format_headline_table(rows: Mapping[str, Mapping], reference: Mapping | None = SEED_PAPER,
+                          title: str | None = None) -> str:
+    """Fixed-width table in the seed paper's layout (Accuracy, Precision, Recall, F1, AUC as % with one
+    decimal), one row per run plus a "seed paper" reference row, so results compare at a glance."""
+    heads = ("Accuracy", "Precision", "Recall", "F1", "AUC")
+    table = [(name, r.get("headline", r)) for name, r in rows.items()]
+    if reference is not None:
+        table.append(("seed paper", reference))
+    width = max([len("Model")] + [len(name) for name, _ in table])
+    line = lambda name, cells: f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells)  # noqa: E731
+    out = [title] if title else []
+    out += [line("Model", heads), "-" * len(line("", heads))]
+    for i, (name, h) in enumerate(table):
+        if reference is not None and i == len(table) - 1:
+            out.append("-" * len(line("", heads)))
+        out.append(line(name, [_pct(h.get(k)) for k in HEADLINE]))
+    return "\n".join(out)
+
+
+def format_per_finding_table(metrics: Mapping) -> str:
+    """Per-finding table (n, positives, AUC [95% CI], F1, precision, recall, specificity, accuracy, threshold)
+    with macro and micro rows and the notes, for logs and the model card."""
+    heads = ("n", "Pos", "AUC", "AUC 95% CI", "F1", "Prec", "Recall", "Spec", "Acc", "Thr")
+    rows = []
+    for name, r in metrics["per_finding"].items():
+        ci = r.get("auc_ci")
+        rows.append((name, [str(r["n"]), str(r["support"]), _pct(r["auc"]),
+                            f"{_pct(ci[0])}-{_pct(ci[1])}" if ci else "", _pct(r["f1"]), _pct(r["precision"]),
+                            _pct(r["recall"]), _pct(r["specificity"]), _pct(r["accuracy"]), f"{r['threshold']:.3f}"]))
+    for agg in ("macro", "micro"):
+        a = metrics[agg]
+        rows.append((agg, ["", "", _pct(a["auc"]), "", _pct(a["f1"]), _pct(a["precision"]), _pct(a["recall"]),
+                           _pct(a["specificity"]), _pct(a["accuracy"]), ""]))
+    width = max([len("Finding")] + [len(name) for name, _ in rows])
+    line = lambda name, cells: f"{name:<{width}}  " + "  ".join(f"{c:>11}" if h == "AUC 95% CI" else f"{c:>6}"  # noqa: E731
+                                                                 for h, c in zip(heads, cells))
+    out = [line("Finding", heads), "-" * len(line("", heads))]
+    out += [line(name, cells) for name, cells in rows[:-2]]
+    out += ["-" * len(line("", heads))] + [line(name, cells) for name, cells in rows[-2:]]
+    out += [f"note: {n}" for n in metrics.get("notes", [])]
+    return "\n".join(out)
+
+
+__all__ = ("HEADLINE", "SEED_PAPER", "tune_thresholds", "compute_metrics", "macro_f1",
+           "format_headline_table", "format_per_finding_table")

@@ -1,0 +1,34 @@
+"""Shared fixtures. Flower is kept local and quiet; heavy fixtures are session-scoped and tiny."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PNEUMONIAMNIST = SHARED_DATA / "pneumoniamnist.npz"
+SYNTH_FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """Three small synthetic hospitals + holdout, 64 px, written once per test session."""
+    from common.data.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, hospitals=3, patients=40, size=64, seed=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def pneumoniamnist() -> Path:
+    if not PNEUMONIAMNIST.is_file():
+        pytest.skip(f"real data not available: {PNEUMONIAMNIST} (only in the fedxray workplace's ../shared/data)")
+    return PNEUMONIAMNIST

@@ -1,0 +1,357 @@
+"""common.imageio: every fixture is generated here (Pillow / pydicom), every error asserts on its message."""
+from __future__ import annotations
+
+import struct
+import zlib
+from io import BytesIO
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+
+from common.errors import ImageError
+from common.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, is_dicom, read_image
+
+RNG = np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------------------------- builders
+
+
+def pil_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png16(arr: np.ndarray) -> bytes:
+    return pil_bytes(Image.fromarray(arr.astype(np.uint16)))
+
+
+def dicom_dataset(arr: np.ndarray, *, pi="MONOCHROME2", bits_stored=None, signed=False, **attrs) -> Dataset:
+    """A minimal DX data set holding `arr` (H, W), (frames, H, W) or (H, W, 3) uncompressed."""
+    ds = Dataset()
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "DX"
+    ds.PatientName = "Doe^Jane"
+    color = arr.ndim == 3 and arr.shape[-1] == 3
+    ds.Rows, ds.Columns = arr.shape[-3:-1] if color else arr.shape[-2:]
+    ds.SamplesPerPixel = 3 if color else 1
+    if color:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = pi
+    ds.BitsAllocated = arr.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = np.ascontiguousarray(arr).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def dicom_bytes(arr: np.ndarray, *, ts=ExplicitVRLittleEndian, **kw) -> bytes:
+    ds = dicom_dataset(arr, **kw)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ts
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    fds = FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
+    buf = BytesIO()
+    fds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def patch_png_size(data: bytes, width: int, height: int) -> bytes:
+    """Rewrite IHDR width/height (bytes 16..24) and its CRC: a header that lies about the size."""
+    ihdr = data[12:16] + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def raises(data: bytes, *fragments: str, **kw) -> ImageError:
+    with pytest.raises(ImageError) as info:
+        decode_image(data, **kw)
+    for fragment in fragments:
+        assert fragment in info.value.reason, info.value.reason
+    return info.value
+
+
+# ------------------------------------------------------------------------------------ Pillow formats
+
+
+def test_png_8bit_values_exact():
+    arr = np.array([[0, 51, 102], [153, 204, 255]], dtype=np.uint8)
+    d = decode_image(pil_bytes(Image.fromarray(arr)))
+    assert isinstance(d, DecodedImage)
+    assert (d.format, d.bit_depth, d.width, d.height, d.view) == ("png", 8, 3, 2, None)
+    assert d.pixels.dtype == np.float32 and d.pixels.shape == (2, 3)
+    np.testing.assert_allclose(d.pixels, arr / 255.0, atol=1e-7)
+
+
+def test_png_16bit_divided_by_65535():
+    arr = np.array([[0, 1, 4095], [32768, 65534, 65535]], dtype=np.uint16)
+    d = decode_image(png16(arr))
+    assert (d.format, d.bit_depth) == ("png", 16)
+    np.testing.assert_array_equal(d.pixels, (arr / 65535.0).astype(np.float32))
+
+
+def test_jpeg_gray_and_rgb():
+    gradient = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    d = decode_image(pil_bytes(Image.fromarray(gradient), "JPEG", quality=100))
+    assert (d.format, d.bit_depth, d.pixels.shape) == ("jpeg", 8, (64, 64))
+    np.testing.assert_allclose(d.pixels, gradient / 255.0, atol=3 / 255)
+
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    d = decode_image(pil_bytes(red, "JPEG", quality=100))
+    assert (d.width, d.height, d.pixels.shape) == (64, 48, (48, 64))
+    np.testing.assert_allclose(d.pixels, 0.299, atol=0.02)  # luma of pure red
+
+
+def test_jpeg_exif_orientation_applied():
+    img = Image.new("L", (40, 20), 128)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    d = decode_image(pil_bytes(img, "JPEG", exif=exif))
+    assert (d.width, d.height) == (20, 40)
+
+
+def test_rgba_ignores_alpha():
+    img = Image.new("RGBA", (4, 4), (0, 0, 255, 0))  # fully transparent blue: alpha must not darken it
+    d = decode_image(pil_bytes(img))
+    np.testing.assert_allclose(d.pixels, 29 / 255, atol=1e-6)  # 0.114 * 255 = 29.07 -> 29
+
+
+def test_palette_png():
+    img = Image.new("P", (4, 2))
+    img.putpalette([0, 0, 0, 255, 255, 255, 0, 255, 0] + [0] * (256 * 3 - 9))
+    img.putdata([0, 1, 2, 0, 1, 2, 0, 1])
+    d = decode_image(pil_bytes(img))
+    expected = np.array([[0, 255, 150, 0], [255, 150, 0, 255]]) / 255  # 0.587 * 255 = 149.7 -> 150
+    np.testing.assert_allclose(d.pixels, expected, atol=1e-6)
+    assert d.bit_depth == 8
+
+
+def test_other_pillow_formats_bmp_and_float_tiff():
+    arr = np.array([[10, 20], [30, 40]], dtype=np.uint8)
+    d = decode_image(pil_bytes(Image.fromarray(arr), "BMP"))
+    assert d.format == "bmp"
+    np.testing.assert_allclose(d.pixels, arr / 255, atol=1e-7)
+
+    f = np.array([[-0.5, 0.25], [0.75, 2.0]], dtype=np.float32)
+    d = decode_image(pil_bytes(Image.fromarray(f, mode="F"), "TIFF"))
+    assert d.format == "tiff"
+    np.testing.assert_allclose(d.pixels, [[0, 0.25], [0.75, 1]])
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+
+
+def test_is_dicom():
+    assert is_dicom(dicom_bytes(np.zeros((2, 2), np.uint16)))
+    assert not is_dicom(png16(np.zeros((2, 2))))
+    assert not is_dicom(b"")
+
+
+def test_dicom_monochrome2_16bit_matches_png():
+    arr = RNG.integers(0, 65536, size=(32, 48), dtype=np.uint16)
+    d_dcm, d_png = decode_image(dicom_bytes(arr)), decode_image(png16(arr))
+    assert (d_dcm.format, d_dcm.bit_depth, d_dcm.width, d_dcm.height) == ("dicom", 16, 48, 32)
+    assert d_dcm.pixels.dtype == np.float32
+    assert np.allclose(d_dcm.pixels, d_png.pixels, atol=1e-6)
+
+
+def test_dicom_monochrome1_is_inverted():
+    arr = RNG.integers(0, 65536, size=(16, 16), dtype=np.uint16)
+    m1 = decode_image(dicom_bytes(arr, pi="MONOCHROME1")).pixels
+    m2 = decode_image(dicom_bytes(arr, pi="MONOCHROME2")).pixels
+    assert np.allclose(m1, 1.0 - m2, atol=1e-6)
+
+
+def test_dicom_12bit_scaled_by_4095():
+    arr = np.array([[0, 1024], [2048, 4095]], dtype=np.uint16)
+    d = decode_image(dicom_bytes(arr, bits_stored=12))
+    assert d.bit_depth == 12
+    np.testing.assert_allclose(d.pixels, arr / 4095.0, atol=1e-6)
+
+
+def test_dicom_rescale_then_window():
+    arr = np.array([[0, 1000, 1500, 2000], [2500, 3000, 4000, 100]], dtype=np.uint16)
+    # modality = 2 * stored - 1000: [-1000, 1000, 2000, 3000, 4000, 5000, 7000, -800]
+    # window [2000 - 2000, 2000 + 2000] = [0, 4000] -> [0, .25, .5, .75, 1, 1, 1, 0]
+    d = decode_image(
+        dicom_bytes(arr, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=2000, WindowWidth=4000)
+    )
+    np.testing.assert_allclose(d.pixels, [[0, 0.25, 0.5, 0.75], [1, 1, 1, 0]], atol=1e-6)
+
+
+def test_dicom_multi_valued_window_uses_first():
+    arr = np.array([[100, 150], [200, 300]], dtype=np.uint16)
+    d = decode_image(dicom_bytes(arr, WindowCenter=[200, 9000], WindowWidth=[200, 10]))
+    np.testing.assert_allclose(d.pixels, [[0, 0.25], [0.5, 1]], atol=1e-6)
+
+
+def test_dicom_rescale_without_window_uses_bit_range():
+    arr = np.array([[0, 2048], [4095, 1000]], dtype=np.uint16)
+    d = decode_image(dicom_bytes(arr, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024))
+    np.testing.assert_allclose(d.pixels, arr / 4095.0, atol=1e-6)  # the range shifts along with the pixels
+
+
+def test_dicom_voi_lut_sequence():
+    arr = np.array([[0, 1], [2, 3]], dtype=np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4, 0, 16])  # LUTDescriptor: 4 entries, first maps 0, 16 bits
+    item.add_new(0x00283006, "US", [100, 200, 300, 500])  # LUTData
+    d = decode_image(dicom_bytes(arr, VOILUTSequence=[item]))
+    np.testing.assert_allclose(d.pixels, [[0, 0.25], [0.5, 1]], atol=1e-6)  # scaled by LUT min/max
+
+
+def test_dicom_signed_pixels():
+    arr = np.array([[-32768, -1], [0, 32767]], dtype=np.int16)
+    d = decode_image(dicom_bytes(arr, signed=True))
+    np.testing.assert_allclose(d.pixels, (arr.astype(float) + 32768) / 65535, atol=1e-6)
+
+
+def test_dicom_rgb_converted_to_gray():
+    arr = np.zeros((4, 4, 3), dtype=np.uint8)
+    arr[..., 1] = 255
+    d = decode_image(dicom_bytes(arr, pi="RGB"))
+    assert (d.pixels.shape, d.bit_depth) == ((4, 4), 8)
+    np.testing.assert_allclose(d.pixels, 0.587, atol=1e-6)
+
+
+def test_dicom_ybr_converted_and_palette_rejected():
+    arr = np.zeros((4, 4, 3), dtype=np.uint8)
+    arr[..., 0], arr[..., 1:] = 200, 128  # Y = 200, neutral chroma -> gray 200
+    np.testing.assert_allclose(decode_image(dicom_bytes(arr, pi="YBR_FULL")).pixels, 200 / 255, atol=1e-6)
+    raises(dicom_bytes(arr[..., 0], pi="PALETTE COLOR"), "photometric interpretation PALETTE COLOR is not supported")
+
+
+def test_dicom_view_position():
+    arr = np.zeros((4, 4), dtype=np.uint16)
+    assert decode_image(dicom_bytes(arr, ViewPosition="PA")).view == "PA"
+    assert decode_image(dicom_bytes(arr, ViewPosition="LATERAL ")).view == "LATERAL"
+    assert decode_image(dicom_bytes(arr)).view is None
+
+
+def test_dicom_without_preamble_only_when_named_dcm():
+    ds = dicom_dataset(np.full((4, 4), 65535, dtype=np.uint16))
+    buf = BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True)  # bare data set: no preamble, no "DICM"
+    data = buf.getvalue()
+    assert not is_dicom(data)
+    np.testing.assert_allclose(decode_image(data, name="IMG001.DCM").pixels, 1.0)
+    raises(data, "not a PNG, JPEG or DICOM image")
+
+
+def test_dicom_multi_frame_rejected():
+    data = dicom_bytes(np.zeros((3, 8, 8), dtype=np.uint16), NumberOfFrames=3)
+    err = raises(data, "multi-frame DICOM (3 frames) is not supported", "export a single frame")
+    assert "Doe" not in str(err)  # never echo patient data
+
+
+def test_dicom_without_pixel_data_rejected():
+    ds = dicom_dataset(np.zeros((4, 4), dtype=np.uint16))
+    del ds.PixelData
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = BytesIO()
+    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
+    raises(buf.getvalue(), "DICOM file has no pixel data")
+
+
+@pytest.mark.parametrize("ts", [JPEG2000, JPEGBaseline8Bit])
+def test_dicom_compressed_garbage_names_transfer_syntax(ts):
+    ds = dicom_dataset(np.zeros((8, 8), dtype=np.uint8))
+    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
+    ds["PixelData"].VR = "OB"
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ts
+    buf = BytesIO()
+    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
+    err = raises(buf.getvalue(), f"DICOM transfer syntax {ts.name} ({ts}) cannot be decoded here", "uncompressed")
+    assert "Doe" not in str(err)
+
+
+def test_dicom_truncated_pixel_data_rejected():
+    data = dicom_bytes(np.zeros((64, 64), dtype=np.uint16))
+    raises(data[: len(data) - 4000], "DICOM")
+
+
+def test_dicom_too_small_and_too_large():
+    data = dicom_bytes(np.zeros((20, 30), dtype=np.uint16))
+    err = raises(data, "resolution 30x20 px is below the minimum of 64 px", min_resolution=64)
+    assert not err.too_large
+    err = raises(data, "image has 30x20 = 600 pixels, above the limit of 100", max_pixels=100)
+    assert err.too_large
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+
+
+def test_truncated_png_and_jpeg_rejected():
+    noise = Image.fromarray(RNG.integers(0, 256, size=(128, 128), dtype=np.uint8))
+    png = pil_bytes(noise)
+    raises(png[: len(png) // 2], "truncated or corrupt PNG data")
+    jpg = pil_bytes(noise, "JPEG")
+    raises(jpg[: len(jpg) // 2], "truncated or corrupt JPEG data")
+    raises(png[:20], "truncated or corrupt PNG data")  # cut inside the header
+
+
+def test_random_bytes_and_text_rejected(tmp_path):
+    raises(RNG.bytes(1000), "not a PNG, JPEG or DICOM image")
+    raises(RNG.bytes(1000), "not a PNG, JPEG or DICOM image", name="scan.dcm")
+    p = tmp_path / "notes.txt"
+    p.write_text("patient looked fine\n" * 20)
+    with pytest.raises(ImageError) as info:
+        read_image(p)
+    assert info.value.reason == "not a PNG, JPEG or DICOM image" and info.value.path == str(p)
+    assert str(p) in str(info.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError) as info:
+        read_image(empty)
+    assert info.value.reason == "empty file (0 bytes)" and info.value.path == str(empty)
+    missing = tmp_path / "nope.png"
+    with pytest.raises(ImageError) as info:
+        read_image(missing)
+    assert info.value.reason == "file not found" and info.value.path == str(missing)
+    raises(b"", "empty file (0 bytes)")
+
+
+def test_read_image_ok_and_error_carries_path(tmp_path):
+    p = tmp_path / "a.png"
+    p.write_bytes(pil_bytes(Image.new("L", (20, 30), 255)))
+    np.testing.assert_allclose(read_image(p).pixels, 1.0)
+    with pytest.raises(ImageError) as info:
+        read_image(p, min_resolution=64)
+    assert info.value.reason == "resolution 20x30 px is below the minimum of 64 px (shorter side)"
+    assert info.value.path == str(p) and not info.value.too_large
+
+
+def test_header_claims_huge_size_is_too_large():
+    tiny = pil_bytes(Image.new("L", (1, 1)))
+    assert decode_image(tiny).pixels.shape == (1, 1)
+    # above our limit but below Pillow's own bomb threshold: our message, from the header alone
+    err = raises(patch_png_size(tiny, 8000, 8000), "image has 8000x8000 = 64,000,000 pixels", "above the limit")
+    assert err.too_large and DEFAULT_MAX_PIXELS == 60_000_000
+    # far above Pillow's threshold: its DecompressionBombError becomes too_large as well
+    err = raises(patch_png_size(tiny, 100_000, 100_000), "too large")
+    assert err.too_large
+
+
+def test_max_pixels_on_real_image():
+    err = raises(pil_bytes(Image.new("L", (100, 100))), "above the limit of 5,000", max_pixels=5000)
+    assert err.too_large

@@ -1,0 +1,77 @@
+"""Torch datasets over a Manifest: decode once, cache the prepared uint8 images, augment per item.
+
+Decoding is where unusable images are found: `preload()` excludes corrupt, truncated or low-resolution
+files, records why in `manifest.excluded`, and never stops the run for one bad file.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from common.data.manifest import Exclusion, Manifest
+from common.errors import ImageError
+from common.transforms import Augmenter, Preprocessor
+
+
+class XrayDataset(Dataset):
+    """Items are (image (C,S,S) float, labels (F,) float with NaN->0, mask (F,) bool: label known)."""
+
+    def __init__(self, manifest: Manifest, indices: list[int], preprocessor: Preprocessor,
+                 augmenter: Augmenter | None = None, *, cache: bool = True, min_resolution: int = 1,
+                 name: str = "data", progress: bool = True):
+        self.manifest, self.indices = manifest, list(indices)
+        self.pre, self.aug = preprocessor, augmenter
+        self.cache_enabled, self.min_resolution = cache, min_resolution
+        self.name, self.progress = name, progress
+        self._cache: dict[int, torch.Tensor] = {}
+        y = manifest.label_matrix(self.indices)
+        self._mask = ~np.isnan(y)
+        self._labels = np.nan_to_num(y)
+
+    def preload(self) -> list[Exclusion]:
+        """Decode and prepare every image now (progress bar); drop and record the ones that fail."""
+        keep, excluded = [], []
+        for pos, i in enumerate(tqdm(self.indices, desc=f"loading {self.name}", unit="img", leave=False,
+                                     disable=not self.progress or len(self.indices) < 200)):
+            try:
+                img = self._prepare(i)
+            except ImageError as e:
+                excluded.append(Exclusion(self.manifest.samples[i].key, e.reason))
+                continue
+            keep.append(pos)
+            if self.cache_enabled:
+                self._cache[i] = img
+        if excluded:
+            self.indices = [self.indices[p] for p in keep]
+            self._labels, self._mask = self._labels[keep], self._mask[keep]
+            self.manifest.excluded.extend(excluded)
+        return excluded
+
+    def _prepare(self, i: int) -> torch.Tensor:
+        decoded = self.manifest.load(self.manifest.samples[i], self.min_resolution)
+        return self.pre.prepare(decoded.pixels)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int):
+        i = self.indices[pos]
+        img = self._cache.get(i)
+        if img is None:
+            img = self._prepare(i)
+            if self.cache_enabled:
+                self._cache[i] = img
+        if self.aug is not None:
+            img = self.aug(img)
+        return (self.pre.finalize(img), torch.from_numpy(self._labels[pos]),
+                torch.from_numpy(self._mask[pos]))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self._mask

@@ -1,0 +1,419 @@
+"""Readers for each public dataset layout, as its publishers ship it, onto one Manifest.
+
+Structural problems (missing CSV, wrong header, unknown label, missing image) are DataErrors naming the
+file and line: a run must not silently train on something other than what the hospital meant.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from common.config import DataConfig
+from common.data.manifest import Box, Manifest, Sample
+from common.errors import DataError
+from common.labels import (
+    CHESTXRAY14_FINDINGS, CHESTXRAY14_NO_FINDING, CHEXPERT_COLUMNS, MEDMNIST_FINDINGS, canonical,
+)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
+NIH_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+NIH_HEADER = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age")
+NIH_BBOX = "BBox_List_2017.csv"
+CHEXPERT_REQUIRED = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+NORMAL_CLASS_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative"}
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, row) pairs; line numbers are 1-based file lines as an editor shows them."""
+    if not path.is_file():
+        raise DataError("file not found", path=str(path))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"not a readable CSV file: {e}", path=str(path)) from e
+    if not rows:
+        raise DataError("CSV file is empty", path=str(path))
+    return [h.strip() for h in rows[0]], [(i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r)]
+
+
+def _check_header(path: Path, header: list[str], expected: tuple[str, ...], *, prefix: bool = True) -> None:
+    got = tuple(header[: len(expected)]) if prefix else tuple(h for h in expected if h in header)
+    if got != expected:
+        raise DataError(f"unexpected CSV header: expected columns {list(expected)}, found {header[:len(expected) + 2]}",
+                        path=str(path), line=1)
+
+
+def _select_findings(available: list[str], wanted: list[str] | None, where: str) -> list[str]:
+    if wanted is None:
+        return list(available)
+    chosen = [canonical(f) for f in wanted]
+    unknown = [f for f in chosen if f not in available]
+    if unknown:
+        raise DataError(f"findings {unknown} are not labelled by this source (it has {available})", path=where)
+    return chosen
+
+
+def _index_images(root: Path, subdirs: list[Path]) -> dict[str, str]:
+    """Map file name -> path relative to root, scanning the folders a source ships its images in."""
+    index: dict[str, str] = {}
+    for d in subdirs:
+        if d.is_dir():
+            for dirpath, _, files in os.walk(d):
+                for f in files:
+                    if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                        index.setdefault(f, os.path.relpath(os.path.join(dirpath, f), root))
+    return index
+
+
+def _missing_error(missing: list[tuple[int, str]], csv_path: Path, total: int) -> DataError:
+    first = ", ".join(f"line {ln}: {name}" for ln, name in missing[:5])
+    return DataError(f"{len(missing)} of {total} images listed are missing on disk (first: {first}); "
+                     "restore them or remove their rows", path=str(csv_path), line=missing[0][0])
+
+
+# --------------------------------------------------------------------------------------------- ChestX-ray14
+
+def load_chestxray14(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
+    """NIH ChestX-ray14: Data_Entry_2017[_v2020].csv, images/ or images_NNN/images/, official split lists, boxes."""
+    csv_path = next((root / n for n in NIH_CSV_NAMES if (root / n).is_file()), None)
+    if csv_path is None:
+        raise DataError(f"no {' or '.join(NIH_CSV_NAMES)} found: is this a ChestX-ray14 folder?", path=str(root))
+    header, rows = _read_csv(csv_path)
+    _check_header(csv_path, header, NIH_HEADER)
+    view_col = header.index("View Position") if "View Position" in header else None
+    findings = _select_findings(list(CHESTXRAY14_FINDINGS), cfg.findings, str(csv_path))
+    col = {f: j for j, f in enumerate(findings)}
+    known = set(CHESTXRAY14_FINDINGS)
+
+    image_dirs = [root / "images"] + sorted(root.glob("images_*"))
+    index = _index_images(root, image_dirs)
+    test_names = _read_list(root / "test_list.txt")
+    trainval_names = _read_list(root / "train_val_list.txt")
+    boxes = _read_nih_boxes(root / NIH_BBOX, known)
+
+    samples, missing = [], []
+    for line, row in rows:
+        if len(row) < len(NIH_HEADER):
+            raise DataError(f"row has {len(row)} columns, expected at least {len(NIH_HEADER)}", path=str(csv_path), line=line)
+        name, labels_text, pid = row[0].strip(), row[1].strip(), row[3].strip()
+        y = np.zeros(len(findings), np.float32)
+        for lab in filter(None, (s.strip() for s in labels_text.split("|"))):
+            if lab == CHESTXRAY14_NO_FINDING:
+                continue
+            lab_c = canonical(lab)
+            if lab_c not in known:
+                raise DataError(f"unknown finding label {lab!r} (known: {sorted(known)} and {CHESTXRAY14_NO_FINDING!r})",
+                                path=str(csv_path), line=line)
+            if lab_c in col:
+                y[col[lab_c]] = 1.0
+        if not pid:
+            raise DataError("empty Patient ID", path=str(csv_path), line=line)
+        rel = index.get(name)
+        if rel is None:
+            missing.append((line, name))
+            continue
+        split = "test" if name in test_names else ("trainval" if name in trainval_names else None)
+        view = row[view_col].strip().upper() if view_col is not None and view_col < len(row) else None
+        samples.append(Sample(rel, pid.lstrip("0") or "0", y, split, site, view,
+                              tuple(b for b in boxes.get(name, ()) if b.finding in col)))
+    if missing:
+        raise _missing_error(missing, csv_path, len(rows))
+    return Manifest("chestxray14", root, findings, samples)
+
+
+def _read_list(path: Path) -> set[str]:
+    return {ln.strip() for ln in path.read_text().splitlines() if ln.strip()} if path.is_file() else set()
+
+
+def _read_nih_boxes(path: Path, known: set[str]) -> dict[str, list[Box]]:
+    """BBox_List_2017.csv: `Image Index,Finding Label,Bbox [x,y,w,h],,,` (x, y, w, h in columns 3-6)."""
+    out: dict[str, list[Box]] = {}
+    if not path.is_file():
+        return out
+    header, rows = _read_csv(path)
+    _check_header(path, header, ("Image Index", "Finding Label"))
+    for line, row in rows:
+        try:
+            x, y, w, h = (float(v) for v in row[2:6])
+        except (ValueError, IndexError):
+            raise DataError("box needs four numbers x,y,w,h in columns 3-6", path=str(path), line=line) from None
+        finding = canonical(row[1])
+        if finding not in known:
+            raise DataError(f"unknown finding label {row[1]!r}", path=str(path), line=line)
+        out.setdefault(row[0].strip(), []).append(Box(finding, x, y, w, h))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- CheXpert
+
+_PATIENT_RE = re.compile(r"(patient\d+)")
+
+
+def load_chexpert(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
+    """CheXpert train.csv / valid.csv; valid.csv (radiologist-labelled) is the official held-out test split."""
+    files = [(root / "train.csv", None), (root / "valid.csv", "test")]
+    if not any(p.is_file() for p, _ in files):
+        raise DataError("no train.csv or valid.csv found: is this a CheXpert folder?", path=str(root))
+    findings_src = [c for c in CHEXPERT_COLUMNS if c != "No Finding"]
+    available = [canonical(c) for c in findings_src]
+    findings = _select_findings(available, cfg.findings, str(root))
+    policy = {"u-ones": 1.0, "u-zeros": 0.0, "u-ignore": np.nan}[cfg.uncertainty]
+    samples, missing, total = [], [], 0
+    for csv_path, split in files:
+        if not csv_path.is_file():
+            continue
+        header, rows = _read_csv(csv_path)
+        _check_header(csv_path, header, CHEXPERT_REQUIRED)
+        absent = [c for c in findings_src if c not in header]
+        if absent:
+            raise DataError(f"CheXpert columns missing: {absent}", path=str(csv_path), line=1)
+        pos = {f: header.index(src) for src, f in zip(findings_src, available) if f in findings}
+        i_path, i_fl, i_ap = header.index("Path"), header.index("Frontal/Lateral"), header.index("AP/PA")
+        for line, row in rows:
+            total += 1
+            if cfg.frontal_only and row[i_fl].strip() != "Frontal":
+                continue
+            y = np.zeros(len(findings), np.float32)
+            for j, f in enumerate(findings):
+                v = row[pos[f]].strip() if pos[f] < len(row) else ""
+                if v in ("", "0", "0.0"):
+                    continue
+                if v in ("1", "1.0"):
+                    y[j] = 1.0
+                elif v in ("-1", "-1.0"):
+                    y[j] = policy
+                else:
+                    raise DataError(f"column {header[pos[f]]!r} has value {v!r}; expected 1.0, 0.0, -1.0 or blank",
+                                    path=str(csv_path), line=line)
+            rel = _resolve_chexpert_path(root, row[i_path].strip())
+            if rel is None:
+                missing.append((line, row[i_path].strip()))
+                continue
+            m = _PATIENT_RE.search(row[i_path])
+            if not m:
+                raise DataError(f"cannot find the patient id (patientNNNNN) in path {row[i_path]!r}",
+                                path=str(csv_path), line=line)
+            view = "LATERAL" if row[i_fl].strip() == "Lateral" else (row[i_ap].strip().upper() or None)
+            samples.append(Sample(rel, m.group(1), y, split, site, view))
+        if missing:
+            raise _missing_error(missing, csv_path, total)
+    return Manifest("chexpert", root, findings, samples)
+
+
+def _resolve_chexpert_path(root: Path, path: str) -> str | None:
+    """Accept `CheXpert-v1.0[-small]/train/...` relative to the folder that holds it, or to itself."""
+    parts = Path(path).parts
+    for cand in (Path(path), Path(*parts[1:]) if len(parts) > 1 else None):
+        if cand is not None and (root / cand).is_file():
+            return str(cand)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- MedMNIST
+
+def load_medmnist(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
+    """MedMNIST .npz (train/val/test images and labels). It ships no patient ids: each image is its own patient."""
+    if path.is_dir():
+        npz = sorted(path.glob("*.npz"))
+        if len(npz) != 1:
+            raise DataError(f"expected exactly one .npz file in the folder, found {len(npz)}", path=str(path))
+        path = npz[0]
+    if not path.is_file():
+        raise DataError("file not found", path=str(path))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - any decode failure is a bad file
+        raise DataError(f"not a readable .npz file: {e}", path=str(path)) from e
+    need = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+    absent = [k for k in need if k not in arrays]
+    if absent:
+        raise DataError(f"missing arrays {absent} (MedMNIST layout has {need})", path=str(path))
+    labels0 = arrays["train_labels"]
+    stem = path.stem.split("_")[0].lower()
+    multilabel = labels0.shape[1] > 1
+    if stem in MEDMNIST_FINDINGS:
+        available = list(MEDMNIST_FINDINGS[stem])
+    elif multilabel:
+        available = [f"label_{i}" for i in range(labels0.shape[1])]
+    else:
+        k = int(max(arrays[f"{s}_labels"].max() for s in ("train", "val", "test"))) + 1
+        available = ["positive"] if k <= 2 else [f"class_{i}" for i in range(1, k)]
+    findings = _select_findings(available, cfg.findings, str(path))
+    samples = []
+    for split in ("train", "val", "test"):
+        imgs, labs = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(imgs) != len(labs):
+            raise DataError(f"{split}_images has {len(imgs)} entries but {split}_labels has {len(labs)}", path=str(path))
+        if multilabel:
+            y_all = labs.astype(np.float32)
+        else:  # class index -> one-hot over the positive classes (class 0 = normal)
+            y_all = np.zeros((len(labs), len(available)), np.float32)
+            nz = labs[:, 0] > 0
+            y_all[np.nonzero(nz)[0], labs[nz, 0].astype(int) - 1] = 1.0
+        cols = [available.index(f) for f in findings]
+        for i in range(len(imgs)):
+            samples.append(Sample(f"npz:{split}:{i}", f"{split}{i}", y_all[i, cols], split, site))
+    m = Manifest("medmnist", path.parent, findings, samples, multilabel=True, arrays=arrays)
+    m.notes.append("MedMNIST ships no patient ids: each image is treated as its own patient; official splits used.")
+    return m
+
+
+# --------------------------------------------------------------------------------------------- folder / CSV
+
+def load_folder(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
+    """`root/<class>/*.png|jpg|dcm`. A class named normal/healthy/no finding is the negative class."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DataError("no class sub-folders found (expected root/<class>/<image files>)", path=str(root))
+    positives = [c for c in classes if c.lower() not in NORMAL_CLASS_NAMES]
+    findings = _select_findings([canonical(c) for c in positives], cfg.findings, str(root))
+    samples = []
+    for c in classes:
+        j = findings.index(canonical(c)) if canonical(c) in findings else None
+        for f in sorted((root / c).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                y = np.zeros(len(findings), np.float32)
+                if j is not None:
+                    y[j] = 1.0
+                rel = str(f.relative_to(root))
+                samples.append(Sample(rel, f"{c}/{f.stem}", y, None, site))
+    m = Manifest("folder", root, findings, samples)
+    m.notes.append("Plain folders carry no patient ids: each file is treated as its own patient. "
+                   "Use the CSV source with a patient_id column when patients have several images.")
+    return m
+
+
+def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
+    """Generic CSV: `path` + one column per finding (1/0/-1/blank), optional patient_id, split, view."""
+    if path.is_dir():
+        cands = sorted(path.glob("*.csv"))
+        if len(cands) != 1:
+            raise DataError(f"expected exactly one .csv file in the folder, found {len(cands)}", path=str(path))
+        path = cands[0]
+    header, rows = _read_csv(path)
+    if "path" not in header:
+        raise DataError(f"generic CSV needs a 'path' column; found {header}", path=str(path), line=1)
+    meta = {"path", "patient_id", "split", "view", "site"}
+    available = [canonical(h) for h in header if h not in meta]
+    if not available:
+        raise DataError("no label columns besides path/patient_id/split/view", path=str(path), line=1)
+    findings = _select_findings(available, cfg.findings, str(path))
+    col = {canonical(h): k for k, h in enumerate(header)}
+    policy = {"u-ones": 1.0, "u-zeros": 0.0, "u-ignore": np.nan}[cfg.uncertainty]
+    root = path.parent
+    samples, missing = [], []
+    for line, row in rows:
+        get = lambda name: row[header.index(name)].strip() if name in header and header.index(name) < len(row) else ""  # noqa: E731
+        y = np.zeros(len(findings), np.float32)
+        for j, f in enumerate(findings):
+            v = row[col[f]].strip() if col[f] < len(row) else ""
+            try:
+                num = float(v) if v else 0.0
+            except ValueError:
+                raise DataError(f"column {header[col[f]]!r} has value {v!r}; expected 1, 0, -1 or blank",
+                                path=str(path), line=line) from None
+            if num not in (0.0, 1.0, -1.0):
+                raise DataError(f"column {header[col[f]]!r} has value {v!r}; expected 1, 0, -1 or blank",
+                                path=str(path), line=line)
+            y[j] = policy if num == -1.0 else num
+        rel = get("path")
+        if not (root / rel).is_file():
+            missing.append((line, rel))
+            continue
+        split = get("split").lower() or None
+        if split not in (None, "train", "val", "test"):
+            raise DataError(f"split must be train, val or test, got {split!r}", path=str(path), line=line)
+        samples.append(Sample(rel, get("patient_id") or rel, y, split, site, get("view").upper() or None))
+    if missing:
+        raise _missing_error(missing, path, len(rows))
+    return Manifest("csv", root, findings, samples)
+
+
+LOADERS = {"chestxray14": load_chestxray14, "chexpert": load_chexpert, "medmnist": load_medmnist,
+           "folder": load_folder, "csv": load_csv}
+
+
+def detect_source(path: Path) -> str:
+    """Guess the layout of a folder or file, so `fedxray data check DIR` needs no flags."""
+    if path.is_file():
+        return {".npz": "medmnist", ".csv": "csv"}.get(path.suffix.lower()) or _unknown(path)
+    if not path.is_dir():
+        raise DataError("no such file or folder", path=str(path))
+    if any((path / n).is_file() for n in NIH_CSV_NAMES):
+        return "chestxray14"
+    if (path / "train.csv").is_file() or (path / "valid.csv").is_file():
+        return "chexpert"
+    if list(path.glob("*.npz")):
+        return "medmnist"
+    sites = site_folders(path)
+    if sites:
+        return detect_source(sites[0])
+    if list(path.glob("*.csv")):
+        return "csv"
+    if any(d.is_dir() for d in path.iterdir()):
+        return "folder"
+    return _unknown(path)
+
+
+def _unknown(path: Path) -> str:
+    raise DataError("cannot tell the data layout: expected a ChestX-ray14 or CheXpert folder, a MedMNIST .npz, "
+                    "a generic CSV or class sub-folders", path=str(path))
+
+
+def site_folders(root: Path) -> list[Path]:
+    """Sub-folders that are datasets of their own (one per hospital), e.g. the synthetic `hospital_k/`.
+
+    `holdout/` is left out: by convention it is the server's held-out evaluation set, never training data.
+    """
+    if not root.is_dir() or any((root / n).is_file() for n in NIH_CSV_NAMES + ("train.csv", "valid.csv")):
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "holdout"):
+        if any((d / n).is_file() for n in NIH_CSV_NAMES) or (d / "train.csv").is_file():
+            out.append(d)
+    return out
+
+
+def load_multisite(root: Path, cfg: DataConfig) -> Manifest:
+    """Pool several site folders of one layout into one manifest; each sample keeps its site."""
+    parts = []
+    for d in site_folders(root):
+        m = LOADERS[cfg.source](d, cfg, d.name)
+        for s in m.samples:
+            s.key = f"{d.name}/{s.key}"
+        parts.append(m)
+    if not parts:
+        raise DataError("no site folders found", path=str(root))
+    findings = parts[0].findings
+    for m in parts[1:]:
+        if m.findings != findings:
+            raise DataError(f"site {m.root.name} labels {m.findings}, site {parts[0].root.name} labels {findings}: "
+                            "pass data.findings to choose the shared ones", path=str(root))
+    merged = Manifest(cfg.source, root, findings, [s for m in parts for s in m.samples])
+    merged.notes.append(f"pooled {len(parts)} sites: {', '.join(m.root.name for m in parts)}")
+    return merged
+
+
+def load_manifest(cfg: DataConfig, site: str = "") -> Manifest:
+    """Read the source named in the config (or detected from the path) and drop non-frontal views if asked."""
+    if not cfg.path:
+        raise DataError("no data path given (data.path / --data)")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError("no such file or folder", path=str(path))
+    manifest = (load_multisite(path, cfg) if cfg.source in ("chestxray14", "chexpert") and site_folders(path)
+                else LOADERS[cfg.source](path, cfg, site))
+    if cfg.frontal_only:
+        frontal = [s for s in manifest.samples if s.view not in ("LATERAL", "LL", "RL")]
+        if len(frontal) < len(manifest.samples):
+            manifest.notes.append(f"{len(manifest.samples) - len(frontal)} lateral views left out (frontal_only).")
+            manifest.samples = frontal
+    if not manifest.samples:
+        raise DataError("the data source lists no usable images", path=str(path))
+    return manifest

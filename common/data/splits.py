@@ -1,0 +1,150 @@
+"""Patient-level, finding-stratified, seeded splits and the partitioners that make simulated hospitals.
+
+Every function works on *groups* (a patient at a site), never on single images, so no patient can appear
+in two splits or two hospitals. Assignment is greedy towards target image counts within each stratum
+(the patient's rarest positive finding), which keeps finding prevalence close across splits.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from common.config import DataConfig
+from common.data.manifest import Manifest
+from common.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def _groups(manifest: Manifest, indices: list[int]) -> dict[str, list[int]]:
+    g: dict[str, list[int]] = defaultdict(list)
+    for i in indices:
+        g[manifest.samples[i].group].append(i)
+    return dict(sorted(g.items()))
+
+
+def _strata(manifest: Manifest, groups: dict[str, list[int]]) -> dict[int, list[str]]:
+    """Stratum of a patient = index of its rarest positive finding (-1: none), by prevalence in `groups`."""
+    y = np.nan_to_num(manifest.label_matrix([i for idx in groups.values() for i in idx]))
+    prevalence = y.sum(axis=0) if len(y) else np.zeros(len(manifest.findings))
+    order = np.argsort(prevalence, kind="stable")  # rarest first
+    rank = {int(f): r for r, f in enumerate(order)}
+    strata: dict[int, list[str]] = defaultdict(list)
+    for name, idx in groups.items():
+        pos = np.nonzero(np.nan_to_num(manifest.label_matrix(idx)).max(axis=0) > 0)[0]
+        strata[min(pos, key=lambda f: rank[int(f)]) if len(pos) else -1].append(name)
+    return dict(sorted(strata.items()))
+
+
+def _allocate(manifest: Manifest, indices: list[int], weights: list[float], seed: int) -> list[list[int]]:
+    """Assign whole patients to len(weights) bins so each bin's image count tracks its weight, per stratum."""
+    rng = np.random.default_rng(seed)
+    groups = _groups(manifest, indices)
+    bins: list[list[int]] = [[] for _ in weights]
+    w = np.asarray(weights, float) / max(sum(weights), 1e-12)
+    filled, assigned = np.zeros(len(w)), 0
+    for _, names in _strata(manifest, groups).items():   # strata one after another: each is spread evenly
+        for n in (names[k] for k in rng.permutation(len(names))):
+            assigned += len(groups[n])
+            b = int(np.argmax(np.where(w > 0, w * assigned - filled, -np.inf)))
+            bins[b].extend(groups[n])
+            filled[b] += len(groups[n])
+    return [sorted(b) for b in bins]
+
+
+def patient_split(manifest: Manifest, cfg: DataConfig) -> dict[str, list[int]]:
+    """train/val/test indices. A source's official test (and val) split is kept when it ships one."""
+    all_idx = list(range(len(manifest.samples)))
+    official = {s.split for s in manifest.samples}
+    f_train, f_val, f_test = cfg.split_fractions
+    if cfg.use_official_test and "test" in official:
+        test = [i for i in all_idx if manifest.samples[i].split == "test"]
+        if "val" in official:
+            val = [i for i in all_idx if manifest.samples[i].split == "val"]
+            train = [i for i in all_idx if manifest.samples[i].split not in ("val", "test")]
+        else:
+            rest = [i for i in all_idx if manifest.samples[i].split != "test"]
+            train, val = _allocate(manifest, rest, [f_train, f_val], cfg.seed)
+        splits = {"train": train, "val": val, "test": test}
+        _check_official_leak(manifest, splits)
+    else:
+        train, val, test = _allocate(manifest, all_idx, [f_train, f_val, f_test], cfg.seed)
+        splits = {"train": train, "val": val, "test": test}
+    if cfg.max_samples:
+        rng = np.random.default_rng(cfg.seed)
+        splits = {k: sorted(rng.permutation(v)[: cfg.max_samples].tolist()) if len(v) > cfg.max_samples else v
+                  for k, v in splits.items()}
+    for name in SPLITS:
+        wanted = dict(zip(SPLITS, cfg.split_fractions))[name] > 0 or name in official
+        if wanted and not splits[name]:
+            raise DataError(f"the {name} split is empty ({len(manifest.samples)} images from "
+                            f"{manifest.patients()} patients): add data or change data.split_fractions",
+                            path=str(manifest.root))
+    return splits
+
+
+def _check_official_leak(manifest: Manifest, splits: dict[str, list[int]]) -> None:
+    """An official split that puts one patient on both sides would leak; say so instead of training on it."""
+    seen: dict[str, str] = {}
+    for name, idx in splits.items():
+        for i in idx:
+            g = manifest.samples[i].group
+            if seen.setdefault(g, name) != name:
+                manifest.notes.append(f"official split puts patient {g} in both {seen[g]} and {name}; "
+                                      "kept as shipped")
+                return
+
+
+def assert_no_patient_overlap(manifest: Manifest, parts: dict[str, list[int]] | list[list[int]]) -> None:
+    items = parts.items() if isinstance(parts, dict) else enumerate(parts)
+    owner: dict[str, object] = {}
+    for name, idx in items:
+        for i in idx:
+            g = manifest.samples[i].group
+            if owner.setdefault(g, name) != name:
+                raise AssertionError(f"patient {g} is in both {owner[g]!r} and {name!r}")
+
+
+# --------------------------------------------------------------------------------------------- partitions
+
+PARTITIONERS = ("iid", "dirichlet", "quantity", "by-site")
+
+
+def partition(manifest: Manifest, indices: list[int], num_partitions: int, method: str = "iid",
+              alpha: float = 0.5, seed: int = 0, min_size: int = 2) -> list[list[int]]:
+    """Split `indices` into hospitals without cutting a patient.
+
+    iid: stratified, equal sizes. dirichlet: each stratum's patients spread by Dir(alpha) proportions
+    (label skew; small alpha = more skew). quantity: sizes by Dir(alpha), labels iid. by-site: one
+    hospital per `Sample.site` (num_partitions must equal the number of sites).
+    """
+    if method not in PARTITIONERS:
+        raise ValueError(f"unknown partition method {method!r}; choose one of {PARTITIONERS}")
+    if method == "by-site":
+        sites = sorted({manifest.samples[i].site for i in indices})
+        if num_partitions not in (0, len(sites)):
+            raise ValueError(f"by-site gives {len(sites)} hospitals ({sites}), not {num_partitions}")
+        return [sorted(i for i in indices if manifest.samples[i].site == s) for s in sites]
+    if num_partitions < 1:
+        raise ValueError("num_partitions must be >= 1")
+    if method == "iid":
+        return _allocate(manifest, indices, [1.0] * num_partitions, seed)
+    rng = np.random.default_rng(seed)
+    groups = _groups(manifest, indices)
+    for attempt in range(100):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        if method == "quantity":
+            parts = _allocate(manifest, indices, list(rng.dirichlet([alpha] * num_partitions) + 1e-3), seed + attempt)
+        else:
+            for _, names in _strata(manifest, groups).items():
+                p = rng.dirichlet([alpha] * num_partitions)
+                names = [names[k] for k in rng.permutation(len(names))]
+                cuts = (np.cumsum(p) * len(names)).round().astype(int)[:-1]
+                for h, chunk in enumerate(np.split(np.array(names, dtype=object), cuts)):
+                    for n in chunk:
+                        parts[h].extend(groups[n])
+        if min(len(p) for p in parts) >= min_size:
+            return [sorted(p) for p in parts]
+    raise DataError(f"could not make {num_partitions} {method} partitions with at least {min_size} images each "
+                    f"from {len(indices)} images (alpha={alpha}); use fewer hospitals or a larger alpha")

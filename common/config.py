@@ -97,6 +97,18 @@ class TrainConfig(_Section):
     bootstrap: int = Field(0, ge=0, description="Bootstrap resamples for test CIs (0 = off)")
 
 
+class PrivacyConfig(_Section):
+    """Client-side DP-SGD (Opacus). Either a target epsilon over the planned training, or a fixed noise multiplier."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(8.0, gt=0, description="Budget over all planned rounds x local epochs")
+    noise_multiplier: float | None = Field(None, gt=0, description="Fixed sigma; overrides target_epsilon")
+    delta: float | None = Field(None, gt=0, lt=1, description="None = 1/(10 n), below 1/n as DP-SGD needs")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "ew", "functorch", "ghost"] = "hooks"
+
+
 class ExperimentConfig(_Section):
     """A whole centralised run. Loadable from TOML with one table per section."""
 
@@ -105,6 +117,7 @@ class ExperimentConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output_dir: str = "runs/latest"
 
 

@@ -3,19 +3,18 @@
 A Flower ClientApp may run each round in a fresh process, so the accountant's history (noise multiplier,
 sample rate, steps) is carried as plain numbers in the node's Context state, never as a pickled object.
 Before a round the client projects the epsilon it would have spent afterwards and declines to train if that
-breaks its budget. Sampling is Opacus' Poisson sampling; an empty Poisson batch (probability about
-exp(-batch_size), negligible at batch 16+) is skipped without a step, which the accountant does not count.
+breaks its budget. Sampling is Opacus' Poisson sampling with Opacus' own rate, 1 / len(loader): the loader is
+built with drop_last, so one epoch is floor(n / batch) steps at rate 1 / floor(n / batch), exactly what the
+noise is calibrated for. An empty Poisson batch (probability about exp(-batch_size), negligible at batch 16+)
+is skipped without an optimiser step; the accountant still counts it, so the reported epsilon is an upper bound.
 """
 from __future__ import annotations
 
-import math
+import json
 import warnings
 from dataclasses import dataclass, field
 
 import torch.nn as nn
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -33,8 +32,10 @@ class PrivacyBudget:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
     def __post_init__(self):
-        self.sample_rate = min(1.0, self.batch_size / max(self.num_examples, 1))
+        self.sample_rate = 1.0 / self.steps_per_epoch(self.num_examples, self.batch_size)  # Opacus' own rate
         self.delta = self.cfg.delta or 1.0 / (10 * max(self.num_examples, 1))
+        from opacus.accountants.utils import get_noise_multiplier  # opacus imports are slow: only when used
+
         if self.cfg.noise_multiplier is not None:
             self.noise_multiplier = self.cfg.noise_multiplier
         elif self.cfg.target_epsilon is not None:
@@ -46,7 +47,8 @@ class PrivacyBudget:
 
     @staticmethod
     def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-        return max(1, math.ceil(num_examples / batch_size))
+        """Steps of one epoch = len() of a drop_last loader; Opacus then samples at rate 1 / this."""
+        return max(1, num_examples // max(batch_size, 1))
 
     def epsilon(self, extra_steps: int = 0) -> float:
         """Epsilon spent so far (plus `extra_steps` more at the current noise), at this budget's delta."""
@@ -55,6 +57,8 @@ class PrivacyBudget:
             hist.append((self.noise_multiplier, self.sample_rate, extra_steps))
         if not hist:
             return 0.0
+        from opacus.accountants import create_accountant
+
         acc = create_accountant(self.cfg.accountant)
         acc.history = [tuple(h) for h in hist]
         with warnings.catch_warnings():
@@ -69,6 +73,12 @@ class PrivacyBudget:
 
     def attach(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, criterion=None):
         """Wrap model/optimizer/loader for DP-SGD; returns (engine, model, optimizer, loader[, criterion])."""
+        if len(loader) != self.steps_per_epoch(self.num_examples, self.batch_size):
+            raise ValueError(f"loader has {len(loader)} batches, the budget planned "
+                             f"{self.steps_per_epoch(self.num_examples, self.batch_size)}: build it with "
+                             f"drop_last=True over the {self.num_examples} examples the budget was made for")
+        from opacus import PrivacyEngine
+
         engine = PrivacyEngine(accountant=self.cfg.accountant, secure_mode=False)
         kwargs = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=self.noise_multiplier,
                       max_grad_norm=self.cfg.max_grad_norm, grad_sample_mode=self.cfg.grad_sample_mode,
@@ -80,7 +90,7 @@ class PrivacyBudget:
             wrapped = engine.make_private(**kwargs)
         return (engine, *wrapped)
 
-    def record(self, engine: PrivacyEngine) -> float:
+    def record(self, engine) -> float:
         """Add the steps this round took to the carried history; returns epsilon spent so far."""
         self.history.extend(tuple(h) for h in engine.accountant.history)
         return self.epsilon()
@@ -97,3 +107,79 @@ class PrivacyBudget:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside Opacus' GradSampleModule (its state_dict keys carry no `_module.` prefix)."""
     return getattr(model, "_module", model)
+
+
+# ------------------------------------------------------------------------------------------ one Flower round
+DP_STATE = "fedxray-dp"                        # Context.state ConfigRecord with the accountant history
+DECLINE_PREFIX = "fedxray: privacy budget exhausted "
+DECLINE_CODE = 6                               # flwr ErrorCode.MOD_FAILED_PRECONDITION
+
+
+def privacy_config(s) -> PrivacyConfig:
+    """PrivacyConfig from RunSettings (run config has no None: 0 means 'not set')."""
+    return PrivacyConfig(enabled=s.dp_enabled, target_epsilon=s.dp_target_epsilon or None,
+                         noise_multiplier=s.dp_noise_multiplier or None, delta=s.dp_delta or None,
+                         max_grad_norm=s.dp_max_grad_norm, accountant=s.dp_accountant,
+                         grad_sample_mode=s.dp_grad_sample_mode)
+
+
+@dataclass
+class RoundPrivacy:
+    """DP-SGD for one training round of a hospital: budget from Context.state, decline before over-spending.
+
+    Planned steps = num-server-rounds x local-epochs x floor(n / batch). If the Context state is empty in a
+    round > 1 (a resumed run is a new Flower run with a fresh Context), the earlier rounds are assumed to have
+    spent what they were planned to spend (same settings: the checkpoint's fingerprint guarantees it), so a
+    resume never restarts the accounting at zero.
+    """
+
+    budget: PrivacyBudget
+    round_steps: int
+    assumed_rounds: int = 0
+
+    @classmethod
+    def start(cls, s, state, num_examples: int, global_round: int) -> "RoundPrivacy":
+        round_steps = PrivacyBudget.steps_per_epoch(num_examples, s.batch_size) * s.local_epochs
+        budget = PrivacyBudget(privacy_config(s), num_examples, s.batch_size, s.num_server_rounds * round_steps)
+        assumed = 0
+        if DP_STATE in state.config_records:
+            budget.load_state(dict(state.config_records[DP_STATE]))
+        elif global_round > 1:
+            assumed = global_round - 1
+            budget.history = [(budget.noise_multiplier, budget.sample_rate, assumed * round_steps)]
+        return cls(budget, round_steps, assumed)
+
+    def allowed(self) -> bool:
+        return self.budget.allows(self.round_steps)
+
+    def finish(self, engine, state) -> dict:
+        """Record this round's steps in the carried history; the reply's privacy metrics."""
+        from flwr.app import ConfigRecord
+
+        eps = self.budget.record(engine)
+        state.config_records[DP_STATE] = ConfigRecord(self.budget.state())
+        return self.metrics(eps)
+
+    def metrics(self, epsilon: float | None = None) -> dict:
+        return {"dp-epsilon": float(self.budget.epsilon() if epsilon is None else epsilon),
+                "dp-delta": float(self.budget.delta), "dp-noise-multiplier": float(self.budget.noise_multiplier),
+                "dp-assumed-rounds": self.assumed_rounds}
+
+    def decline(self, site: str):
+        """The Error reply of a hospital that will not train: Flower's FedAvg family drops error replies and
+        aggregates the others; the server recognises this one (parse_decline) and records it."""
+        from flwr.app import Error
+
+        info = {"site": site, **self.metrics(), "projected-epsilon": self.budget.epsilon(self.round_steps),
+                "target-epsilon": self.budget.cfg.target_epsilon}
+        return Error(DECLINE_CODE, DECLINE_PREFIX + json.dumps(info))
+
+
+def parse_decline(reason: str | None) -> dict | None:
+    """The decline info of an Error reason written by RoundPrivacy.decline, else None."""
+    if not reason or not reason.startswith(DECLINE_PREFIX):
+        return None
+    try:
+        return json.loads(reason[len(DECLINE_PREFIX):])
+    except ValueError:
+        return None

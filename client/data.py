@@ -1,0 +1,115 @@
+"""Which images a node trains on, prepared once per process.
+
+Deployment: the node config names the hospital's own folder (`data-path`, optional `source`, `site`).
+Simulation: the node config only has `partition-id`/`num-partitions`; the run config's `data-path` is either
+a folder of `hospital_*` sites (partition k -> hospital_{k+1}) or one source cut into patient-level
+partitions (iid / dirichlet / quantity). Either way each hospital splits ITS OWN patients into
+train/val/test with `patient_split`, so no patient is in two splits or two hospitals.
+
+Decoding and resizing is the expensive part, so prepared datasets are cached per process: Flower's
+simulation keeps its Ray actors alive across rounds and they reuse the cache. (Deployment starts a fresh
+`flwr-clientapp` process per message in Flower 1.42, so there each round re-reads the folder.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.settings import RunSettings
+from common.data.dataset import XrayDataset
+from common.data.sources import detect_source, load_manifest, site_folders
+from common.data.splits import partition, patient_split
+from common.errors import DataError
+from common.pipeline import build_datasets
+
+log = logging.getLogger(__name__)
+_CACHE: dict[str, "NodeData"] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass
+class NodeData:
+    site: str                        # a folder name or "partition-k": never a patient identifier
+    findings: list[str]
+    datasets: dict[str, XrayDataset]  # train / val / test
+    multilabel: bool
+
+
+@dataclass(frozen=True)
+class NodeSource:
+    """Where one node's data comes from (resolved from node config + run config)."""
+
+    path: str
+    source: str
+    site: str
+    partition_id: int | None = None     # set when one source is cut into partitions
+    num_partitions: int | None = None
+
+
+def _natural_key(p: Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def resolve_source(node_config: dict, settings: RunSettings) -> NodeSource:
+    """Deployment node config wins (`data-path`); otherwise simulation's partition of the run's data."""
+    if node_config.get("data-path"):
+        path = Path(str(node_config["data-path"])).expanduser().resolve()
+        source = str(node_config.get("source") or "auto")
+        site = str(node_config.get("site") or path.name)
+        return NodeSource(str(path), source, site)
+    if "partition-id" not in node_config:
+        raise DataError("this SuperNode has no data: start it with --node-config \"data-path='/path/to/hospital'\"")
+    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
+    root = Path(settings.data_path).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"run config data-path does not exist (resolved from working directory {Path.cwd()}); "
+                        "create the demo data with `fedxray data synth --out data/synth` or pass an absolute "
+                        "path with --run-config \"data-path='/abs/path'\"", path=str(root))
+    sites = sorted(site_folders(root), key=_natural_key)
+    if sites:
+        if pid >= len(sites):
+            raise DataError(f"partition-id {pid} has no site folder: {root} holds {len(sites)} hospitals "
+                            f"({[s.name for s in sites]}); run with num-supernodes <= {len(sites)}", path=str(root))
+        return NodeSource(str(sites[pid]), settings.data_source, sites[pid].name)
+    return NodeSource(str(root), settings.data_source, f"partition-{pid}", pid, n)
+
+
+def _cache_key(src: NodeSource, settings: RunSettings, findings: list[str] | None) -> str:
+    cfg = settings.experiment(src.path, findings=findings)
+    return json.dumps([src.path, src.source, src.partition_id, src.num_partitions, settings.partition_method,
+                       settings.partition_alpha, findings, cfg.preprocess.model_dump(), cfg.augment.model_dump(),
+                       cfg.data.seed, cfg.data.max_samples], sort_keys=True, default=str)
+
+
+def load_node_data(node_config: dict, settings: RunSettings, findings: list[str] | None = None) -> NodeData:
+    """This node's prepared train/val/test datasets (cached per process)."""
+    src = resolve_source(node_config, settings)
+    key = _cache_key(src, settings, findings)
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _prepare(src, settings, findings)
+        return _CACHE[key]
+
+
+def _prepare(src: NodeSource, settings: RunSettings, findings: list[str] | None) -> NodeData:
+    path = Path(src.path)
+    source = detect_source(path) if src.source in ("", "auto") else src.source
+    cfg = settings.experiment(str(path), source, findings)
+    manifest = load_manifest(cfg.data, site=src.site)
+    if src.partition_id is not None:
+        parts = partition(manifest, list(range(len(manifest.samples))), src.num_partitions,
+                          settings.partition_method, settings.partition_alpha, settings.seed)
+        manifest = manifest.subset(parts[src.partition_id])
+    splits = patient_split(manifest, cfg.data)
+    datasets = build_datasets(manifest, splits, cfg, progress=False)
+    log.info("node %s: %s images train/val/test", src.site, {k: len(v) for k, v in datasets.items()})
+    return NodeData(src.site, list(manifest.findings), datasets, manifest.multilabel)
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()

@@ -1,0 +1,156 @@
+"""The federated run's settings: one typed model over Flower's flat run config (`[tool.flwr.app.config]`).
+
+Both apps read the run config through `RunSettings`, so a typo or a wrong type fails at once with the key's
+name instead of deep inside a round. The defaults here ARE the embedded demo and must equal pyproject.toml's
+`[tool.flwr.app.config]` (a test checks it): `flwr run .` and `run_federated_simulation()` (which cannot read
+pyproject) then behave the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.config import AugmentConfig, DataConfig, ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
+from common.errors import FedxrayError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
+# Keys that may change between a checkpoint and its resumption without invalidating it.
+RESUME_NEUTRAL = ("num-server-rounds", "node-wait-timeout", "round-timeout", "resume", "output-dir",
+                  "min-available-nodes", "min-train-nodes", "min-evaluate-nodes")
+
+
+class RunSettings(BaseModel):
+    """Every knob of a federated run; field names are the run-config keys with '-' written as '_'."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=lambda s: s.replace("_", "-"),
+                              populate_by_name=True, frozen=True)
+
+    # federation
+    num_server_rounds: int = Field(8, ge=1)
+    strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    min_evaluate_nodes: int = Field(2, ge=0)
+    min_available_nodes: int = Field(2, ge=1)
+    node_wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for min-available-nodes")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for the replies of one round")
+    fp16: bool = Field(False, description="send weights as float16 both ways (halves bytes)")
+    resume: bool = True
+    # strategy parameters (Flower's names in comments)
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal_mu; also the client's term")
+    fedopt_eta: float = Field(0.01, gt=0, description="FedAdam/FedYogi server learning rate eta")
+    fedopt_beta_1: float = Field(0.9, ge=0, lt=1)
+    fedopt_beta_2: float = Field(0.99, ge=0, lt=1)
+    fedopt_tau: float = Field(1e-3, gt=0)
+    fedavgm_server_lr: float = Field(1.0, gt=0, description="FedAvgM server_learning_rate")
+    fedavgm_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server_momentum")
+    trimmed_beta: float = Field(0.2, gt=0, lt=0.5, description="FedTrimmedAvg beta (fraction cut each end)")
+    krum_malicious_nodes: int = Field(0, ge=0, description="Krum num_malicious_nodes")
+    # local training
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    pos_weight: bool = False
+    threshold_method: Literal["f1", "youden"] = "f1"
+    client_threads: int = Field(1, ge=0, description="torch threads per ClientApp; 0 = torch's default")
+    # model and images
+    arch: Literal["resnet50", "resnet18", "densenet121", "smallcnn"] = "smallcnn"
+    weights: str = "none"
+    image_size: int = Field(64, ge=16, le=1024)
+    channels: Literal[1, 3] = 1
+    denoise_sigma: float = Field(0.5, ge=0, le=5)
+    augment: bool = True
+    # data
+    data_path: str = "data/synth"
+    data_source: str = Field("auto", description="auto | chestxray14 | chexpert | medmnist | folder | csv")
+    findings: str = Field("Cardiomegaly,Effusion,Nodule,Pneumonia", description="comma-separated; '' = all")
+    partition_method: Literal["iid", "dirichlet", "quantity"] = "iid"
+    partition_alpha: float = Field(0.5, gt=0)
+    max_samples: int = Field(0, ge=0, description="cap per split (0 = no cap): debugging and benchmarks")
+    server_data_path: str = Field("", description="server's held-out set; '' = <data-path>/holdout")
+    server_val_fraction: float = Field(0.5, gt=0, lt=1)
+    output_dir: str = "runs/demo"
+    seed: int = 42
+    # privacy: client-side DP-SGD with Opacus (client/privacy.py); 0 = "not set" (run config has no None)
+    dp_enabled: bool = False
+    dp_target_epsilon: float = Field(8.0, ge=0, description="epsilon over all planned rounds x local epochs")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="fixed sigma instead of a target epsilon when > 0")
+    dp_delta: float = Field(0.0, ge=0, lt=1, description="0 = 1/(10 n) for a hospital with n training images")
+    dp_max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
+    dp_accountant: Literal["rdp", "prv"] = "rdp"
+    dp_grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    # privacy: central DP, Flower's strategy wrappers (server/privacy.py)
+    central_dp: Literal["off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "off"
+    central_dp_noise_multiplier: float = Field(1.0, ge=0)
+    central_dp_clipping_norm: float = Field(1.0, gt=0, description="fixed norm, or the initial adaptive one")
+    central_dp_target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: target clipped quantile")
+    central_dp_clip_lr: float = Field(0.2, gt=0, description="adaptive: clipping-norm learning rate")
+    # secure aggregation: Flower's SecAgg+ workflow (server/secagg.py); FedAvg only
+    secure_aggregation: bool = False
+    secagg_num_shares: int = Field(3, ge=3, description="shares per secret (neighbours + 1); odd is best")
+    secagg_reconstruction_threshold: int = Field(2, ge=2, description="shares needed to reconstruct")
+    secagg_clipping_range: float = Field(8.0, gt=0, description="every weight is clipped to +/- this")
+    secagg_max_weight: float = Field(1000.0, gt=0, description="~ the largest hospital's num-examples")
+
+    @model_validator(mode="after")
+    def _privacy_combinations(self) -> "RunSettings":
+        if self.dp_enabled and not (self.dp_target_epsilon or self.dp_noise_multiplier):
+            raise ValueError("dp-enabled needs dp-target-epsilon > 0 or dp-noise-multiplier > 0")
+        if self.dp_enabled and (self.proximal_mu > 0 or self.strategy == "fedprox"):
+            raise ValueError("dp-enabled with FedProx: Opacus replaces the gradient by the clipped per-sample one, "
+                             "so the proximal term would be silently ignored; use another strategy")
+        if self.secure_aggregation and (self.strategy != "fedavg" or self.central_dp != "off"):
+            raise ValueError("secure-aggregation runs Flower's SecAgg+ workflow with FedAvg: set strategy='fedavg' "
+                             "and central-dp='off'")
+        if self.secure_aggregation and self.secagg_reconstruction_threshold >= self.secagg_num_shares:
+            raise ValueError("secagg-reconstruction-threshold must be below secagg-num-shares")
+        return self
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any] | None, overrides: dict[str, Any] | None = None
+                        ) -> "RunSettings":
+        """Validate Flower's run config (plus Python-side overrides); errors name the offending key."""
+        raw = {**dict(run_config or {}), **dict(overrides or {})}
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise FedxrayError(f"invalid run config ({problems}); fix it in [tool.flwr.app.config] or "
+                               f"--run-config") from e
+
+    def to_run_config(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed: everything that changes the model or its data."""
+        kept = {k: v for k, v in self.to_run_config().items() if k not in RESUME_NEUTRAL}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def findings_list(self) -> list[str] | None:
+        names = [f.strip() for f in self.findings.split(",") if f.strip()]
+        return names or None
+
+    def experiment(self, data_path: str = "", source: str = "chestxray14", findings: list[str] | None = None,
+                   split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)) -> ExperimentConfig:
+        """The common/ configuration sections this run implies, for one data folder (`source`: a real layout
+        name, already detected; the defaults serve callers that only need the model/image/training parts)."""
+        return ExperimentConfig(
+            data=DataConfig(source=source, path=data_path, findings=findings or self.findings_list,
+                            split_fractions=split_fractions, seed=self.seed,
+                            max_samples=self.max_samples or None),
+            preprocess=PreprocessConfig(image_size=self.image_size, denoise_sigma=self.denoise_sigma,
+                                        channels=self.channels),
+            augment=AugmentConfig(enabled=self.augment),
+            model=ModelConfig(arch=self.arch, weights=self.weights, dp_compatible=self.dp_enabled),
+            train=TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                              weight_decay=self.weight_decay, pos_weight=self.pos_weight,
+                              threshold_method=self.threshold_method, seed=self.seed,
+                              num_threads=self.client_threads or None),
+            output_dir=self.output_dir,
+        )

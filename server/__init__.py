@@ -1,0 +1,1 @@
+"""The aggregator side: Flower ServerApp, strategy construction, global evaluation, checkpoints, launchers."""

@@ -1,0 +1,236 @@
+"""The aggregator's Flower ServerApp: Flower's strategy drives the rounds; this module adds what a clinic needs
+around it: global evaluation on held-out data every round, best-round selection on validation macro-F1,
+a checkpoint after every round (and resumption from it), bounded waits, and the exported model bundle.
+
+Output directory (`output-dir`): bundle/ (served by `fedxray serve`), federation.json (summary + per-round
+history), status.json (running / done / failed + message), checkpoint/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from client.arrays import load_record, state_to_record
+from client.settings import RunSettings
+from common.bundle import _jsonable, _write_atomic, save_bundle
+from common.config import ModelConfig
+from common.errors import FedxrayError
+from common.metrics import format_headline_table
+from common.models import build_model
+from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
+from server.evaluation import GlobalEval, GlobalEvaluator
+from server.grid import EVALUATE, TRAIN, GuardedGrid
+from server.privacy import provenance as privacy_provenance
+from server.privacy import record_round, worst_epsilon, wrap_central_dp
+from server.strategies import build_strategy, export_state, restore_state, strategy_params
+
+log = logging.getLogger("flwr.fedxray")
+SUMMARY_FILE, STATUS_FILE = "federation.json", "status.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    text = json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n"
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_status(out: Path, state: str, **info) -> None:
+    _write_json(out / STATUS_FILE, {"state": state, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                    **info})
+
+
+class RoundKeeper:
+    """Flower's `evaluate_fn`: global evaluation, best-round bookkeeping and the checkpoint of each round."""
+
+    def __init__(self, s: RunSettings, evaluator: GlobalEvaluator, grid: GuardedGrid, strategy, ckpt: Checkpoint,
+                 state: RunState, best_arrays: dict | None, out: Path):
+        self.s, self.evaluator, self.grid, self.strategy, self.ckpt = s, evaluator, grid, strategy, ckpt
+        self.state, self.best_arrays, self.out = state, best_arrays, out
+        self.offset = state.rounds_done
+        self._t = time.perf_counter()
+
+    def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        g = self.offset + local_round
+        if local_round == 0 and self.offset > 0:
+            return None  # resumed: round `offset` was evaluated before the restart
+        ev = self.evaluator(g, arrays, self.s.threshold_method)
+        row = {"round": g, "global": ev.row()}
+        if local_round > 0:
+            replies, bytes_down = self.grid.drain()
+            _require_updates(g, replies)
+            row.update(self._clients(replies, bytes_down, g))
+            row["seconds"] = round(time.perf_counter() - self._t, 3)
+            self._update_best(ev, arrays)
+            self.state.rounds_done = g
+        self.state.history.append(row)
+        if local_round > 0:
+            self.ckpt.save(self.state, record_to_numpy(arrays), self.best_arrays, export_state(self.strategy),
+                           best_changed=self.state.best_round == g)
+            write_status(self.out, "running", round=g, rounds=self.s.num_server_rounds)
+        self._t = time.perf_counter()
+        v, t = ev.val["macro"], ev.test["macro"]
+        log.info("round %d: val F1 %.3f AUC %s | test F1 %.3f AUC %s%s", g, v["f1"] or 0, _fmt(v["auc"]),
+                 t["f1"] or 0, _fmt(t["auc"]), "  (best so far)" if self.state.best_round == g and g else "")
+        nan = float("nan")
+        return MetricRecord({"val-f1": v["f1"] if v["f1"] is not None else nan,
+                             "val-auc": v["auc"] if v["auc"] is not None else nan,
+                             "test-f1": t["f1"] if t["f1"] is not None else nan,
+                             "test-auc": t["auc"] if t["auc"] is not None else nan})
+
+    def _update_best(self, ev: GlobalEval, arrays: ArrayRecord) -> None:
+        f1 = ev.val["macro"]["f1"] or 0.0
+        auc = ev.val["macro"]["auc"] if ev.val["macro"]["auc"] is not None else -1.0
+        if (f1, auc) > (self.state.best_val_f1, self.state.best_val_auc):
+            self.state.best_round, self.state.best_val_f1, self.state.best_val_auc = ev.round, f1, auc
+            self.state.best_thresholds = [float(x) for x in ev.thresholds]
+            self.state.best_metrics = {"validation": ev.val, "test": ev.test}
+            self.best_arrays = record_to_numpy(arrays)
+
+    def _clients(self, replies: list[dict], bytes_down: list[int], g: int) -> dict:
+        train = [r for r in replies if r["type"] == TRAIN]
+        evals = [r for r in replies if r["type"] == EVALUATE]
+        for r in train:
+            if not r["ok"]:
+                continue
+            node = self.state.nodes.setdefault(r["site"] or str(r["node_id"]),
+                                               {"node_ids": [], "rounds": [], "examples": 0})
+            if r["node_id"] not in node["node_ids"]:
+                node["node_ids"].append(r["node_id"])
+            node["rounds"].append(g)
+            node["examples"] = int(r["metrics"].get("num-examples", 0))
+        ups = [r["bytes_up"] for r in train if "bytes_up" in r]
+        privacy = record_round(self.state.nodes, train, g)  # epsilon per hospital this round (DP-SGD only)
+        return {"clients": {"train": train, "evaluate": evals},
+                "bytes_per_client": {"down": int(sum(bytes_down) / len(bytes_down)) if bytes_down else 0,
+                                     "up": int(sum(ups) / len(ups)) if ups else 0},
+                **({"privacy": privacy} if privacy else {})}
+
+
+def _require_updates(g: int, replies: list[dict]) -> None:
+    """A round without a single model update means the federation is broken: stop instead of going on."""
+    train = [r for r in replies if r["type"] == TRAIN]
+    if any(r["ok"] for r in train):
+        return
+    errors = [r.get("error", "") for r in train if not r["ok"]]
+    detail = (f"{len(errors)} ClientApp errors, the first: {errors[0]}" if errors
+              else "no replies within round-timeout")
+    raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "
+                       "SuperNodes (their logs show the traceback) and restart: the run resumes from its checkpoint")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _resume_or_start(s: RunSettings, ckpt: Checkpoint, model) -> tuple[RunState, ArrayRecord, dict | None, dict]:
+    loaded = ckpt.load(s.fingerprint(), s.num_server_rounds) if s.resume else None
+    if loaded is None:
+        return RunState(fingerprint=s.fingerprint()), state_to_record(model), None, {}
+    state, glob, best, strat = loaded
+    log.info("resuming from %s: %d of %d rounds done", ckpt.dir, state.rounds_done, s.num_server_rounds)
+    return state, numpy_to_record(glob), best, strat
+
+
+def run_server(grid: Grid, run_config: dict, overrides: dict | None = None, run_id: int = 0) -> dict:
+    """The whole federated run on `grid`; returns the summary also written to federation.json."""
+    s = RunSettings.from_run_config(run_config, overrides)
+    out = Path(s.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_status(out, "starting", run_id=run_id)
+    try:
+        summary = _run(grid, s, out, run_id)
+    except Exception as e:
+        log.error("federated run failed: %s", e)
+        write_status(out, "failed", run_id=run_id, message=str(e), error=type(e).__name__)
+        raise
+    write_status(out, "done", run_id=run_id, bundle=summary["bundle"], best_round=summary["best_round"])
+    return summary
+
+
+def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
+    t0 = time.perf_counter()
+    evaluator = GlobalEvaluator(s)
+    findings = evaluator.findings
+    model = build_model(ModelConfig(arch=s.arch, weights=s.weights, dp_compatible=s.dp_enabled), len(findings),
+                        s.channels)
+    ckpt = Checkpoint(out)
+    state, initial, best_arrays, strat_state = _resume_or_start(s, ckpt, model)
+    state.run_ids.append(int(run_id))
+    strategy = wrap_central_dp(build_strategy(s), s)
+    restore_state(strategy, strat_state)
+    guarded = GuardedGrid(grid, min_nodes=max(s.min_available_nodes, s.min_train_nodes, s.min_evaluate_nodes),
+                          wait_timeout=s.node_wait_timeout, fp16=s.fp16)
+    keeper = RoundKeeper(s, evaluator, guarded, strategy, ckpt, state, best_arrays, out)
+    shared = {"findings": findings, "round-offset": state.rounds_done, "fp16": s.fp16}
+    if s.secure_aggregation:
+        from server.secagg import run_secagg
+
+        run_secagg(guarded, s, initial, s.num_server_rounds - state.rounds_done, shared, keeper)
+    else:
+        strategy.start(grid=guarded, initial_arrays=initial, num_rounds=s.num_server_rounds - state.rounds_done,
+                       timeout=s.round_timeout, train_config=ConfigRecord(dict(shared)),
+                       evaluate_config=ConfigRecord(dict(shared)), evaluate_fn=keeper)
+    if keeper.best_arrays is None:
+        raise FedxrayError("no round produced a model (every node failed or timed out); see the SuperNode logs")
+    load_record(model, numpy_to_record(keeper.best_arrays))
+    summary = _summary(s, state, evaluator, grid, run_id, time.perf_counter() - t0)
+    bundle = save_bundle(out / "bundle", model,
+                         model_config=ModelConfig(arch=s.arch, weights=s.weights, dp_compatible=s.dp_enabled),
+                         preprocess=evaluator.cfg.preprocess, findings=findings, thresholds=state.best_thresholds,
+                         metrics=state.best_metrics, provenance=summary["provenance"],
+                         multilabel=evaluator.multilabel)
+    summary["bundle"] = str(bundle)
+    summary["table"] = format_headline_table(
+        {f"federated test (round {state.best_round})": state.best_metrics["test"]},
+        title=f"Federated {s.strategy}, {len(state.nodes)} hospitals, {state.rounds_done} rounds - server test split")
+    _write_json(out / SUMMARY_FILE, summary)
+    log.info("\n%s\nbundle: %s", summary["table"], bundle)
+    return summary
+
+
+def _summary(s: RunSettings, state: RunState, evaluator: GlobalEvaluator, grid: Grid, run_id: int,
+             seconds: float) -> dict:
+    compact = [{"round": h["round"], "val_f1": h["global"]["val"]["f1"], "val_auc": h["global"]["val"]["auc"],
+                "test_f1": h["global"]["test"]["f1"], "test_auc": h["global"]["test"]["auc"],
+                "clients": len([c for c in h.get("clients", {}).get("train", []) if c["ok"]])}
+               for h in state.history]
+    last = next((h for h in reversed(state.history) if "bytes_per_client" in h), {})
+    federation = {
+        "runtime": type(grid).__name__, "strategy": s.strategy, "strategy_params": strategy_params(s),
+        "rounds_planned": s.num_server_rounds, "rounds_completed": state.rounds_done,
+        "best_round": state.best_round, "selection": "best validation macro-F1 (server held-out validation split)",
+        "nodes": state.nodes, "examples_per_node": {k: v["examples"] for k, v in state.nodes.items()},
+        "local_epochs": s.local_epochs, "fp16_transfer": s.fp16,
+        "bytes_per_client_per_round": last.get("bytes_per_client"),
+        "dp": privacy_provenance(s, state.nodes), "epsilon": worst_epsilon(state.nodes),
+        "secure_aggregation": "SecAgg+" if s.secure_aggregation else None, "history": compact, "run_ids": state.run_ids,
+    }
+    provenance = {
+        "run_id": f"fed-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", "flower_run_id": run_id,
+        "training": "federated", "federation": federation,
+        "server_data": {"root": str(evaluator.path), "splits": evaluator.sizes()},
+        "seconds": round(seconds, 2), "run_config": s.to_run_config(),
+    }
+    return {"best_round": state.best_round, "rounds_completed": state.rounds_done, "history": state.history,
+            "validation": state.best_metrics["validation"], "test": state.best_metrics["test"],
+            "provenance": provenance, "seconds": seconds}
+
+
+def make_server_app(overrides: dict | None = None) -> ServerApp:
+    """A ServerApp; `overrides` (run-config keys) serve Python callers whose run config is empty."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, dict(context.run_config), overrides, run_id=int(context.run_id))
+
+    return server_app
+
+
+app = make_server_app()

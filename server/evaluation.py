@@ -1,0 +1,86 @@
+"""The server's own held-out data and the global evaluation run after every round (Flower's `evaluate_fn`).
+
+The held-out set (by default `<data-path>/holdout`, which the synthetic generator writes) is split
+patient-level into validation (threshold tuning and best-round selection: the seed paper's rule of best
+validation macro-F1) and test (reported only, never used to choose anything).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from client.arrays import load_record
+from client.settings import RunSettings
+from common.config import ExperimentConfig
+from common.data.sources import detect_source, load_manifest
+from common.data.splits import patient_split
+from common.errors import DataError
+from common.metrics import compute_metrics, tune_thresholds
+from common.models import build_model
+from common.pipeline import build_datasets
+from common.training import make_criterion, make_loader, predict
+
+
+def server_data_path(s: RunSettings) -> Path:
+    if s.server_data_path:
+        path = Path(s.server_data_path).expanduser().resolve()
+    else:
+        path = (Path(s.data_path).expanduser() / "holdout").resolve()
+    if not path.exists():
+        raise DataError(f"the server needs held-out data for global evaluation (working directory {Path.cwd()}); "
+                        "set server-data-path to a labelled folder the hospitals never train on, or create the "
+                        "demo data with `fedxray data synth --out data/synth`", path=str(path))
+    return path
+
+
+@dataclass
+class GlobalEval:
+    round: int
+    thresholds: np.ndarray
+    val: dict
+    test: dict
+
+    def row(self) -> dict:
+        """A compact history row: the headline figures and per-finding AUC."""
+        def pick(m: dict) -> dict:
+            return {**m["macro"], "per_finding_auc": {f: r["auc"] for f, r in m["per_finding"].items()},
+                    "loss": m.get("loss"), "n": m["n"]}
+        return {"val": pick(self.val), "test": pick(self.test)}
+
+
+class GlobalEvaluator:
+    """Builds the server's datasets once; `__call__(arrays)` evaluates one set of global weights."""
+
+    def __init__(self, s: RunSettings):
+        path = server_data_path(s)
+        source = detect_source(path) if s.data_source in ("", "auto") else s.data_source
+        val_f = s.server_val_fraction
+        self.cfg: ExperimentConfig = s.experiment(str(path), source, split_fractions=(0.0, val_f, 1 - val_f))
+        self.cfg.data.max_samples = None   # the server always evaluates on its whole held-out set
+        manifest = load_manifest(self.cfg.data, site="server")
+        splits = patient_split(manifest, self.cfg.data)
+        splits.pop("train", None)
+        self.path, self.manifest = path, manifest
+        self.findings = list(manifest.findings)
+        self.multilabel = manifest.multilabel
+        self.datasets = build_datasets(manifest, splits, self.cfg, progress=False)
+        self.model = build_model(self.cfg.model.model_copy(update={"weights": "none"}), len(self.findings),
+                                 self.cfg.preprocess.channels)
+        bs = max(2 * s.batch_size, 32)
+        self.loaders = {k: make_loader(ds, bs, shuffle=False) for k, ds in self.datasets.items()}
+
+    def sizes(self) -> dict:
+        return {k: {"images": len(ds), "patients": self.manifest.patients(ds.indices)} for k, ds in self.datasets.items()}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord, method: str = "f1") -> GlobalEval:
+        load_record(self.model, arrays)
+        crit = make_criterion(self.cfg.train)
+        pv, yv, mv, val_loss = predict(self.model, self.loaders["val"], crit, multilabel=self.multilabel)
+        thr = tune_thresholds(yv, pv, method, mask=mv)
+        val = {**compute_metrics(yv, pv, self.findings, thr, mask=mv), "loss": val_loss}
+        pt, yt, mt, test_loss = predict(self.model, self.loaders["test"], crit, multilabel=self.multilabel)
+        test = {**compute_metrics(yt, pt, self.findings, thr, mask=mt), "loss": test_loss}
+        return GlobalEval(server_round, thr, val, test)

@@ -1,0 +1,67 @@
+"""Python entry points for federated training in Flower's simulation runtime.
+
+`run_federated_simulation` runs the ServerApp and N virtual SuperNodes in this process through
+`flwr.simulation.run_simulation` (present in Flower 1.42, marked deprecated in favour of `flwr run`): no
+SuperLink, no FAB, nothing left running afterwards. Its run config cannot come from pyproject.toml, so the
+apps are built with explicit overrides on top of RunSettings' defaults (which equal pyproject's).
+`flwr run .` is the CLI path to the same apps (see server/launch.py for both runtimes as processes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from client.settings import RunSettings
+from common.errors import FedxrayError
+
+# Flower must stay local and must not reinstall the app's dependencies (see the 1.42 notes).
+FLOWER_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+              "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def backend_config(num_supernodes: int, cpus: int | None = None, cpus_per_client: int = 1) -> dict:
+    """Ray resources: `cpus_per_client` per ClientApp, so at most cpus // cpus_per_client train at once."""
+    cpus = cpus or os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
+
+
+def run_federated_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: int = 3,
+                             cpus: int | None = None, cpus_per_client: int = 1, verbose: bool = False) -> dict:
+    """Federated training in the simulation runtime, in this process; returns federation.json's summary.
+
+    overrides: run-config keys (as in pyproject's [tool.flwr.app.config]), e.g.
+      {"data-path": "/data/synth", "num-server-rounds": 5, "strategy": "fedprox", "proximal-mu": 0.01,
+       "output-dir": "runs/exp1"}.
+    num_supernodes: virtual hospitals; with a folder of hospital_* sites, at most the number of sites.
+    The bundle is in <output-dir>/bundle; the summary has history, best_round, validation, test, provenance.
+    """
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import SUMMARY_FILE, make_server_app
+
+    overrides = dict(overrides or {})
+    s = RunSettings.from_run_config({}, overrides)   # fail fast on a bad key, before Ray starts
+    for k, v in FLOWER_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
+    out = Path(s.output_dir).expanduser().resolve()
+    # Absolute paths: Ray workers may not share this process's working directory.
+    for key in ("data-path", "server-data-path", "output-dir"):
+        val = overrides.get(key, getattr(s, key.replace("-", "_")))
+        if val:
+            overrides[key] = str(Path(val).expanduser().resolve())
+    summary_path = out / SUMMARY_FILE
+    summary_path.unlink(missing_ok=True)
+    run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+                   num_supernodes=num_supernodes, backend_config=backend_config(num_supernodes, cpus, cpus_per_client),
+                   verbose_logging=verbose)
+    if not summary_path.is_file():
+        status = out / "status.json"
+        detail = json.loads(status.read_text()).get("message", "") if status.is_file() else ""
+        raise FedxrayError(f"the federated simulation ended without a result in {out}: {detail or 'see the log above'}")
+    return json.loads(summary_path.read_text())

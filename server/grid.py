@@ -1,0 +1,148 @@
+"""A Grid wrapper between Flower's strategy and the real Grid: bounded waits, float16 transport, bookkeeping.
+
+* Flower's `sample_nodes` polls `get_node_ids()` once a second FOR EVER until `min_available_nodes` are
+  connected. Here that poll fails with NotEnoughNodes after `node_wait_timeout` seconds, naming how many
+  nodes did connect.
+* With fp16 on, outgoing weights are cast to float16 and replies cast back to float32 before the strategy
+  aggregates them, so only the wire format changes.
+* Replies are pulled through the Grid's own push/pull API, first every 20 ms, backing off to
+  `pull_interval` (0.5 s), instead of Flower's fixed 3 s (HTTP grid) / 0.1 s (simulation): quick replies
+  are seen at once, slow rounds cost few requests.
+* Every reply is recorded (node, site, metrics, bytes) so the server can write per-round, per-hospital
+  history and provenance without touching the strategy.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from client.arrays import record_bytes, to_fp16, to_fp32
+from client.privacy import parse_decline
+from common.errors import FedxrayError
+
+log = logging.getLogger(__name__)
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+
+
+def is_declined(reason: str | None) -> bool:
+    return parse_decline(reason) is not None
+
+
+class NotEnoughNodes(FedxrayError):
+    """Fewer SuperNodes than the run needs connected within node-wait-timeout."""
+
+
+class GuardedGrid(Grid):
+    def __init__(self, grid: Grid, *, min_nodes: int, wait_timeout: float, fp16: bool = False,
+                 pull_interval: float = 0.5, clock=time.monotonic):
+        self._grid, self.min_nodes, self.wait_timeout, self.fp16 = grid, min_nodes, wait_timeout, fp16
+        self.pull_interval = pull_interval
+        self._clock = clock
+        self._short_since: float | None = None
+        self.replies: list[dict] = []       # drained by the server after each round
+        self.bytes_down: list[int] = []     # per message sent, drained likewise
+
+    # -- Grid API delegated to the real grid ---------------------------------------------------------------
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    # -- the guarded parts ---------------------------------------------------------------------------------
+    def get_node_ids(self) -> Iterable[int]:
+        """Connected node ids; raises NotEnoughNodes after waiting too long with too few of them."""
+        ids = list(self._grid.get_node_ids())
+        if len(ids) >= self.min_nodes:
+            self._short_since = None
+            return ids
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+        elif now - self._short_since > self.wait_timeout:
+            raise NotEnoughNodes(
+                f"only {len(ids)} of the {self.min_nodes} SuperNodes this run needs (min-available-nodes) "
+                f"connected within {self.wait_timeout:.0f} s (node-wait-timeout): start the missing SuperNodes "
+                f"(check their --superlink address and logs) or lower min-available-nodes / min-train-nodes")
+        return ids
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if self.fp16:
+            self._encode(messages)
+        for m in messages:
+            if "arrays" in m.content.array_records:
+                self.bytes_down.append(record_bytes(m.content["arrays"]))
+        replies = self._exchange(messages, timeout)
+        for r in replies:
+            self._record(r)
+        if len(replies) < len(messages):
+            log.warning("%d of %d nodes did not reply within the round timeout (%s s); going on without them",
+                        len(messages) - len(replies), len(messages), timeout)
+        # A hospital whose DP budget is spent declines (client/privacy.py): recorded above, not a failure, so
+        # not handed to the strategy (Flower's central-DP wrappers skip a whole round on any error reply).
+        return [r for r in replies if not (r.has_error() and is_declined(r.error.reason))]
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Push, then pull until every reply is in or `timeout` has passed (Flower's loop, shorter sleep)."""
+        pending = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        wait = 0.02
+        while pending and (timeout is None or time.monotonic() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(wait)
+                wait = min(2 * wait, self.pull_interval)
+        return replies
+
+    def _encode(self, messages: list[Message]) -> None:
+        """Messages share one RecordDict per round: convert each distinct content once."""
+        done: dict[int, RecordDict] = {}
+        for m in messages:
+            content = m.content
+            if "arrays" not in content.array_records:
+                continue
+            if id(content) not in done:
+                new = RecordDict({k: v for k, v in content.items() if k != "arrays"})
+                new["arrays"] = to_fp16(content["arrays"])
+                done[id(content)] = new
+            m.content = done[id(content)]
+
+    def _record(self, reply: Message) -> None:
+        row = {"node_id": int(reply.metadata.src_node_id), "type": reply.metadata.message_type,
+               "ok": not reply.has_error()}
+        if reply.has_error():
+            row["error"] = reply.error.reason
+        else:
+            content = reply.content
+            node = content.config_records.get("node")
+            row["site"] = str(node["site"]) if node is not None and "site" in node else ""
+            metrics = next(iter(content.metric_records.values()), None)
+            row["metrics"] = dict(metrics) if metrics is not None else {}
+            if "arrays" in content.array_records:
+                row["bytes_up"] = record_bytes(content["arrays"])
+                content["arrays"] = to_fp32(content["arrays"])
+        self.replies.append(row)
+
+    def drain(self) -> tuple[list[dict], list[int]]:
+        out = (self.replies, self.bytes_down)
+        self.replies, self.bytes_down = [], []
+        return out
+

@@ -1,0 +1,379 @@
+"""Federated training on Flower 1.42: unit tests of the pieces, then both runtimes as real processes.
+
+Integration tests start real Flower processes (SuperLink, SuperNodes, `flwr run`, Ray) with private
+FLWR_HOME / RAY_TMPDIR folders and free ports, each in its own process group, and stop them in `finally`
+blocks; `test_zz_nothing_left_running` checks afterwards that no process of this module survived.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from client.arrays import record_bytes, state_to_record, to_fp16, to_fp32
+from client.settings import STRATEGIES, RunSettings
+from tests.conftest import REPO
+
+TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
+_STARTED_ROOTS: list[str] = []   # tmp folders whose processes must all be gone at the end
+
+
+@pytest.fixture
+def task_identity():
+    """Messages created outside a Flower runtime need a task identity, as run_simulation sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _reply(instruction: Message, arrays: dict[str, np.ndarray], n: int, **metrics) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, **metrics})})
+    return Message(content, reply_to=instruction)
+
+
+def _instruction(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                   message_type=MessageType.TRAIN)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def test_run_settings_defaults_equal_pyproject():
+    """run_federated_simulation cannot read pyproject: its defaults must be the same demo config."""
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunSettings().to_run_config() == table
+    assert RunSettings.from_run_config(table).fingerprint() == RunSettings().fingerprint()
+
+
+def test_run_settings_reject_unknown_key_with_its_name():
+    from common.errors import FedxrayError
+
+    with pytest.raises(FedxrayError, match="num-server-round"):
+        RunSettings.from_run_config({"num-server-round": 3})
+    with pytest.raises(FedxrayError, match="strategy"):
+        RunSettings.from_run_config({"strategy": "fedsgd"})
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def test_fedavg_aggregate_is_example_weighted_average(task_identity):
+    """Flower's own FedAvg.aggregate_train on two real reply Messages = sum(n_k w_k) / sum(n_k)."""
+    from flwr.serverapp.strategy import FedAvg
+
+    rng = np.random.default_rng(0)
+    a = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    b = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    replies = [_reply(_instruction(11), a, 10, **{"train-loss": 1.0}),
+               _reply(_instruction(12), b, 30, **{"train-loss": 3.0})]
+    arrays, metrics = FedAvg().aggregate_train(1, replies)
+    for k in a:
+        np.testing.assert_allclose(arrays[k].numpy(), (10 * a[k] + 30 * b[k]) / 40, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
+    from flwr import serverapp
+
+    from server.strategies import build_strategy
+
+    s = RunSettings(strategy=name, proximal_mu=0.1 if name == "fedprox" else 0.0)
+    strategy = build_strategy(s)
+    assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
+    assert isinstance(strategy, serverapp.strategy.Strategy)
+    start = {"w": np.zeros((2, 2), np.float32)}
+
+    class OneShotGrid:
+        def get_node_ids(self):
+            return [1, 2, 3, 4]
+
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(start["w"])}),
+                                         ConfigRecord(), OneShotGrid()))
+    replies = [_reply(m, {"w": np.full((2, 2), float(i), np.float32)}, 10 + i) for i, m in enumerate(msgs)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and arrays["w"].numpy().shape == (2, 2)
+    if name == "fedprox":
+        assert msgs[0].content["config"]["proximal-mu"] == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------------ wire format
+def test_fp16_transfer_halves_float_bytes_and_keeps_int_buffers():
+    from common.config import ModelConfig
+    from common.models import build_model
+
+    model = build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)
+    full, half = state_to_record(model), state_to_record(model, fp16=True)
+    assert 0.49 < record_bytes(half) / record_bytes(full) < 0.52
+    back = to_fp32(half)
+    for k, v in model.state_dict().items():
+        got = back[k].numpy()
+        if v.is_floating_point():
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, v.numpy(), atol=2e-3, rtol=1e-3)
+        else:
+            assert got.dtype == v.numpy().dtype and np.array_equal(got, v.numpy())
+    assert to_fp32(full) is full and to_fp16(full)["fc.weight"].numpy().dtype == np.float16
+
+
+# ------------------------------------------------------------------------------------------------ bounded wait
+def test_wait_for_nodes_is_bounded_and_names_the_count():
+    """Flower's sample_nodes polls for ever; through GuardedGrid it fails with how many nodes connected."""
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    from server.grid import GuardedGrid, NotEnoughNodes
+
+    class OneNode:
+        def get_node_ids(self):
+            return [42]
+
+    t0 = time.monotonic()
+    with pytest.raises(NotEnoughNodes, match="only 1 of the 3 SuperNodes"):
+        sample_nodes(GuardedGrid(OneNode(), min_nodes=3, wait_timeout=0.5), 3, 3)
+    assert time.monotonic() - t0 < 10
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+def test_checkpoint_resume_rules(tmp_path):
+    from server.checkpoint import Checkpoint, RunState
+
+    ck = Checkpoint(tmp_path)
+    arrays = {"w": np.arange(4, dtype=np.float32)}
+    for r in (1, 2):
+        st = RunState(fingerprint="abc", rounds_done=r, history=[{"round": r}], best_round=r)
+        ck.save(st, {"w": arrays["w"] + r}, {"w": arrays["w"]}, {"m_t/w": arrays["w"] * 0}, best_changed=True)
+    assert sorted(p.name for p in ck.dir.iterdir()) == ["best-r0002.safetensors", "global-r0002.safetensors",
+                                                        "state.json", "strategy-r0002.safetensors"]
+    state, glob, best, strat = ck.load("abc", num_rounds=5)
+    assert state.rounds_done == 2 and np.array_equal(glob["w"], arrays["w"] + 2) and "m_t/w" in strat
+    assert ck.load("abc", num_rounds=2) is None     # finished: a rerun starts fresh
+    assert ck.load("other", num_rounds=5) is None   # other settings: start fresh
+
+
+# ------------------------------------------------------------------------------------------------ client
+def test_node_data_resolution(synth_root, tmp_path):
+    from client.data import resolve_source
+    from common.errors import DataError
+
+    s = RunSettings(data_path=str(synth_root))
+    src = resolve_source({"partition-id": 1, "num-partitions": 3}, s)
+    assert Path(src.path).name == "hospital_2" and src.partition_id is None
+    with pytest.raises(DataError, match="partition-id 3 has no site folder"):
+        resolve_source({"partition-id": 3, "num-partitions": 4}, s)
+    dep = resolve_source({"data-path": str(synth_root / "hospital_3")}, s)
+    assert dep.site == "hospital_3"
+    one = resolve_source({"partition-id": 0, "num-partitions": 2}, RunSettings(data_path=str(synth_root / "hospital_1")))
+    assert one.partition_id == 0 and one.site == "partition-0"
+    with pytest.raises(DataError, match="no data"):
+        resolve_source({}, s)
+
+
+def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, task_identity):
+    from client.app import evaluate_local, train
+    from common.config import ModelConfig
+    from common.models import build_model
+
+    run_config = {**RunSettings(data_path=str(synth_root)).to_run_config(), **TINY}
+    model = build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)
+    findings = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+    msg = Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
+        {"server-round": 1, "findings": findings, "fp16": True})}), dst_node_id=3, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config=run_config)
+    reply = train(msg, ctx)
+    assert set(reply.content.keys()) == {"arrays", "metrics", "node"}
+    assert set(reply.content["metrics"]) == {"num-examples", "train-loss", "local-steps", "val-auc", "val-f1",
+                                             "seconds"}
+    assert dict(reply.content["node"]) == {"site": "hospital_1"}
+    assert reply.content["arrays"]["fc.weight"].numpy().dtype == np.float16
+    assert reply.content["metrics"]["num-examples"] > 0
+    ev_msg = Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord({"findings": findings})}),
+                     dst_node_id=3, message_type=MessageType.EVALUATE)
+    ev = evaluate_local(ev_msg, ctx)
+    assert "arrays" not in ev.content and {"test-auc", "test-f1", "num-examples"} <= set(ev.content["metrics"])
+
+
+def test_docker_compose_runs_the_launchers_commands():
+    """docker-compose.yml cannot run here: keep it identical to what the tested launcher starts."""
+    yaml = pytest.importorskip("yaml")
+    from server.launch import superlink_command, supernode_command
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert services["superlink"]["command"] == superlink_command("0.0.0.0", 9091, "/flwr/state.db")
+    for k in (1, 2, 3):
+        svc = services[f"hospital-{k}"]
+        assert svc["command"] == supernode_command("superlink:9091", 9094, "/data/hospital", f"hospital_{k}")
+        assert svc["volumes"] == [f"./data/synth/hospital_{k}:/data/hospital:ro"]
+    docker_rc = tomllib.loads((REPO / "docker" / "run-config.toml").read_text())
+    s = RunSettings.from_run_config(docker_rc)
+    assert s.server_data_path == "/data/holdout" and s.min_available_nodes == 3
+    assert "./data/synth/holdout:/data/holdout:ro" in services["superlink"]["volumes"]
+
+
+# ------------------------------------------------------------------------------------------------ runtimes
+def _tiny_run(out: Path, **more) -> dict:
+    return {**TINY, "num-server-rounds": 2, "output-dir": str(out), "node-wait-timeout": 60.0,
+            "round-timeout": 300.0, **more}
+
+
+def _check_result(out: Path, rounds: int, hospitals: int) -> dict:
+    from common.bundle import load_bundle
+
+    summary = json.loads((out / "federation.json").read_text())
+    assert [h["round"] for h in summary["history"]] == list(range(rounds + 1))
+    fed = summary["provenance"]["federation"]
+    assert fed["rounds_completed"] == rounds and len(fed["nodes"]) == hospitals
+    assert all(n > 0 for n in fed["examples_per_node"].values())
+    for h in summary["history"][1:]:
+        assert len([c for c in h["clients"]["train"] if c["ok"]]) == hospitals
+        assert len(h["clients"]["evaluate"]) == hospitals and h["bytes_per_client"]["up"] > 0
+    bundle = load_bundle(out / "bundle")
+    card = bundle.card
+    assert card["provenance"]["training"] == "federated"
+    assert card["provenance"]["federation"]["best_round"] == summary["best_round"] >= 1
+    assert card["metrics"]["test"]["macro"]["auc"] is not None
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+    return summary
+
+
+def _run_cli(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """A CLI in its own process group, killed (group) on timeout."""
+    from server.launch import stop_group
+
+    p = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out = "timeout"
+    finally:
+        stop_group(p.pid, grace=5)
+    return subprocess.CompletedProcess(args, p.returncode if p.returncode is not None else -9, out, "")
+
+
+@pytest.fixture
+def flower_tmp(tmp_path_factory):
+    """A private folder for Flower/Ray state whose processes the final test checks for."""
+    root = tmp_path_factory.mktemp("flower")
+    _STARTED_ROOTS.append(str(root))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
+    """`fedxray federate` (run_simulation in-process, Ray on 2 CPUs), then a restart that resumes."""
+    from server.launch import flower_env
+
+    out = flower_tmp / "out"
+    ray_tmp = Path("/tmp") / f"rayfx{os.getpid()}"
+    _STARTED_ROOTS.append(str(ray_tmp))
+    env = flower_env(flower_tmp / "home", ray_tmp)
+    sets = [f"--set={k}={v}" for k, v in _tiny_run(out).items() if k not in ("num-server-rounds", "output-dir")]
+    cmd = ["-m", "common.cli", "federate", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
+    try:
+        first = _run_cli([*cmd, "--rounds", "2", *sets], REPO, env, 600)
+        assert first.returncode == 0, first.stdout[-3000:]
+        assert "seed paper" in first.stdout and "bundle:" in first.stdout
+        _check_result(out, 2, 3)
+        second = _run_cli([*cmd, "--rounds", "3", *sets], REPO, env, 600)
+        assert second.returncode == 0, second.stdout[-3000:]
+        assert "resuming from" in second.stdout and "2 of 3 rounds done" in second.stdout
+        summary = _check_result(out, 3, 3)
+        assert len(summary["provenance"]["federation"]["run_ids"]) == 2
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_simulation_runtime_flwr_run(synth_root, flower_tmp):
+    """`flwr run . --stream` on the managed local simulation SuperLink (private ports), which is stopped after."""
+    from server.launch import pids_with_arg, run_flwr_simulation
+
+    out = flower_tmp / "out"
+    outcome = run_flwr_simulation({**_tiny_run(out), "data-path": str(synth_root), "min-available-nodes": 3},
+                                  num_supernodes=3, workdir=flower_tmp / "work", timeout=600)
+    assert outcome.returncode == 0 and outcome.ok, outcome.log.read_text()[-3000:]
+    _check_result(out, 2, 3)
+    assert not pids_with_arg(str(flower_tmp / "work" / "flwr-home")), "local SuperLink still running"
+
+
+@pytest.fixture
+def local_federation(synth_root, flower_tmp):
+    """SuperLink + 3 SuperNodes (one per synthetic hospital) on 127.0.0.1, always stopped."""
+    from server.launch import LocalFederation, hospitals_in
+
+    fed = LocalFederation(flower_tmp / "deploy", hospitals_in(synth_root))
+    try:
+        fed.start()
+        yield fed
+    finally:
+        fed.stop()
+    assert not fed.alive()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_deployment_runtime_two_rounds_fp16(local_federation, synth_root, flower_tmp):
+    """Real flower-superlink + a flower-supernode per hospital + `flwr run . <connection>`: two rounds with
+    float16 weights on the wire, bundle and per-round, per-hospital history."""
+    from common.config import ModelConfig
+    from common.models import build_model
+
+    out = flower_tmp / "out"
+    rc = {**_tiny_run(out), "data-path": str(synth_root), "min-available-nodes": 3, "min-train-nodes": 3,
+          "min-evaluate-nodes": 3, "fp16": True}
+    outcome = local_federation.submit(rc, timeout=600)
+    assert outcome.ok, (outcome.status, outcome.log.read_text()[-3000:])
+    summary = _check_result(out, 2, 3)
+    fed = summary["provenance"]["federation"]
+    assert fed["runtime"] != "InMemoryGrid" and fed["fp16_transfer"] is True
+    assert set(fed["nodes"]) == {"hospital_1", "hospital_2", "hospital_3"}
+    fp32 = record_bytes(state_to_record(build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)))
+    per_client = summary["history"][2]["bytes_per_client"]
+    assert per_client["down"] < 0.55 * fp32 and per_client["up"] < 0.55 * fp32
+    assert len(local_federation.alive()) == 4  # superlink + 3 supernodes still up for the next run
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_launcher_fails_clearly_when_nodes_are_missing_and_stops_everything(synth_root, flower_tmp):
+    """`python -m server.launch` starts the topology and submits; a run needing 4 hospitals of 3 fails after
+    node-wait-timeout with a message naming how many connected, and every process is stopped."""
+    from server.launch import flower_env, pids_with_arg
+
+    out, work = flower_tmp / "out", flower_tmp / "launch"
+    args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "1",
+            "--workdir", str(work), "--timeout", "300", *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()],
+            "--set=min-available-nodes=4", "--set=node-wait-timeout=5"]
+    t0 = time.monotonic()
+    res = _run_cli(args, REPO, flower_env(flower_tmp / "home"), 400)
+    assert res.returncode == 2, res.stdout[-3000:]
+    assert "only 3 of the 4 SuperNodes" in res.stdout and "node-wait-timeout" in res.stdout
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert time.monotonic() - t0 < 200
+    assert sorted(p.name for p in (work / "logs").iterdir()) == [
+        "run.log", "superlink.log", "supernode-hospital_1.log", "supernode-hospital_2.log",
+        "supernode-hospital_3.log"]
+    assert not pids_with_arg(str(work)), "launcher left processes running"
+
+
+def test_zz_nothing_left_running():
+    """Every process a test here started (identified by its private folder in the command line) is gone."""
+    from server.launch import pids_with_arg
+
+    time.sleep(1)
+    left = {root: pids_with_arg(root) for root in _STARTED_ROOTS}
+    assert not any(left.values()), f"processes left running: {left}"

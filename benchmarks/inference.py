@@ -1,0 +1,263 @@
+"""Inference speed on this CPU: predict, heatmaps (one-pass CAM vs pytorch-grad-cam) and the server under load.
+
+    .venv/bin/python benchmarks/inference.py [--arch resnet50] [--size 224] [--findings 14] [--iters 20]
+        [--clients 8] [--seconds 20] [--upload-side 512]
+
+Random-init weights (timing does not depend on them). Rows: p50/p95 over --iters rounds after warm-up; every
+round runs every path once (interleaved, so load from other processes hits all rows alike):
+- plain forward: model(x), batch 1, inference mode: the reference;
+- predict: a preprocessed image through the Predictor (queue hop to the worker thread, forward, probabilities);
+- predict from bytes: PNG bytes -> decode -> preprocess -> Predictor -> findings table (what the API does
+  in-process, without HTTP);
+- predict + all heatmaps (fast): the same single forward pass plus all findings' maps at S x S;
+- predict + all heatmaps, overlays: plus a colour overlay PNG per finding (what explain=findings=all returns);
+- pytorch-grad-cam, once per finding: GradCAM for each finding (forward + backward each).
+Throughput: --clients concurrent HTTP clients against `fedxray serve` in a subprocess, vs model(x) at batch 8.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._util import table  # noqa: E402
+
+CXR14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+         "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def interleaved(paths: dict, iters: int, warmup: int = 3) -> dict[str, tuple[float, float]]:
+    """p50/p95 ms per path, running the paths round-robin so load from other processes hits all alike."""
+    for _ in range(warmup):
+        for fn in paths.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(iters):
+        for k, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for k, v in times.items()}
+
+
+def timeit(fn, iters: int, warmup: int = 3) -> tuple[float, float]:
+    return interleaved({"x": fn}, iters, warmup)["x"]
+
+
+def make_bundle(out: Path, arch: str, size: int, n: int) -> Path:
+    import torch
+
+    from common.bundle import save_bundle
+    from common.config import ModelConfig, PreprocessConfig
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    mc = ModelConfig(arch=arch, weights="none")
+    model = build_model(mc, n).eval()
+    findings = (CXR14 * 2)[:n] if n <= 14 else [f"finding_{i}" for i in range(n)]
+    return save_bundle(out / "bundle", model, model_config=mc, preprocess=PreprocessConfig(image_size=size),
+                       findings=findings, thresholds=[0.5] * n)
+
+
+def upload_png(side: int) -> bytes:
+    from PIL import Image
+
+    from common.data.synthetic import Acquisition, render
+
+    img, _ = render(side, {"Nodule", "Effusion"}, np.random.default_rng(0), Acquisition())
+    buf = BytesIO()
+    Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def latency_rows(bundle_dir: Path, iters: int, upload: bytes) -> tuple[list[list], dict]:
+    import torch
+
+    from common.bundle import load_bundle
+    from common.explain import grad_cam_maps, normalise_cams, render_overlay
+    from inference_api.predictor import Predictor
+    from inference_api.service import Service
+
+    bundle = load_bundle(bundle_dir)
+    model = bundle.model
+    svc = Service(bundle, max_pixels=60_000_000, min_resolution=1, overlay_max_side=512)
+    prepared = svc.prepare(upload)
+    x = prepared.x
+    n, s = len(bundle.findings), bundle.preprocess.image_size
+
+    def forward():
+        with torch.inference_mode():
+            model(x[None])
+
+    with Predictor(bundle, max_batch=8, batch_window_s=0.005) as pred:
+        def predict():
+            pred.submit(x).result()
+
+        def predict_bytes():
+            p = svc.prepare(upload)
+            svc.findings_table(pred.submit(p.x).result().probabilities)
+
+        def fast_maps():
+            o = pred.submit(x, want_cams=True).result()
+            normalise_cams(o.cams, (s, s))
+
+        def fast_overlays():
+            p = svc.prepare(upload)
+            o = pred.submit(p.x, want_cams=True).result()
+            for c in range(n):
+                render_overlay(p.image.pixels, o.cams[c], max_side=512)
+
+        out = interleaved({"forward": forward, "predict": predict, "predict_bytes": predict_bytes,
+                           "fast": fast_maps, "fast_overlays": fast_overlays,
+                           "gradcam": lambda: grad_cam_maps(model, x[None], list(range(n)), "gradcam")}, iters)
+
+    fwd = out["forward"][0]
+    labels = [
+        ("plain model(x) forward, batch 1 (reference)", "forward"),
+        ("predict: preprocessed image -> probabilities (Predictor)", "predict"),
+        (f"predict from PNG bytes ({prepared.image.width}x{prepared.image.height}): decode+preprocess+predict",
+         "predict_bytes"),
+        (f"predict + all {n} heatmaps, fast one-pass CAM (maps at {s}x{s})", "fast"),
+        (f"predict from PNG bytes + all {n} heatmaps as overlay PNGs (fast)", "fast_overlays"),
+        (f"pytorch-grad-cam GradCAM, once per finding ({n} calls)", "gradcam"),
+    ]
+    rows = [[name, out[k][0], out[k][1], out[k][0] / fwd] for name, k in labels]
+    return rows, {k: v[0] for k, v in out.items()}
+
+
+def model_throughput(bundle_dir: Path, batches: tuple[int, ...] = (1, 8), rounds: int = 6,
+                     seconds: float = 1.5) -> dict[int, float]:
+    """Images/s of model(x) per batch size, alternating batch sizes round by round (load hits all alike)."""
+    import torch
+
+    from common.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    s = bundle.preprocess.image_size
+    xs = {b: torch.randn(b, 3, s, s) for b in batches}
+    done = {b: [0, 0.0] for b in batches}
+    with torch.inference_mode():
+        for b in batches:
+            bundle.model(xs[b])
+        for _ in range(rounds):
+            for b in batches:
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    bundle.model(xs[b])
+                    done[b][0] += b
+                done[b][1] += time.perf_counter() - t0
+    return {b: n / t for b, (n, t) in done.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _load(url: str, upload: bytes, clients: int, seconds: float) -> tuple[int, float, list[float]]:
+    import httpx
+
+    done, lat = 0, []
+    stop = time.perf_counter() + seconds
+
+    async def client(c: httpx.AsyncClient):
+        nonlocal done
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = await c.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")})
+            r.raise_for_status()
+            lat.append((time.perf_counter() - t0) * 1000)
+            done += 1
+
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as c:
+        for _ in range(2):  # warm-up
+            await c.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        return done, time.perf_counter() - t0, lat
+
+
+def server_throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: float, env_extra: dict) -> dict:
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "1", **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle_dir),
+                             "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        single = [timeit(lambda: httpx.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")}),
+                         15)]
+        done, secs, lat = asyncio.run(_load(url, upload, clients, seconds))
+        return {"rps": done / secs, "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                "single_p50": single[0][0], "single_p95": single[0][1]}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--findings", type=int, default=14)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--upload-side", type=int, default=512, help="side of the PNG the clients upload")
+    ap.add_argument("--batch-window-ms", type=float, default=None, help="server setting (default: its own)")
+    ap.add_argument("--skip-server", action="store_true")
+    a = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_dir = make_bundle(Path(tmp), a.arch, a.size, a.findings)
+        upload = upload_png(a.upload_side)
+        rows, med = latency_rows(bundle_dir, a.iters, upload)
+        print(table(["path", "p50 ms", "p95 ms", "x forward p50"], rows,
+                    title=f"{a.arch} at {a.size} px, {a.findings} findings, torch {torch.__version__}, "
+                          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average at start "
+                          f"{os.getloadavg()[0]:.1f}"))
+        print(f"\nheatmaps for all findings: fast path {med['gradcam'] / med['fast']:.1f}x faster than "
+              f"pytorch-grad-cam once per finding; fast path / plain forward = {med['fast'] / med['forward']:.2f}; "
+              f"predict / plain forward = {med['predict'] / med['forward']:.2f}")
+        if a.skip_server:
+            return
+        before = model_throughput(bundle_dir)
+        env = {"FEDXRAY_BATCH_WINDOW_MS": str(a.batch_window_ms)} if a.batch_window_ms is not None else {}
+        srv = server_throughput(bundle_dir, upload, a.clients, a.seconds, env)
+        after = model_throughput(bundle_dir)  # measured before and after the server run: the mean is the reference
+        b1, b8 = (before[1] + after[1]) / 2, (before[8] + after[8]) / 2
+        print()
+        print(table(["throughput", "images/s", "vs batched model"], [
+            [f"model(x) batch 1 (before / after: {before[1]:.1f} / {after[1]:.1f})", b1, b1 / b8],
+            [f"model(x) batch 8 = the model's batched throughput ({before[8]:.1f} / {after[8]:.1f})", b8, 1.0],
+            [f"server, {a.clients} concurrent clients, {a.upload_side}px PNG uploads, p50 "
+             f"{srv['p50']:.0f} ms / p95 {srv['p95']:.0f} ms", srv["rps"], srv["rps"] / b8],
+        ], title="Throughput"))
+        print(f"\nsingle HTTP client, end to end (upload, decode, predict, JSON): p50 {srv['single_p50']:.1f} ms, "
+              f"p95 {srv['single_p95']:.1f} ms; load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

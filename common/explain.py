@@ -1,0 +1,250 @@
+"""Class activation maps for every finding, and overlays drawn on the original image.
+
+Fast path (the default): every architecture here ends in global-average-pool -> Linear, so Grad-CAM on the
+layer that feeds the pool equals ReLU(sum_k w_ck A_k) up to a positive scale (the gradient of logit c with
+respect to A_k is w_ck / (h*w) at every position). One forward pass with a hook on that layer therefore gives
+the prediction *and* the maps of all findings. `tests/test_explain.py` proves the match against
+pytorch-grad-cam's GradCAM. The rest of the Grad-CAM family comes from pytorch-grad-cam, selectable by name.
+
+Normalisation, in this order, is what makes the maps identical to pytorch-grad-cam's (see
+../shared/notes/opacus-and-cam.md): ReLU -> min-max per map on the low-res map -> bilinear resize with
+align_corners=False -> min-max again.
+
+Geometry: preprocessing resizes the whole image to S x S (no crop), so a low-res map covers the whole original
+image and resizing it straight to (H, W) puts every value over the pixels it came from.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from common.models import cam_target_layer, classifier_head
+
+FAST = "fast"
+_EPS = 1e-7  # the epsilon pytorch-grad-cam's scale_cam_image uses, so both paths normalise identically
+
+
+def _grad_cam_classes() -> dict[str, type]:
+    """Methods of pytorch-grad-cam that work with a conv target layer and a classifier-output target."""
+    import pytorch_grad_cam as g
+
+    return {"gradcam": g.GradCAM, "gradcam++": g.GradCAMPlusPlus, "hirescam": g.HiResCAM,
+            "xgradcam": g.XGradCAM, "layercam": g.LayerCAM, "eigencam": g.EigenCAM,
+            "eigengradcam": g.EigenGradCAM, "gradcam-elementwise": g.GradCAMElementWise,
+            "scorecam": g.ScoreCAM, "ablationcam": g.AblationCAM, "randomcam": g.RandomCAM}
+
+
+# Names accepted wherever a method is chosen (API query, CLI). scorecam/ablationcam run many forward passes.
+CAM_METHODS: tuple[str, ...] = (FAST, "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
+                                "eigengradcam", "gradcam-elementwise", "scorecam", "ablationcam", "randomcam")
+
+
+def check_method(method: str) -> str:
+    name = method.strip().lower()
+    if name not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------- fast path
+
+
+def forward_with_cams(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass -> (logits (B, F), raw CAMs (B, F, h, w) = ReLU(sum_k w_ck A_k), not yet normalised).
+
+    Call it in no_grad/inference mode. Not safe to run concurrently on the same model from two threads (the
+    hook would see both passes); the inference API's Predictor gives the model a single worker thread.
+    """
+    layer, head = cam_target_layer(model), classifier_head(model)
+    captured: list[torch.Tensor] = []
+    owner = threading.get_ident()
+
+    def hook(_m, _inp, out):
+        if threading.get_ident() == owner:
+            captured.append(out)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the CAM target layer ran {len(captured)} times in one forward pass (expected once)")
+    acts = captured[0]
+    weight = head.weight.to(acts.dtype)
+    if acts.ndim != 4 or acts.shape[1] != weight.shape[1]:
+        raise TypeError(f"CAM target layer output {tuple(acts.shape)} does not feed the {tuple(weight.shape)} "
+                        f"head through a global average pool; the fast path needs that architecture")
+    cams = torch.einsum("fk,bkhw->bfhw", weight, acts).clamp_min_(0)  # ReLU; the bias only shifts every pixel
+    return logits, cams
+
+
+def _minmax(m: torch.Tensor) -> torch.Tensor:
+    lo = m.amin(dim=(-2, -1), keepdim=True)
+    m = m - lo
+    return m / (_EPS + m.amax(dim=(-2, -1), keepdim=True))
+
+
+def normalise_cams(cams: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(..., h, w) non-negative maps -> (..., H, W) in [0, 1]: min-max, bilinear resize to `size`, min-max."""
+    m = _minmax(cams.float())
+    if size is not None and tuple(m.shape[-2:]) != tuple(size):
+        lead = m.shape[:-2]
+        m = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), size=tuple(size), mode="bilinear",
+                          align_corners=False).reshape(*lead, *size)
+        m = _minmax(m)
+    return m
+
+
+# ------------------------------------------------------------------------------------ pytorch-grad-cam
+
+
+def grad_cam_maps(model: nn.Module, x: torch.Tensor, targets: Sequence[int], method: str = "gradcam"
+                  ) -> np.ndarray:
+    """(B, T, S, S) maps from pytorch-grad-cam for each target finding index (one backward per target).
+
+    Targets are raw logits (ClassifierOutputTarget), the maps come back at the input size, normalised the
+    way pytorch-grad-cam does it. Gradients left on the parameters are cleared afterwards.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = _grad_cam_classes()[check_method(method)]
+    out = np.zeros((x.shape[0], len(targets), x.shape[-2], x.shape[-1]), dtype=np.float32)
+    try:
+        with torch.enable_grad(), cls(model=model, target_layers=[cam_target_layer(model)]) as cam:
+            if hasattr(cam, "batch_size"):  # ScoreCAM/AblationCAM: forward passes per chunk of channels
+                cam.batch_size = 64
+            for j, c in enumerate(targets):
+                out[:, j] = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c))] * x.shape[0])
+    finally:
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- batch
+
+
+@dataclass
+class Explained:
+    logits: torch.Tensor   # (B, F)
+    targets: list[int]     # finding indices the maps are for
+    maps: torch.Tensor     # (B, T, H, W) float in [0, 1]
+
+
+def explain_batch(model: nn.Module, x: torch.Tensor, *, method: str = FAST, targets: Sequence[int] | None = None,
+                  size: tuple[int, int] | None = None) -> Explained:
+    """Logits and maps of `targets` (default: every finding) for a preprocessed batch, at `size` (default S x S).
+
+    The fast path costs one forward pass for all findings; pytorch-grad-cam methods cost one forward+backward
+    per finding (and ScoreCAM/AblationCAM many more).
+    """
+    method = check_method(method)
+    size = tuple(size) if size is not None else tuple(x.shape[-2:])
+    model.eval()
+    if method == FAST:
+        with torch.inference_mode():
+            logits, cams = forward_with_cams(model, x)
+        idx = list(range(logits.shape[1])) if targets is None else [int(t) for t in targets]
+        return Explained(logits, idx, normalise_cams(cams[:, idx], size))
+    with torch.inference_mode():
+        logits = model(x)
+    idx = list(range(logits.shape[1])) if targets is None else [int(t) for t in targets]
+    maps = torch.from_numpy(grad_cam_maps(model, x, idx, method))
+    if tuple(maps.shape[-2:]) != size:  # already min-max normalised at S x S: resize and renormalise
+        maps = normalise_cams(maps, size)
+    return Explained(logits, idx, maps)
+
+
+# ---------------------------------------------------------------------------- peaks and overlay images
+
+
+def fit_within(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) scaled down (never up) so the longer side is at most `max_side`."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    s = max_side / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def peak_xy(heatmap: torch.Tensor | np.ndarray, width: int, height: int) -> tuple[float, float]:
+    """The hottest point of a (h, w) map, in original-image pixels (x, y); exact when (h, w) == (H, W)."""
+    h = torch.as_tensor(heatmap)
+    gh, gw = h.shape[-2:]
+    i = int(torch.argmax(h.reshape(-1)))
+    r, c = divmod(i, gw)
+    if (gh, gw) == (height, width):
+        return float(c), float(r)
+    return (c + 0.5) * width / gw - 0.5, (r + 0.5) * height / gh - 0.5
+
+
+def resize_gray(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W) float [0, 1] -> (height, width), antialiased when shrinking."""
+    if pixels.shape == (height, width):
+        return pixels
+    t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    shrink = height < pixels.shape[0] or width < pixels.shape[1]
+    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=shrink)[0, 0].clamp_(0, 1).numpy()
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> uint8 RGB with the classic 'jet' colour map (blue = cold, red = hot), no cv2/matplotlib."""
+    v = np.clip(values, 0, 1)[..., None] * 4.0
+    rgb = np.clip(1.5 - np.abs(v - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+_JET_LUT = None
+
+
+def blend(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Colour-mapped heatmap over a grayscale image; opacity grows with the heat so cold areas stay readable.
+
+    The heat is quantised to 256 levels and coloured through a lookup table: a few passes over the pixels.
+    """
+    global _JET_LUT
+    if _JET_LUT is None:
+        _JET_LUT = jet(np.linspace(0, 1, 256, dtype=np.float32)).astype(np.float32)
+    h8 = (np.clip(heatmap, 0, 1) * 255 + 0.5).astype(np.uint8)
+    g = (gray.astype(np.float32) * 255)[..., None]
+    a = (h8.astype(np.float32) * (alpha / 255))[..., None]
+    return (g + a * (_JET_LUT[h8] - g) + 0.5).astype(np.uint8)
+
+
+def png_bytes(img: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG. Level 1 keeps encoding fast; the output is a little larger."""
+    buf = BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+@dataclass
+class Overlay:
+    png: bytes
+    width: int
+    height: int
+    peak_x: float   # original-image pixels
+    peak_y: float
+
+
+def render_overlay(pixels: np.ndarray, cam: torch.Tensor, *, max_side: int | None = None,
+                   alpha: float = 0.5) -> Overlay:
+    """Overlay PNG of one map on the original image (scaled to `max_side` at most) and its peak.
+
+    `cam` is one map at any resolution (raw or normalised): it is normalised and resized to the output size
+    here, so every overlay uses the same normalisation as the equivalence test.
+    """
+    height, width = pixels.shape
+    w, h = fit_within(width, height, max_side)
+    heat = normalise_cams(cam[None], (h, w))[0]
+    x, y = peak_xy(heat, width, height)
+    png = png_bytes(blend(resize_gray(pixels, w, h), heat.numpy(), alpha))
+    return Overlay(png, w, h, x, y)

@@ -1,0 +1,60 @@
+"""Helpers for the inference tests: one tiny trained bundle per session, built by the real training run."""
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+_CACHE: dict[str, Path] = {}
+
+
+def trained_bundle(tmp_path_factory) -> Path:
+    """A smallcnn bundle from `run_centralised` on one 64 px synthetic hospital (2 epochs, a few seconds)."""
+    if "bundle" not in _CACHE:
+        from common.config import ExperimentConfig
+        from common.data.synthetic import synthesize
+        from common.pipeline import run_centralised
+
+        root = tmp_path_factory.mktemp("inference_synth")
+        synthesize(root, hospitals=1, patients=30, size=64, seed=5, holdout_patients=0, progress=False)
+        cfg = ExperimentConfig.model_validate({
+            "data": {"path": str(root / "hospital_1"), "findings": FINDINGS},
+            "preprocess": {"image_size": 64}, "model": {"arch": "smallcnn", "weights": "none"},
+            "train": {"epochs": 2, "batch_size": 16, "num_threads": 2}, "output_dir": str(root / "run")})
+        _CACHE["bundle"] = Path(run_centralised(cfg, progress=False)["bundle"])
+        _CACHE["data"] = root / "hospital_1"
+    return _CACHE["bundle"]
+
+
+def synthetic_data() -> Path:
+    return _CACHE["data"]
+
+
+def xray(size: int = 96, seed: int = 0, findings=("Nodule",)) -> np.ndarray:
+    """A synthetic chest image (H, W) float [0, 1]."""
+    from common.data.synthetic import Acquisition, render
+
+    img, _ = render(size, set(findings), np.random.default_rng(seed), Acquisition())
+    return img
+
+
+def png(arr: np.ndarray, bits: int = 8, mode: str | None = None) -> bytes:
+    """PNG bytes of a [0, 1] image: 8-bit L, 16-bit I;16, or converted to `mode` (RGBA, P...)."""
+    if bits == 16:
+        img = Image.fromarray((arr * 65535).round().astype(np.uint16))
+    else:
+        img = Image.fromarray((arr * 255).round().astype(np.uint8), mode="L")
+    if mode:
+        img = img.convert(mode)
+    buf = BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(arr: np.ndarray) -> bytes:
+    buf = BytesIO()
+    Image.fromarray((arr * 255).round().astype(np.uint8), mode="L").save(buf, "JPEG", quality=95)
+    return buf.getvalue()

@@ -1,0 +1,143 @@
+"""The web page in a real headless browser: Debian's Chromium driven by Playwright (no browser download),
+against `fedxray serve` running in a subprocess on a free local port."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.inference_support import FINDINGS, png, trained_bundle, xray
+from tests.test_api import dcm, image16
+
+CHROMIUM = os.environ.get("FEDXRAY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`fedxray serve` in a subprocess; yields its base URL and always stops it."""
+    bundle = trained_bundle(tmp_path_factory)
+    port = _free_port()
+    env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "32", "FEDXRAY_OVERLAY_MAX_SIDE": "256"}
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle), "--port",
+                             str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}: {log.read()}")
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("server not ready within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not Path(CHROMIUM).is_file() and not shutil.which("chromium"):
+        pytest.skip(f"no Chromium binary at {CHROMIUM} (install Debian's `chromium`: scripts/ensure-browser.sh)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium"),
+                                     args=CHROMIUM_ARGS, headless=True)
+        try:
+            pg = browser.new_page(viewport={"width": 1200, "height": 800})
+            yield pg
+        finally:
+            browser.close()
+
+
+def _screenshot(pg, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    pg.screenshot(path=str(path), full_page=True)
+    keep = os.environ.get("FEDXRAY_SCREENSHOT_DIR")  # set it to look at the page after the run
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / name)
+    return path
+
+
+def test_upload_shows_findings_and_toggles_heatmaps(page, server, tmp_path):
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model fx-')")
+    img = tmp_path / "chest.png"
+    img.write_bytes(png(xray(256, seed=11, findings=("Nodule", "Cardiomegaly"))))
+    page.set_input_files("#file", str(img))
+    page.wait_for_selector("#findings tbody tr >> nth=3", timeout=20000)
+    rows = page.locator("#findings tbody tr")
+    assert rows.count() == len(FINDINGS)
+    names = [rows.nth(i).get_attribute("data-finding") for i in range(rows.count())]
+    assert sorted(names) == sorted(FINDINGS)
+    probs = [float(rows.nth(i).locator("td").nth(1).inner_text().rstrip("%")) for i in range(rows.count())]
+    assert probs == sorted(probs, reverse=True)
+    assert page.locator("#view").get_attribute("src").startswith("data:image/png;base64,")
+    assert page.evaluate("document.getElementById('view').naturalWidth") == 256
+
+    pressed = {n: page.locator(f"button.toggle[data-finding='{n}']").get_attribute("aria-pressed") for n in names}
+    shown = [n for n, p in pressed.items() if p == "true"]
+    assert len(shown) <= 1  # the top positive finding's heatmap (if any) is shown first
+    target, second = [n for n in names if n not in shown][:2]
+    button = page.locator(f"button.toggle[data-finding='{target}']")
+    button.click()
+    assert button.get_attribute("aria-pressed") == "true"
+    assert page.locator("#caption").inner_text().startswith(f"Heatmap: {target}")
+    heat_src = page.locator("#view").get_attribute("src")
+    other = page.locator(f"button.toggle[data-finding='{second}']")
+    other.click()
+    assert button.get_attribute("aria-pressed") == "false" and other.get_attribute("aria-pressed") == "true"
+    assert page.locator("#view").get_attribute("src") != heat_src
+    _screenshot(page, tmp_path, "browser_heatmap.png")
+    other.click()  # toggling the shown finding off returns to the plain image
+    assert page.locator("#caption").inner_text().startswith("Original image")
+    assert page.locator("#status").inner_text() == "Done: chest.png"
+
+
+def test_dicom_upload_and_rejection_message(page, server, tmp_path):
+    page.goto(server + "/")
+    lateral = tmp_path / "lateral.dcm"
+    lateral.write_bytes(dcm(image16(), ViewPosition="LL"))
+    page.set_input_files("#file", str(lateral))
+    page.wait_for_function("document.getElementById('status').textContent === 'Done: lateral.dcm'", timeout=20000)
+    assert "lateral view" in page.locator("#warnings").inner_text()
+    assert page.locator("#caption").inner_text().startswith(("Heatmap", "Original image · 96×96 dicom"))
+
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    page.set_input_files("#file", str(bad))
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Rejected')", timeout=20000)
+    assert "Rejected (422)" in page.locator("#status").inner_text()
+    assert "not a PNG, JPEG or DICOM" in page.locator("#status").inner_text()
+    assert page.locator("#result").is_hidden()  # no stale findings from the previous image
+    _screenshot(page, tmp_path, "browser_rejected.png")

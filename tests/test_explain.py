@@ -1,0 +1,162 @@
+"""common.explain and explain-eval: the one-pass CAM equals pytorch-grad-cam's GradCAM, overlays keep the
+prediction's geometry, and the pointing game / IoU scores are right."""
+from __future__ import annotations
+
+import json
+from io import BytesIO
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.bundle import load_bundle, read_card, sha256_file
+from common.config import ModelConfig
+from common.data.manifest import Box
+from common.explain import (CAM_METHODS, explain_batch, fit_within, forward_with_cams, jet, normalise_cams, peak_xy,
+                            render_overlay)
+from common.models import build_model
+from inference_api.explain_eval import box_mask, evaluate_explanations, heat_iou, pointing_hit
+from tests.inference_support import trained_bundle
+
+# Fast CAM vs pytorch-grad-cam GradCAM (ClassifierOutputTarget on raw logits), same normalisation:
+# measured max abs differences are 2e-7 .. 5e-6 (float32 rounding of the gradient mean); 1e-4 leaves margin.
+TOLERANCE = 1e-4
+
+
+def _model(arch: str, n: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(arch=arch, weights="none"), n)
+    m.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the maps are not degenerate
+        m(torch.randn(8, 3, 64, 64))
+    return m.eval()
+
+
+@pytest.mark.parametrize("arch,size", [("smallcnn", 64), ("resnet18", 96), ("resnet50", 96)])  # 4x4, 3x3, 3x3 maps
+def test_fast_cam_equals_pytorch_grad_cam(arch, size):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from common.models import cam_target_layer
+
+    model = _model(arch)
+    x = torch.randn(2, 3, size, size)
+    fast = explain_batch(model, x)
+    assert fast.maps.shape == (2, 4, size, size) and fast.targets == [0, 1, 2, 3]
+    with GradCAM(model=model, target_layers=[cam_target_layer(model)]) as cam:
+        for c in range(4):
+            ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 2)
+            diff = np.abs(fast.maps[:, c].numpy() - ref).max()
+            assert diff < TOLERANCE, f"{arch} finding {c}: max abs diff {diff:.2e}"
+    assert fast.maps.amax() > 0.99 and fast.maps.amin() >= 0  # real maps, not all-zero ones that match trivially
+    with torch.no_grad():
+        assert torch.allclose(fast.logits, model(x), atol=1e-5)  # the same pass made the prediction
+
+
+def test_explain_batch_with_grad_cam_family_methods():
+    model = _model("smallcnn")
+    x = torch.randn(1, 3, 32, 32)
+    for method in ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam"):
+        ex = explain_batch(model, x, method=method, targets=[2, 0], size=(40, 50))
+        assert ex.maps.shape == (1, 2, 40, 50) and ex.targets == [2, 0], method
+        assert float(ex.maps.min()) >= 0 and float(ex.maps.max()) <= 1 + 1e-6, method
+    assert all(p.grad is None for p in model.parameters())  # pytorch-grad-cam's gradients are cleared
+    with pytest.raises(ValueError, match="unknown CAM method 'nope'.*gradcam\\+\\+"):
+        explain_batch(model, x, method="nope")
+    assert CAM_METHODS[0] == "fast"
+
+
+def test_normalisation_order_matches_pytorch_grad_cam_scaling():
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    raw = torch.rand(3, 7, 7) * 5
+    ref = scale_cam_image(scale_cam_image(raw.numpy(), (224, 224)))  # per layer, then the aggregation step
+    assert np.abs(normalise_cams(raw, (224, 224)).numpy() - ref).max() < 1e-5
+
+
+def test_forward_with_cams_is_relu_of_weighted_activations():
+    model = _model("smallcnn")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, cams = forward_with_cams(model, x)
+        feats = model.features(x)
+    w = model.fc.weight
+    expected = torch.relu(torch.einsum("fk,bkhw->bfhw", w, feats))
+    assert torch.allclose(cams, expected, atol=1e-5) and cams.shape == (2, 4, 4, 4)
+    # the CAM's spatial mean is exactly the logit without bias, when nothing was clipped by the ReLU
+    unclipped = torch.einsum("fk,bkhw->bfhw", w, feats).mean((-2, -1)) + model.fc.bias
+    assert torch.allclose(unclipped, logits, atol=1e-5)
+
+
+def test_peak_maps_back_to_original_pixels():
+    cam = torch.zeros(8, 8)
+    cam[2, 5] = 1.0  # cell (row 2, col 5) of an 8x8 map over a 160x80 (W x H) image
+    ov = render_overlay(np.zeros((80, 160), np.float32), cam)
+    assert (ov.width, ov.height) == (160, 80)
+    assert abs(ov.peak_x - (5.5 * 160 / 8)) <= 1 and abs(ov.peak_y - (2.5 * 80 / 8)) <= 1
+    img = Image.open(BytesIO(ov.png))
+    assert img.size == (160, 80) and img.mode == "RGB"
+    small = render_overlay(np.zeros((80, 160), np.float32), cam, max_side=40)  # scaled overlay, same peak
+    assert (small.width, small.height) == (40, 20)
+    assert abs(small.peak_x - ov.peak_x) <= 4 and abs(small.peak_y - ov.peak_y) <= 4
+    assert peak_xy(torch.tensor([[0.0, 1.0], [0.0, 0.0]]), 2, 2) == (1.0, 0.0)
+
+
+def test_fit_within_and_colour_map():
+    assert fit_within(1000, 500, 512) == (512, 256) and fit_within(100, 50, 512) == (100, 50)
+    assert fit_within(100, 50, None) == (100, 50)
+    lut = jet(np.array([0.0, 0.5, 1.0]))
+    assert lut[0, 2] > 100 and lut[0, 0] == 0      # cold = blue
+    assert lut[2, 0] > 100 and lut[2, 2] == 0      # hot = red
+
+
+def test_scores_pointing_game_and_iou():
+    boxes = [Box("Nodule", 10, 20, 10, 10)]
+    mask = box_mask(boxes, 50, 60)
+    assert mask.sum() == 100 and mask[20, 10] and mask[29, 19] and not mask[30, 20]
+    heat = np.zeros((50, 60), np.float32)
+    heat[25, 15] = 1.0
+    assert pointing_hit(heat, boxes)
+    heat2 = np.zeros_like(heat)
+    heat2[25, 22] = 1.0  # 2.5 px right of the box edge
+    assert not pointing_hit(heat2, boxes) and pointing_hit(heat2, boxes, tolerance=3)
+    assert heat_iou(mask.astype(np.float32), mask, 0.5) == 1.0
+    half = np.zeros_like(heat)
+    half[20:30, 10:15] = 1.0
+    assert heat_iou(half, mask, 0.5) == pytest.approx(0.5)
+
+
+def test_explain_eval_report_and_model_card(tmp_path_factory, tmp_path):
+    from common.cli import main
+    from tests.inference_support import synthetic_data
+
+    bundle_dir = trained_bundle(tmp_path_factory)
+    data = synthetic_data()
+    bundle = load_bundle(bundle_dir)
+    report = evaluate_explanations(bundle, data, progress=False)
+    assert report["images"] > 0 and set(report["per_finding"]) <= {"Cardiomegaly", "Effusion", "Nodule", "Pneumonia"}
+    for r in report["per_finding"].values():
+        assert 0 <= r["pointing_game"] <= r["pointing_game_standard"] <= 1 and 0 <= r["mean_iou"] <= 1
+        assert 0 < r["pointing_game_chance"] < 1
+
+    # the CLI prints, writes the JSON, and records it in model.json without breaking the weights hash
+    weights_hash = sha256_file(bundle_dir / "weights.safetensors")
+    out = tmp_path / "ee.json"
+    assert main(["explain-eval", "--bundle", str(bundle_dir), "--data", str(data), "--out", str(out),
+                 "--max-images", "20"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["method"] == "fast" and saved["images"] <= 20
+    card = read_card(bundle_dir)
+    assert card["extra"]["explanation_eval"]["per_finding"] == saved["per_finding"]
+    reloaded = load_bundle(bundle_dir)  # verify=True: the sha256 still matches
+    assert reloaded.model_id == bundle.model_id and sha256_file(bundle_dir / "weights.safetensors") == weights_hash
+
+
+def test_explain_eval_refuses_source_without_boxes(tmp_path_factory, tmp_path):
+    from common.errors import DataError
+    from tests.inference_support import synthetic_data
+
+    bundle = load_bundle(trained_bundle(tmp_path_factory))
+    with pytest.raises(DataError, match="no image with a bounding box"):
+        evaluate_explanations(bundle, synthetic_data(), split="no-such-split", progress=False)

@@ -1,0 +1,229 @@
+"""report.md with embedded PNG plots, written from results.json and the stored predictions only, so a
+resumed or re-reported experiment gives the same report. Numbers are printed with three decimals from the
+very values in results.json (a test reads them back and compares).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from common.metrics import HEADLINE, SEED_PAPER
+from common.plots import plot_bars, plot_roc_curves, plot_series
+from simulations.store import REPORT_FILE, ResultStore, write_atomic
+
+HEAD_NAMES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "auc": "Macro AUC"}
+MAX_TABLE_HOSPITALS = 12
+
+
+def natural(name: str) -> list:
+    """hospital_2 before hospital_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def fmt_ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def done_arms(part: dict) -> dict[str, dict]:
+    return {k: v for k, v in part["arms"].items() if v.get("status") == "done"}
+
+
+def reference(arms: dict[str, dict]) -> dict | None:
+    return next((a for a in arms.values() if a["kind"] == "centralised"), None)
+
+
+def describe_arm(a: dict) -> str:
+    spec = a.get("spec", {})
+    what = {"centralised": "pooled training images", "local": "each hospital alone",
+            "federated": f"Flower {spec.get('strategy', '')}", "dp": f"Flower {spec.get('strategy', '')} + DP-SGD"}
+    text = f"{what.get(a['kind'], a['kind'])}; {a['cost']['schedule']}"
+    if spec.get("params"):
+        text += "; " + ", ".join(f"{k}={v}" for k, v in spec["params"].items())
+    if spec.get("epsilons") and a["kind"] == "dp":
+        text += f"; target ε {spec['epsilons'][0]:g}"
+    return text
+
+
+def headline_table(arms: dict[str, dict]) -> list[str]:
+    """Seed paper's five metrics (macro over findings) + macro AUC CI + gap to centralised, one row per arm."""
+    ref = reference(arms)
+    ref_auc = ref["test"]["headline"]["auc"] if ref else None
+    cols = [HEAD_NAMES[k] for k in HEADLINE] + ["AUC 95% CI", "F1 95% CI", "Δ AUC vs centralised", "best round"]
+    lines = ["| Arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, a in arms.items():
+        h, ci = a["test"]["headline"], a["test"].get("headline_ci") or {}
+        if a["kind"] == "local":
+            rng = a["test"].get("range") or {}
+            ci = {"auc": rng.get("auc"), "f1": rng.get("f1")}
+        gap = (h["auc"] - ref_auc) if (ref_auc is not None and h.get("auc") is not None and a is not ref) else None
+        label = f"{name} (mean of {a['test'].get('n_models')} hospitals; range)" if a["kind"] == "local" else name
+        cells = [fmt(h.get(k)) for k in HEADLINE] + [fmt_ci(ci.get("auc")), fmt_ci(ci.get("f1")),
+                                                     "" if gap is None else f"{gap:+.3f}",
+                                                     str(a.get("best_round") or "")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| seed paper (reference) | " + " | ".join(fmt(SEED_PAPER[k]) for k in HEADLINE) + " | | | | |")
+    return lines
+
+
+def gaps(arms: dict[str, dict]) -> list[str]:
+    ref = reference(arms)
+    if ref is None:
+        return []
+    out = []
+    for name, a in arms.items():
+        if a["kind"] in ("federated", "dp", "local") and a["test"]["headline"].get("auc") is not None:
+            d = a["test"]["headline"]["auc"] - ref["test"]["headline"]["auc"]
+            f1 = (a["test"]["headline"]["f1"] or 0) - (ref["test"]["headline"]["f1"] or 0)
+            out.append(f"- **{name} − centralised**: macro AUC {d:+.3f}, F1 {f1:+.3f}")
+    return out
+
+
+def cost_table(arms: dict[str, dict]) -> list[str]:
+    lines = ["| Arm | schedule | wall s | s per round (median) | peak MiB (process tree) "
+             "| bytes received / client / round | bytes sent / client / round | ε |", "|---" * 8 + "|"]
+    for name, a in arms.items():
+        rows = a.get("rounds") or []
+        per_round = np.median([r["wall_s"] for r in rows if r.get("wall_s") is not None]) if rows else None
+        clients = [c for r in rows for c in (r.get("clients") or {}).values()]
+        recv = np.mean([c["bytes_received"] for c in clients if c.get("bytes_received")]) if clients else None
+        sent = np.mean([c["bytes_sent"] for c in clients if c.get("bytes_sent")]) if clients else None
+        lines.append(f"| {name} | {a['cost']['schedule']} | {a['wall_s']:.1f} | "
+                     f"{'' if per_round is None else f'{per_round:.2f}'} | {a.get('peak_rss_mb', '')} | "
+                     f"{'' if recv is None else f'{recv:,.0f}'} | {'' if sent is None else f'{sent:,.0f}'} | "
+                     f"{fmt(a.get('epsilon')) if a.get('epsilon') is not None else ''} |")
+    return lines
+
+
+def cross_site(arms: dict[str, dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """Rows: every model (global arms + each local-only hospital model); columns: hospital test splits."""
+    rows: dict[str, dict] = {}
+    for a in arms.values():
+        for model, row in (a.get("cross_site") or {}).items():
+            rows[model if a["kind"] != "local" else f"local: {model}"] = row
+    cols = sorted({h for r in rows.values() for h in r}, key=natural)
+    mat = np.array([[np.nan if (r.get(c) or {}).get("auc") is None else r[c]["auc"] for c in cols]
+                    for r in rows.values()], dtype=float).reshape(len(rows), len(cols))
+    return list(rows), cols, mat
+
+
+def _heatmap(names: list[str], cols: list[str], mat: np.ndarray, path: Path) -> Path:
+    fig = Figure(figsize=(max(6, 0.35 * len(cols) + 3), max(4, 0.3 * len(names) + 2)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(mat, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize="small")
+    ax.set_yticks(range(len(names)), names, fontsize="small")
+    ax.set(xlabel="hospital test split", title="Cross-site macro AUC")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plots(out: Path, pname: str, arms: dict[str, dict], store: ResultStore, findings: list[str]) -> list[str]:
+    d = out / "plots" / pname
+    md = []
+    series = {n: [(r["round"], r["test_auc"]) for r in a.get("rounds", []) if r.get("test_auc") is not None]
+              for n, a in arms.items()}
+    plot_series(series, d / "auc_per_round.png", "round (centralised/local-only: epoch)", "global test macro AUC",
+                title=f"AUC per round [{pname}]")
+    md.append(f"![AUC per round](plots/{pname}/auc_per_round.png)")
+    bars = {}
+    for n, a in arms.items():
+        for h, m in (a.get("per_hospital_test") or {}).items():
+            if m and m.get("auc") is not None:
+                bars.setdefault(h, {})[n] = m["auc"]
+    if bars:
+        plot_bars(bars, d / "per_hospital_auc.png", "macro AUC on the hospital's own test split",
+                  title=f"Per-hospital AUC [{pname}] (local-only: each hospital's own model)")
+        md.append(f"![Per-hospital AUC](plots/{pname}/per_hospital_auc.png)")
+    for n in arms:
+        pred = store.predictions(pname, n)
+        if pred is not None and len(pred["labels"]):
+            plot_roc_curves(pred["labels"], pred["probs"], findings, d / f"roc_{n}.png", mask=pred["mask"],
+                            title=f"ROC, global test [{pname} / {n}]")
+            md.append(f"![ROC {n}](plots/{pname}/roc_{n}.png)")
+    return md
+
+
+def partition_plot(out: Path, pname: str, partition: dict) -> str:
+    counts = {h: {"no finding": s["train"]["no_finding"], **s["train"]["positives"]}
+              for h, s in partition["hospitals"].items()}
+    plot_bars(counts, out / "plots" / pname / "partition.png", "training images",
+              title=f"What each hospital holds [{pname}]: train-split labels")
+    return f"![Partition label histogram](plots/{pname}/partition.png)"
+
+
+def privacy_utility(out: Path, results: dict) -> list[str]:
+    pts: dict[str, list] = {}
+    for pname, part in results["partitions"].items():
+        for a in done_arms(part).values():
+            if a["kind"] == "dp" and a.get("epsilon") is not None:
+                pts.setdefault(f"DP federated [{pname}]", []).append((a["epsilon"], a["test"]["headline"]["auc"]))
+    if not pts:
+        return []
+    plot_series({k: sorted(v) for k, v in pts.items()}, out / "plots" / "privacy_utility.png", "ε (spent)",
+                "global test macro AUC", title="Privacy-utility")
+    return ["## Privacy-utility", "", "![Privacy-utility](plots/privacy_utility.png)", ""]
+
+
+def write_report(out: Path, results: dict, store: ResultStore) -> Path:
+    cfg = results["config"]
+    lines = [f"# Simulation report: {results['experiment']}", "",
+             f"Data: `{cfg['data']['source']}` at `{cfg['data']['path']}`; model `{cfg['model']['arch']}` "
+             f"(weights {cfg['model']['weights']}) at {cfg['preprocess']['image_size']} px; batch "
+             f"{cfg['train']['batch_size']}, lr {cfg['train']['lr']}; seed {cfg['seed']}.", "",
+             f"**Protocol.** {results['protocol']}.", "", f"**Cost.** {results['cost']['statement']}", "",
+             "Metrics: the seed paper's five (macro-averaged over findings) on the one global test set; "
+             + (f"95% CIs from {cfg['bootstrap']} bootstrap resamples of the test images" if cfg["bootstrap"]
+                else "no CIs (bootstrap = 0)")
+             + "; thresholds tuned on the validation set each arm selects with (global validation; local-only: "
+             "the hospital's own).", ""]
+    for pname, part in results["partitions"].items():
+        arms = done_arms(part)
+        pfile = out / part["partition_file"]
+        partition = json.loads(pfile.read_text()) if pfile.is_file() else None
+        n_h = len(partition["hospitals"]) if partition else next(
+            (a.get("hospitals_n") for a in arms.values()), "?")
+        lines += [f"## Partition `{pname}` ({n_h} hospitals)", ""]
+        if partition:
+            g = partition["global"]
+            lines += [f"Global validation {g['val']['images']} images, global test {g['test']['images']} images. "
+                      f"Partition saved in `{part['partition_file']}` (sample keys and patients of every split).", ""]
+        if arms:
+            lines += ["### Arms", ""] + [f"- **{n}**: {describe_arm(a)}" for n, a in arms.items()] + [""]
+            lines += ["### Headline (global test set)", ""] + headline_table(arms) + [""] + gaps(arms) + [""]
+            findings = partition["findings"] if partition else []
+            lines += ["### Plots", ""] + plots(out, pname, arms, store, findings) + [""]
+            names, cols, mat = cross_site(arms)
+            if names:
+                lines += ["### Cross-site matrix (macro AUC; rows: model, columns: hospital test split)", ""]
+                if len(cols) <= MAX_TABLE_HOSPITALS:
+                    lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+                    lines += [f"| {n} | " + " | ".join(fmt(None if np.isnan(v) else v) for v in row) + " |"
+                              for n, row in zip(names, mat, strict=True)]
+                else:
+                    lines.append(f"{len(cols)} hospitals: see the heatmap; every value is in results.json "
+                                 "(cross_site).")
+                _heatmap(names, cols, mat, out / "plots" / pname / "cross_site.png")
+                lines += ["", f"![Cross-site matrix](plots/{pname}/cross_site.png)", ""]
+            lines += ["### Cost, time, memory and communication", ""] + cost_table(arms) + [""]
+        if partition:
+            lines += [partition_plot(out, pname, partition), ""]
+        others = {n: a for n, a in part["arms"].items() if a.get("status") != "done"}
+        if others:
+            lines += ["### Arms not run", ""] + [f"- {n}: {a['status']}: {a.get('reason') or 'not finished'}"
+                                                   for n, a in others.items()] + [""]
+    lines += privacy_utility(out, results)
+    lines += ["TensorBoard: `tensorboard --logdir " + str(out / "tensorboard") + "`", ""]
+    return write_atomic(out / REPORT_FILE, "\n".join(lines))

@@ -1,0 +1,263 @@
+"""Simulations: the data protocol, a tiny end-to-end experiment through the real Flower simulation runtime
+(every output file, numbers read back and cross-checked), and resume after an interrupted arm."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import DataConfig
+from common.data import load_manifest
+from common.errors import FedxrayError
+from simulations.arms import ARM_TYPES
+from simulations.config import SimulationConfig, load_simulation
+from simulations.protocol import PartitionSpec, build_protocol
+from simulations.runner import planned_arms, run_experiment
+from tests.conftest import SYNTH_FINDINGS
+
+
+def tiny_config(data: Path, out: Path, arms: list[dict], **extra) -> SimulationConfig:
+    return SimulationConfig.model_validate({
+        "name": "tiny", "output_dir": str(out), "seed": 3, "bootstrap": 50,
+        "data": {"path": str(data), "findings": SYNTH_FINDINGS, "min_resolution": 16},
+        "preprocess": {"image_size": 32, "channels": 1, "denoise_sigma": 0.0},
+        "model": {"arch": "smallcnn", "weights": "none"},
+        "train": {"batch_size": 16, "lr": 0.003, "num_threads": 1},
+        "federation": {"rounds": 2, "local_epochs": 1, "hospitals": 3},
+        "partitions": [{"method": "iid"}], "arms": arms, **extra})
+
+
+# --------------------------------------------------------------------------------------------- protocol
+@pytest.mark.parametrize("method,alpha", [("iid", 0.5), ("dirichlet", 0.3), ("quantity", 1.0), ("by-site", 0.5)])
+def test_protocol_keeps_patients_in_one_place_and_pools_exactly_the_hospitals_train(synth_root, method, alpha):
+    cfg = DataConfig(path=str(synth_root), findings=SYNTH_FINDINGS)
+    manifest = load_manifest(cfg)
+    proto = build_protocol(manifest, cfg, PartitionSpec(method, alpha, 3), seed=1)
+    proto.check()
+    assert len(proto.hospitals) == 3
+    everything = sorted(i for h in proto.hospitals for idx in h.splits.values() for i in idx)
+    assert everything == sorted(proto.global_splits["train"])           # hospitals share out global train
+    assert proto.pooled_train == sorted(i for h in proto.hospitals for i in h.train)
+    groups = {name: {manifest.samples[i].group for i in idx} for name, idx in proto.all_parts().items()}
+    names = list(groups)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not groups[a] & groups[b], (a, b)
+    if method == "by-site":
+        assert [h.name for h in proto.hospitals] == ["hospital_1", "hospital_2", "hospital_3"]
+        assert all({manifest.samples[i].site for i in h.train} == {h.name} for h in proto.hospitals)
+    again = build_protocol(manifest, cfg, PartitionSpec(method, alpha, 3), seed=1)
+    assert again.to_json() == proto.to_json()   # seeded: the same experiment gives the same partition
+
+
+def test_config_matches_cost_and_expands_dp_arms_or_says_why_they_cannot_run():
+    cfg = SimulationConfig.model_validate({"federation": {"rounds": 4, "local_epochs": 2},
+                                           "arms": [{"kind": "centralised"}, {"kind": "dp", "epsilons": [1, 8]}]})
+    assert cfg.train.epochs == 8 and cfg.train.early_stopping_patience == 0
+    arms = planned_arms(cfg)
+    assert [a.name for a, _ in arms] == ["centralised", "dp-fedavg-eps1", "dp-fedavg-eps8"]
+    for _, why in arms[1:]:
+        assert why is None or "privacy" in why or "Flower" in why
+    with pytest.raises(ValueError, match="unique"):
+        SimulationConfig.model_validate({"arms": [{"kind": "federated"}, {"kind": "federated"}]})
+    with pytest.raises(ValueError, match="unknown arm kind"):
+        planned_arms(SimulationConfig.model_validate({"arms": [{"kind": "swarm"}]}))
+    assert set(ARM_TYPES) >= {"centralised", "federated", "local", "dp"}
+
+
+def test_shipped_experiments_load():
+    from simulations.config import EXPERIMENTS_DIR
+
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+    assert "default" in names and "pneumoniamnist" in names
+    for n in names:
+        cfg = load_simulation(n)
+        assert cfg.arms and cfg.partitions
+
+
+def test_federated_arm_refuses_settings_the_flower_apps_cannot_reproduce(synth_root, tmp_path):
+    pytest.importorskip("server.federation")
+    from types import SimpleNamespace
+
+    from simulations.arms.base import ArmContext
+    from simulations.arms.federated import run_config
+
+    cfg = tiny_config(synth_root, tmp_path, [{"kind": "federated"}], model={"arch": "smallcnn", "weights": "none",
+                                                                            "dropout": 0.2})
+    ctx = ArmContext(cfg, cfg.experiment(), SimpleNamespace(hospitals=[1, 2, 3]),
+                     SimpleNamespace(findings=SYNTH_FINDINGS), tmp_path, None)
+    with pytest.raises(FedxrayError, match="model.dropout"):
+        run_config(ctx, cfg.arms[0], tmp_path, tmp_path)
+    # a deliberate per-arm choice (a client learning rate) is allowed, and what the apps get
+    cfg = tiny_config(synth_root, tmp_path, [{"kind": "federated", "params": {"lr": 0.0003}}])
+    ctx.cfg, ctx.exp = cfg, cfg.experiment()
+    rc = run_config(ctx, cfg.arms[0], tmp_path, tmp_path)
+    assert rc["lr"] == 0.0003 and rc["local-epochs"] == 1 and rc["num-server-rounds"] == 2
+
+
+# --------------------------------------------------------------------------------------------- resume
+def test_an_interrupted_experiment_resumes_without_rerunning_finished_arms(synth_root, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    cfg = tiny_config(synth_root, out, [{"kind": "centralised"}, {"kind": "local"}])
+    local = ARM_TYPES["local"]
+    real_local = type(local).run
+
+    def crash(self, ctx, spec):
+        raise KeyboardInterrupt("simulated Ctrl-C in the middle of the local-only arm")
+
+    monkeypatch.setattr(type(local), "run", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, progress=False)
+    finished = out / "arms" / "iid" / "centralised.json"
+    assert finished.is_file() and not (out / "arms" / "iid" / "local-only.json").exists()
+    first = json.loads(finished.read_text())
+
+    central = ARM_TYPES["centralised"]
+    monkeypatch.setattr(type(local), "run", real_local)
+    monkeypatch.setattr(type(central), "run", lambda self, ctx, spec: pytest.fail("finished arm was rerun"))
+    results = run_experiment(cfg, progress=False)
+    arms = results["partitions"]["iid"]["arms"]
+    assert arms["centralised"]["status"] == arms["local-only"]["status"] == "done"
+    assert arms["centralised"]["test"] == first["test"]
+    assert "already finished" in results["partitions"]["iid"]["status"]["centralised"]
+    assert "local-only" in (out / "report.md").read_text()
+
+    # a changed setting is a different experiment: the stored arm no longer counts as finished
+    changed = tiny_config(synth_root, out, [{"kind": "centralised"}], train={"batch_size": 16, "lr": 0.001,
+                                                                           "num_threads": 1})
+    with pytest.raises(pytest.fail.Exception, match="rerun"):
+        run_experiment(changed, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def _table_rows(report: str, partition: str) -> dict[str, list[str]]:
+    section = report.split(f"## Partition `{partition}`")[1].split("### Plots")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("Arm",) and not cells[0].startswith("---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _ray_processes(fragment: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if fragment in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """Centralised + FedAvg (Flower simulation runtime), 2 rounds, tiny images; private FLWR_HOME/RAY_TMPDIR."""
+    pytest.importorskip("server.federation")
+    from common.data.synthetic import synthesize
+
+    base = tmp_path_factory.mktemp("sim")
+    data = base / "data"
+    synthesize(data, hospitals=3, patients=40, size=32, seed=2, progress=False)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))   # short: Ray's socket paths are length-limited
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLWR_HOME", str(base / "flwr-home"))
+    mp.setenv("RAY_TMPDIR", str(ray_tmp))
+    cfg = tiny_config(data, base / "exp", [{"kind": "centralised"}, {"kind": "federated", "strategy": "fedavg"}])
+    try:
+        results = run_experiment(cfg, progress=False)
+        leftovers = _ray_processes(str(ray_tmp))
+    finally:
+        mp.undo()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return cfg, results, Path(cfg.output_dir), leftovers
+
+
+@pytest.mark.integration
+def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
+    cfg, results, out, leftovers = e2e
+    assert leftovers == [], "Flower/Ray processes were left running"
+    for f in ["results.json", "report.md", "experiment.json", "partitions/iid.json", "arms/iid/centralised.json",
+              "arms/iid/fedavg.json", "arms/iid/fedavg.npz", "plots/iid/auc_per_round.png",
+              "plots/iid/per_hospital_auc.png", "plots/iid/roc_centralised.png", "plots/iid/roc_fedavg.png",
+              "plots/iid/cross_site.png", "plots/iid/partition.png"]:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    for arm in ("centralised", "fedavg"):
+        assert list((out / "tensorboard" / "iid" / arm).glob("events.out.tfevents.*")), arm
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    arms = on_disk["partitions"]["iid"]["arms"]
+    assert {a["status"] for a in arms.values()} == {"done"}
+
+    # report table == results.json (three decimals), gap column == difference of the two
+    report = (out / "report.md").read_text()
+    rows = _table_rows(report, "iid")
+    for name in ("centralised", "fedavg"):
+        h = arms[name]["test"]["headline"]
+        assert rows[name][:5] == [f"{h[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1", "auc")]
+        ci = arms[name]["test"]["headline_ci"]["auc"]
+        assert rows[name][5] == f"[{ci[0]:.3f}, {ci[1]:.3f}]" and ci[0] <= h["auc"] <= ci[1]
+    gap = arms["fedavg"]["test"]["headline"]["auc"] - arms["centralised"]["test"]["headline"]["auc"]
+    assert rows["fedavg"][7] == f"{gap:+.3f}"
+    for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
+        assert (out / img).is_file(), img
+
+    # federated arm: real rounds with bytes both ways for every hospital, consistent with the apps' own figures
+    fed = arms["fedavg"]
+    assert [r["round"] for r in fed["rounds"]] == [1, 2]
+    for r in fed["rounds"]:
+        assert set(r["clients"]) == {"hospital_1", "hospital_2", "hospital_3"}
+        for c in r["clients"].values():
+            assert c["bytes_sent"] > 0 and c["bytes_received"] > 0 and c["num_examples"] > 0
+        assert r["wall_s"] > 0
+    assert fed["apps_test_auc"] == pytest.approx(fed["test"]["macro"]["auc"], abs=1e-9)
+    assert fed["cost"]["rounds"] * fed["cost"]["local_epochs"] == arms["centralised"]["cost"]["epochs_per_image"] == 2
+    assert fed["train_images"] == arms["centralised"]["train_images"]
+    preds = np.load(out / "arms/iid/fedavg.npz")
+    assert preds["probs"].shape[0] == fed["test"]["n"]
+
+    # TensorBoard holds the same per-round numbers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tensorboard" / "iid" / "fedavg"))
+    ea.Reload()
+    assert [round(e.value, 5) for e in ea.Scalars("val_auc")] == [round(r["val_auc"], 5) for r in fed["rounds"]]
+
+    # partition: auditable, no patient in two places, hospitals' train = what centralised pooled
+    part = json.loads((out / "partitions" / "iid.json").read_text())
+    seen: dict[str, str] = {}
+    parts = {f"global/{k}": v for k, v in part["global"].items()}
+    parts.update({f"{h}/{k}": v for h, s in part["hospitals"].items() for k, v in s.items()})
+    for name, p in parts.items():
+        assert len(p["keys"]) == p["images"]
+        for g in p["patient_groups"]:
+            assert seen.setdefault(g, name) == name, f"patient {g} in {seen[g]} and {name}"
+    assert sum(s["train"]["images"] for s in part["hospitals"].values()) == arms["centralised"]["train_images"]
+
+    # cross-site: the global models on every hospital's test split
+    for name in ("centralised", "fedavg"):
+        assert set(arms[name]["cross_site"][name]) == {"hospital_1", "hospital_2", "hospital_3"}
+
+
+@pytest.mark.integration
+def test_rerun_of_a_finished_experiment_reruns_nothing_and_report_only_rebuilds(e2e, monkeypatch, capsys):
+    cfg, results, out, _ = e2e
+    for kind in ("centralised", "federated"):
+        monkeypatch.setattr(type(ARM_TYPES[kind]), "run", lambda self, ctx, spec: pytest.fail("rerun"))
+    report_before = (out / "report.md").read_text()
+    again = run_experiment(cfg, progress=False)
+    a, b = again["partitions"]["iid"]["arms"], results["partitions"]["iid"]["arms"]
+    assert a == json.loads(json.dumps(b))
+    (out / "report.md").unlink()
+    from common.cli import main
+
+    assert main(["simulate", str(out / "experiment.json"), "--report-only", "--no-progress"]) == 0
+    assert (out / "report.md").read_text() == report_before
+    assert "fedavg" in capsys.readouterr().out

@@ -237,3 +237,19 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     model = _build_and_load(model_config, len(findings), preprocess.channels, tensors, where=str(p))
     return Bundle(model=model, card=card, findings=list(findings), thresholds=thresholds, preprocess=preprocess,
                   model_config=model_config, multilabel=bool(card["multilabel"]), path=p)
+
+
+def update_card(path: str | Path, key: str, value: Any) -> dict:
+    """Set `extra[key]` in a bundle's model.json (atomic write) and return the new card.
+
+    Only model.json changes: the recorded sha256 covers weights.safetensors and model_id covers the weights,
+    architecture, findings, thresholds and preprocessing, so both stay valid. Used by `fedxray explain-eval`.
+    """
+    p = Path(path)
+    card_path = p if p.suffix == ".json" else p / CARD_FILE
+    card = read_card(card_path)
+    extra = card.get("extra") if isinstance(card.get("extra"), dict) else {}
+    card["extra"] = {**extra, str(key): _jsonable(value)}
+    text = json.dumps(card, indent=2, allow_nan=False) + "\n"
+    _write_atomic(card_path, lambda tmp: Path(tmp).write_text(text))
+    return card

@@ -50,3 +50,171 @@ def test_fixed_noise_multiplier_and_default_delta():
     b = PrivacyBudget(PrivacyConfig(enabled=True, noise_multiplier=1.1), 1000, 50, 100)
     assert b.noise_multiplier == 1.1 and b.delta == 1e-4 and b.allows(10_000)
     assert b.epsilon(100) > b.epsilon(10) > 0 == b.epsilon()
+
+
+# ------------------------------------------------------------------------------------------ in the ClientApp
+import pytest  # noqa: E402
+
+TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
+
+
+@pytest.fixture
+def task_identity():
+    """Messages created outside a Flower runtime need a task identity, as run_simulation sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _train_msg(model, server_round: int):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from client.arrays import state_to_record
+
+    return Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
+        {"server-round": server_round, "findings": ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]})}),
+        dst_node_id=3, message_type=MessageType.TRAIN)
+
+
+def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(synth_root, task_identity):
+    """Two planned rounds at epsilon 3: both report epsilon (carried in Context.state), a third declines with an
+    Error the server recognises; a fresh Context in round 3 (a resumed run) assumes the planned spend."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import train
+    from client.privacy import DP_STATE, parse_decline
+    from client.settings import RunSettings
+    from server.grid import is_declined
+    from server.privacy import provenance, record_round
+
+    s = RunSettings(data_path=str(synth_root), dp_enabled=True, dp_target_epsilon=3.0, dp_delta=1e-5,
+                    num_server_rounds=2, **{k.replace("-", "_"): v for k, v in TINY.items()})
+    model = build_model(s.experiment().model.model_copy(update={"weights": "none"}), 4, 1)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())   # the Opacus-safe variant
+    ctx = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config=s.to_run_config())
+    eps, nodes = [], {}
+    for r in (1, 2):
+        reply = train(_train_msg(model, r), ctx)
+        m = reply.content["metrics"]
+        assert m["dp-delta"] == 1e-5 and m["dp-assumed-rounds"] == 0 and DP_STATE in ctx.state.config_records
+        eps.append(m["dp-epsilon"])
+        row = {"type": "train", "ok": True, "node_id": 3, "site": "hospital_1", "metrics": dict(m)}
+        record_round(nodes, [row], r)
+    assert 0 < eps[0] < eps[1] <= 3.0 * 1.02, eps
+    third = train(_train_msg(model, 3), ctx)
+    assert third.has_error() and is_declined(third.error.reason)
+    info = parse_decline(third.error.reason)
+    assert info["site"] == "hospital_1" and info["dp-epsilon"] == pytest.approx(eps[1])
+    assert info["projected-epsilon"] > 3.0 * 1.02
+    record_round(nodes, [{"type": "train", "ok": False, "node_id": 3, "error": third.error.reason}], 3)
+    dp = provenance(s, nodes)["client_dp_sgd"]["per_hospital"]["hospital_1"]
+    assert dp["epsilon"] == pytest.approx(eps[1]) and dp["delta"] == 1e-5 and dp["declined_rounds"] == [3]
+    assert nodes["hospital_1"]["dp"]["epsilon_by_round"] == {"1": eps[0], "2": eps[1], "3": eps[1]}
+
+    fresh = Context(run_id=8, node_id=3, node_config=ctx.node_config, state=RecordDict(), run_config=ctx.run_config)
+    resumed = train(_train_msg(model, 3), fresh)   # a resumed run: no history, but 2 rounds already spent
+    assert resumed.has_error() and parse_decline(resumed.error.reason)["dp-assumed-rounds"] == 2
+
+
+def test_dp_settings_are_validated():
+    from client.settings import RunSettings
+    from common.errors import FedxrayError
+
+    with pytest.raises(FedxrayError, match="dp-target-epsilon > 0 or dp-noise-multiplier"):
+        RunSettings.from_run_config({"dp-enabled": True, "dp-target-epsilon": 0.0})
+    with pytest.raises(FedxrayError, match="proximal term"):
+        RunSettings.from_run_config({"dp-enabled": True, "strategy": "fedprox", "proximal-mu": 0.1})
+    with pytest.raises(FedxrayError, match="SecAgg"):
+        RunSettings.from_run_config({"secure-aggregation": True, "strategy": "fedprox"})
+    assert RunSettings(dp_enabled=True).experiment().model.dp_compatible
+
+
+# ------------------------------------------------------------------------------------------ on the server
+def _reply(instruction, arrays: dict, n: int, **metrics):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, **metrics})})
+    return Message(content, reply_to=instruction)
+
+
+@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed", "server-adaptive", "client-adaptive"])
+def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode, task_identity):
+    """Flower's DifferentialPrivacy* wrapper around FedAvg; a declining hospital's Error reply is recorded by
+    GuardedGrid but not handed to the wrapper (which would skip the whole round on any error)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
+    from flwr.serverapp import strategy as fs
+    from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+    from client.privacy import DECLINE_CODE, DECLINE_PREFIX
+    from client.settings import RunSettings
+    from server.grid import GuardedGrid
+    from server.privacy import wrap_central_dp
+    from server.strategies import build_strategy
+
+    s = RunSettings(central_dp=mode, central_dp_noise_multiplier=0.0, central_dp_clipping_norm=0.5,
+                    min_train_nodes=2, min_available_nodes=2)
+    strategy = wrap_central_dp(build_strategy(s), s)
+    cls = {"server-fixed": fs.DifferentialPrivacyServerSideFixedClipping,
+           "client-fixed": fs.DifferentialPrivacyClientSideFixedClipping,
+           "server-adaptive": fs.DifferentialPrivacyServerSideAdaptiveClipping,
+           "client-adaptive": fs.DifferentialPrivacyClientSideAdaptiveClipping}[mode]
+    assert type(strategy) is cls and isinstance(strategy.strategy, fs.FedAvg)
+
+    class Nodes:
+        def __init__(self):
+            self.pushed = []
+
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def push_messages(self, msgs):
+            self.pushed = list(msgs)
+            return [str(i) for i in range(len(self.pushed))]
+
+        def pull_messages(self, ids):
+            out = []
+            for i, m in enumerate(self.pushed):
+                m.metadata.__dict__["_message_id"] = str(i)
+                if i == 2:
+                    out.append(Message(Error(DECLINE_CODE, DECLINE_PREFIX + '{"site": "h3", "dp-epsilon": 3.0, '
+                                             '"dp-delta": 1e-05}'), reply_to=m))
+                else:
+                    metrics = {KEY_NORM_BIT: 1} if mode == "client-adaptive" else {}  # adaptiveclipping_mod's
+                    out.append(_reply(m, {"w": np.full(4, 3.0 * (i + 1), np.float32)}, 10, **metrics))
+            return out
+
+    grid = GuardedGrid(Nodes(), min_nodes=2, wait_timeout=5)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord(), grid))
+    assert len(msgs) == 3
+    replies = list(grid.send_and_receive(msgs, timeout=5))
+    assert len(replies) == 2 and len(grid.replies) == 3      # the decline is recorded, not aggregated
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    if mode.startswith("server"):                             # clipped on the server: ||update|| <= norm
+        assert np.linalg.norm(arrays["w"].numpy()) <= 0.5 + 1e-5
+
+
+def test_client_side_clipping_mod_clips_the_update(task_identity):
+    """With a client-side mode the ClientApp's mods apply Flower's fixedclipping_mod to the reply."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from client.mods import make_mods
+
+    central = make_mods({"central-dp": "client-fixed"})[1]
+    msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+                              "config": ConfigRecord({KEY_CLIPPING_NORM: 0.5})}), dst_node_id=3,
+                  message_type=MessageType.TRAIN)
+    ctx = Context(run_id=7, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    out = central(msg, ctx, lambda m, c: _reply(m, {"w": np.full(4, 10.0, np.float32)}, 5))
+    assert np.linalg.norm(out.content["arrays"]["w"].numpy()) == pytest.approx(0.5, rel=1e-5)
+    plain = make_mods()[1](Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3,
+                                   message_type=MessageType.TRAIN), ctx, lambda m, c: "untouched")
+    assert plain == "untouched"

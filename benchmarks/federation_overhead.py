@@ -171,7 +171,7 @@ def worker_sim(a, fp16: bool = False) -> dict:
 def worker_flwr(a) -> dict:
     from server.launch import run_flwr_simulation
 
-    outcome = run_flwr_simulation(_run_config(a), num_supernodes=a.clients, workdir=tempfile.mkdtemp(), timeout=1200)
+    outcome = run_flwr_simulation(_run_config(a), num_supernodes=a.clients, workdir=Path(a.out) / "flwr-work", timeout=1200)
     if not outcome.ok:
         raise RuntimeError(f"flwr run failed: {outcome.status} (log {outcome.log})")
     return _summary_row(outcome.summary, outcome.seconds)
@@ -181,7 +181,7 @@ def worker_deploy(a) -> dict:
     from server.launch import LocalFederation, hospitals_in
 
     t0 = time.perf_counter()
-    with LocalFederation(tempfile.mkdtemp(), hospitals_in(a.data)) as fed:
+    with LocalFederation(Path(a.out) / "deploy-work", hospitals_in(a.data)) as fed:
         outcome = fed.submit(_run_config(a), timeout=1800)
     if not outcome.ok:
         raise RuntimeError(f"deployment run failed: {outcome.status} (log {outcome.log})")

@@ -51,32 +51,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_demo)
 
 
-DEMO_FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
-
-
-def demo_config(out: Path) -> "ExperimentConfig":
-    """The embedded default: synthetic hospitals, 64 px, a small CNN — minutes on 2 CPU cores.
-
-    Real use keeps the documented defaults instead (224 px, ResNet50 with ImageNet weights)."""
-    from common.config import ExperimentConfig
-
-    return ExperimentConfig.model_validate({
-        "data": {"path": str(out / "data"), "findings": DEMO_FINDINGS},
-        "preprocess": {"image_size": 64}, "model": {"arch": "smallcnn", "weights": "none"},
-        "train": {"epochs": 15, "batch_size": 32, "early_stopping_patience": 0}, "output_dir": str(out / "central")})
-
-
 def _cmd_demo(a) -> int:
-    from common.data.synthetic import synthesize
-    from common.pipeline import run_centralised
+    """The embedded default end to end: synthetic hospitals -> federated training in Flower's simulation
+    runtime -> global metrics table -> bundle at <out>/bundle, where `fedxray serve` looks by default."""
+    from server.cli import federate_demo
 
     out = Path(a.out)
-    if not (out / "data" / "hospital_1").is_dir():
-        print(f"writing synthetic hospitals to {out / 'data'} ...")
-        synthesize(out / "data", hospitals=3, patients=100, size=128, seed=0)
-    summary = run_centralised(demo_config(out))
-    print(summary["table"])
-    print(f"\nbundle: {summary['bundle']}")
+    federate_demo(data=out / "data", out=out)
     return 0
 
 

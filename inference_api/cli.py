@@ -14,7 +14,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a model bundle over HTTP (FastAPI + uvicorn)",
                        description="Other settings come from FEDXRAY_* environment variables, e.g. "
                                    "FEDXRAY_API_KEY, FEDXRAY_CORS_ORIGINS, FEDXRAY_MAX_UPLOAD_BYTES.")
-    s.add_argument("--bundle", required=True, help="bundle directory (weights.safetensors + model.json)")
+    s.add_argument("--bundle", default="runs/demo/bundle", help="bundle directory (weights.safetensors + model.json); default: the one `make demo` exports")
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDXRAY_", extra="ignore")
 
-    bundle: str = Field("runs/latest/bundle", description="Model bundle directory (weights.safetensors + model.json)")
+    bundle: str = Field("runs/demo/bundle", description="Model bundle directory (weights.safetensors + model.json)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default (all cores)")
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Per request; larger bodies get 413")
     max_pixels: int = Field(40_000_000, ge=1, description="Images with more pixels (header) get 413, before decoding")

@@ -50,6 +50,31 @@ def accuracy_table(results: dict) -> str:
                  title=f"PneumoniaMNIST global test set, 3 hospitals. {results['cost']['statement']}")
 
 
+def seeds_table(runs: dict[int, dict]) -> str:
+    """Test AUC and gap to the same seed's centralised arm, per training seed, with mean and SD over seeds."""
+    import statistics
+
+    rows, first = [], next(iter(runs.values()))
+    for pname in first["partitions"]:
+        for arm in first["partitions"][pname]["arms"]:
+            aucs, gaps = [], []
+            for res in runs.values():
+                arms = res["partitions"][pname]["arms"]
+                a, ref = arms.get(arm, {}), arms.get("centralised", {})
+                if a.get("status") != "done" or ref.get("status") != "done":
+                    continue
+                aucs.append(a["test"]["headline"]["auc"])
+                gaps.append(aucs[-1] - ref["test"]["headline"]["auc"])
+            if not aucs:
+                continue
+            sd = statistics.stdev(gaps) if len(gaps) > 1 else None
+            rows.append([pname, arm, " ".join(f"{x:.3f}" for x in aucs), statistics.mean(aucs),
+                         " ".join(f"{g:+.3f}" for g in gaps), f"{statistics.mean(gaps):+.3f}",
+                         None if sd is None else f"{sd:.3f}"])
+    return table(["partition", "arm", "test AUC per seed", "mean", "Δ AUC per seed", "mean Δ", "SD Δ"], rows,
+                 title=f"Training seeds {list(runs)} (same partition; each gap against that seed's centralised arm)")
+
+
 def scale_table(runs: dict[int, dict]) -> str:
     rows = []
     for n, results in sorted(runs.items()):
@@ -71,6 +96,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=None, help="federation.rounds (default: the experiment's)")
     p.add_argument("--arms", default=None, help="comma-separated arm labels (default: all of the experiment)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds (train.seed): rerun the arms per "
+                   "seed and print the spread, e.g. 42,1,2 (the partition stays the same)")
     p.add_argument("--skip-scale", action="store_true", help="skip the 3 vs 50 hospitals scale runs")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args()
@@ -97,6 +124,15 @@ def main() -> int:
     results = run_experiment(cfg, progress=a.progress)
     print(accuracy_table(results))
     print(f"\nreport: {out / 'pneumoniamnist' / 'report.md'}")
+    if a.seeds:
+        by_seed = {}
+        for seed in (int(x) for x in a.seeds.split(",")):
+            scfg = cfg if seed == cfg.train.seed else cfg.model_copy(
+                update={"output_dir": str(out / f"pneumoniamnist-seed{seed}"),
+                        "train": cfg.train.model_copy(update={"seed": seed})}, deep=True)
+            by_seed[seed] = results if scfg is cfg else run_experiment(scfg, progress=a.progress)
+        print()
+        print(seeds_table(by_seed))
     if a.skip_scale:
         return 0
     runs = {}

@@ -12,7 +12,8 @@ round runs every path once (interleaved, so load from other processes hits all r
 - predict + all heatmaps (fast): the same single forward pass plus all findings' maps at S x S;
 - predict + all heatmaps, overlays: plus a colour overlay PNG per finding (what explain=findings=all returns);
 - pytorch-grad-cam, once per finding: GradCAM for each finding (forward + backward each).
-Throughput: --clients concurrent HTTP clients against `fedxray serve` in a subprocess, vs model(x) at batch 8.
+Throughput: --clients concurrent HTTP clients against `fedxray serve` in a subprocess, vs model(x) at batch 8,
+measured in alternating phases.
 """
 from __future__ import annotations
 
@@ -135,28 +136,38 @@ def latency_rows(bundle_dir: Path, iters: int, upload: bytes) -> tuple[list[list
     return rows, {k: v[0] for k, v in out.items()}
 
 
-def model_throughput(bundle_dir: Path, batches: tuple[int, ...] = (1, 8), rounds: int = 6,
-                     seconds: float = 1.5) -> dict[int, float]:
-    """Images/s of model(x) per batch size, alternating batch sizes round by round (load hits all alike)."""
-    import torch
+class ModelRate:
+    """model(x) images/s per batch size, accumulated over short phases (interleaved with the server's)."""
 
-    from common.bundle import load_bundle
+    def __init__(self, bundle_dir: Path, batches: tuple[int, ...] = (1, 8)):
+        import torch
 
-    bundle = load_bundle(bundle_dir)
-    s = bundle.preprocess.image_size
-    xs = {b: torch.randn(b, 3, s, s) for b in batches}
-    done = {b: [0, 0.0] for b in batches}
-    with torch.inference_mode():
-        for b in batches:
-            bundle.model(xs[b])
-        for _ in range(rounds):
-            for b in batches:
+        from common.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        self.model, s = bundle.model, bundle.preprocess.image_size
+        self.xs = {b: torch.randn(b, 3, s, s) for b in batches}
+        self.done = {b: [0, 0.0] for b in batches}
+        self.phase(0.0)  # warm-up: one pass per batch size
+
+    def phase(self, seconds: float) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for b, x in self.xs.items():
                 t0 = time.perf_counter()
+                self.model(x)
+                n = b
                 while time.perf_counter() - t0 < seconds:
-                    bundle.model(xs[b])
-                    done[b][0] += b
-                done[b][1] += time.perf_counter() - t0
-    return {b: n / t for b, (n, t) in done.items()}
+                    self.model(x)
+                    n += b
+                if seconds:
+                    self.done[b][0] += n
+                    self.done[b][1] += time.perf_counter() - t0
+
+    def rate(self, b: int) -> float:
+        n, t = self.done[b]
+        return n / t
 
 
 def _free_port() -> int:
@@ -166,6 +177,7 @@ def _free_port() -> int:
 
 
 async def _load(url: str, upload: bytes, clients: int, seconds: float) -> tuple[int, float, list[float]]:
+    """`clients` closed-loop clients for `seconds`: (requests done, elapsed seconds, latencies ms)."""
     import httpx
 
     done, lat = 0, []
@@ -181,14 +193,14 @@ async def _load(url: str, upload: bytes, clients: int, seconds: float) -> tuple[
             done += 1
 
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as c:
-        for _ in range(2):  # warm-up
-            await c.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")})
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(clients)))
         return done, time.perf_counter() - t0, lat
 
 
-def server_throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: float, env_extra: dict) -> dict:
+def throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: float, env_extra: dict,
+               phases: int = 5) -> dict:
+    """Server under `clients` concurrent clients vs model(x), in alternating phases so load hits both alike."""
     import httpx
 
     port = _free_port()
@@ -205,11 +217,17 @@ def server_throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: fl
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        single = [timeit(lambda: httpx.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")}),
-                         15)]
-        done, secs, lat = asyncio.run(_load(url, upload, clients, seconds))
+        post = lambda: httpx.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")})  # noqa: E731
+        single = timeit(post, 15)
+        asyncio.run(_load(url, upload, clients, 2.0))  # warm-up under load
+        model = ModelRate(bundle_dir)
+        done, secs, lat = 0, 0.0, []
+        for _ in range(phases):
+            d, t, l_ = asyncio.run(_load(url, upload, clients, seconds / phases))
+            done, secs, lat = done + d, secs + t, lat + l_
+            model.phase(seconds / phases)
         return {"rps": done / secs, "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                "single_p50": single[0][0], "single_p95": single[0][1]}
+                "single_p50": single[0], "single_p95": single[1], "b1": model.rate(1), "b8": model.rate(8)}
     finally:
         proc.terminate()
         proc.wait(20)
@@ -243,15 +261,13 @@ def main() -> None:
               f"predict / plain forward = {med['predict'] / med['forward']:.2f}")
         if a.skip_server:
             return
-        before = model_throughput(bundle_dir)
         env = {"FEDXRAY_BATCH_WINDOW_MS": str(a.batch_window_ms)} if a.batch_window_ms is not None else {}
-        srv = server_throughput(bundle_dir, upload, a.clients, a.seconds, env)
-        after = model_throughput(bundle_dir)  # measured before and after the server run: the mean is the reference
-        b1, b8 = (before[1] + after[1]) / 2, (before[8] + after[8]) / 2
+        srv = throughput(bundle_dir, upload, a.clients, a.seconds, env)
+        b1, b8 = srv["b1"], srv["b8"]
         print()
-        print(table(["throughput", "images/s", "vs batched model"], [
-            [f"model(x) batch 1 (before / after: {before[1]:.1f} / {after[1]:.1f})", b1, b1 / b8],
-            [f"model(x) batch 8 = the model's batched throughput ({before[8]:.1f} / {after[8]:.1f})", b8, 1.0],
+        print(table(["throughput (interleaved phases)", "images/s", "vs batched model"], [
+            ["model(x) batch 1", b1, b1 / b8],
+            ["model(x) batch 8 = the model's batched throughput", b8, 1.0],
             [f"server, {a.clients} concurrent clients, {a.upload_side}px PNG uploads, p50 "
              f"{srv['p50']:.0f} ms / p95 {srv['p95']:.0f} ms", srv["rps"], srv["rps"] / b8],
         ], title="Throughput"))

@@ -66,7 +66,9 @@ def worker(arch: str, eps: float | None, a) -> dict:
     tcfg = TrainConfig(batch_size=a.batch, lr=a.lr, weight_decay=0.0)
     global_model = build_model(mcfg, 1, 1)
     weights = {k: v.clone() for k, v in global_model.state_dict().items()}
-    pcfg = PrivacyConfig(enabled=True, target_epsilon=eps, delta=DELTA, max_grad_norm=a.clip) if eps else None
+    pcfg = (PrivacyConfig(enabled=True, target_epsilon=eps, delta=DELTA, max_grad_norm=a.clip, grad_sample_mode=a.mode)
+            if eps else None)
+    criterion = MaskedBCELoss()
     budgets, eps_spent, images, train_s = [], [0.0] * HOSPITALS, 0, 0.0
     for ds in train:
         steps = PrivacyBudget.steps_per_epoch(len(ds), a.batch) * a.local_epochs * a.rounds
@@ -78,11 +80,19 @@ def worker(arch: str, eps: float | None, a) -> dict:
             model.load_state_dict(weights)
             opt = make_optimizer(model, tcfg)
             loader = make_loader(ds, a.batch, shuffle=True, seed=a.seed + 100 * rnd + h, drop_last=True)
-            b = budgets[h]
+            b, crit = budgets[h], criterion
             if b is not None:
-                engine, model, opt, loader = b.attach(model, opt, loader)
+                if a.mode == "ghost":   # ghost clipping wraps the loss too (per-sample norms without grad_sample)
+                    engine, model, opt, crit, loader = b.attach(model, opt, loader, criterion)
+                else:
+                    engine, model, opt, loader = b.attach(model, opt, loader)
+                if a.physical_batch:   # same logical (Poisson) batches, computed in smaller pieces: less memory
+                    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                    loader = BatchMemoryManager(data_loader=loader, max_physical_batch_size=a.physical_batch,
+                                                optimizer=opt).__enter__()
             for _ in range(a.local_epochs):
-                r = train_epoch(model, loader, opt, MaskedBCELoss())
+                r = train_epoch(model, loader, opt, crit)
                 images, train_s = images + r["num_examples"], train_s + r["seconds"]
             if b is not None:
                 eps_spent[h] = b.record(engine)
@@ -119,6 +129,9 @@ def main() -> int:
     p.add_argument("--clip", type=float, default=1.0, help="DP-SGD per-sample clipping norm")
     p.add_argument("--max-train", type=int, default=0, help="cap the training images (0 = all 3,882)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mode", default="ghost", choices=["hooks", "ghost", "ew", "functorch"],
+                   help="Opacus grad-sample mode (same clipping and noise; only speed/memory differ)")
+    p.add_argument("--physical-batch", type=int, default=0, help="Opacus BatchMemoryManager piece size (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", nargs=2, metavar=("ARCH", "EPS"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -135,7 +148,8 @@ def main() -> int:
     cache = out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     passthrough = [f"--{k}={getattr(a, k.replace('-', '_'))}" for k in
-                   ("rounds", "local-epochs", "size", "batch", "lr", "clip", "max-train", "threads", "seed")]
+                   ("rounds", "local-epochs", "size", "batch", "lr", "clip", "max-train", "threads", "seed", "mode",
+                    "physical-batch")]
     settings = " ".join(passthrough)
     for arch in a.archs.split(","):
         for e in a.epsilons.split(","):
@@ -143,7 +157,7 @@ def main() -> int:
             if key not in results:
                 t0 = time.perf_counter()
                 print(f"running {arch} epsilon={e} ...", file=sys.stderr, flush=True)
-                results[key] = {**run_worker(__file__, ["--worker", arch, e, *passthrough]),
+                results[key] = {**run_worker(__file__, [arch, e, *passthrough]),
                                 "wall_s": time.perf_counter() - t0}
                 cache.write_text(json.dumps(results, indent=1))
     rows = []

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMAND_MODULES = ["common.cli", "inference_api.cli", "server.cli", "simulations.cli"]
+COMMAND_MODULES = ["common.cli", "inference_api.cli", "server.cli", "server.certs", "simulations.cli"]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

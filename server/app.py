@@ -24,6 +24,7 @@ from common.config import ModelConfig
 from common.errors import FedxrayError
 from common.metrics import format_headline_table
 from common.models import build_model
+from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
 from server.grid import EVALUATE, TRAIN, GuardedGrid
@@ -157,6 +158,7 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     t0 = time.perf_counter()
     evaluator = GlobalEvaluator(s)
     findings = evaluator.findings
+    seed_everything(s.seed)  # the initial global model is reproducible (runs with equal settings are comparable)
     model = build_model(ModelConfig(arch=s.arch, weights=s.weights, dp_compatible=s.dp_enabled), len(findings),
                         s.channels)
     ckpt = Checkpoint(out)

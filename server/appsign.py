@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from common.errors import FedxrayError
 
+KEY_ID = "fedxray-release"   # the trusted-entities id of the release signing key
+
 
 def build_fab(app_dir: str | Path) -> bytes:
     """The FAB `flwr run <app_dir>` would send (Flower's own builder: same include/exclude rules)."""
@@ -150,3 +152,18 @@ def tamper(app_dir: str | Path, member: str = "client/app.py", payload: bytes = 
     files: dict[str, bytes | Path] = dict(collect_files(Path(app_dir).resolve()))
     files[member] = Path(files[member]).read_bytes() + payload
     return build_fab_from_files(files)[0]
+
+
+def publish_signed(stack, app_dir: str | Path, signing_key: str | Path, security, workdir: str | Path):
+    """Sign the app's FAB, serve it from an AppRegistry kept open by `stack`, and make `security` use it:
+    returns (app spec for `flwr run`, Security with trusted entities and the registry URL)."""
+    pub = Path(f"{signing_key}.pub")
+    if not pub.is_file():
+        raise FedxrayError(f"{pub} not found: the signing key's public half must sit beside it "
+                           "(`fedxray certs --signing-key` writes both)")
+    app_id, version = app_spec(app_dir)
+    fab = build_fab(app_dir)
+    registry = stack.enter_context(AppRegistry())
+    registry.publish(app_id, version, fab, [sign_fab(fab, signing_key, KEY_ID)])
+    trusted = write_trusted_entities(Path(workdir) / "trusted-entities.yaml", {KEY_ID: pub})
+    return f"{app_id}=={version}", security.with_(trusted_entities=trusted, registry_url=registry.url)

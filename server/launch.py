@@ -24,10 +24,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.data.sources import site_folders
 from common.errors import FedxrayError
 from server.federation import FLOWER_ENV
+
+if TYPE_CHECKING:
+    from server.security import Security
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,24 +73,27 @@ def node_config(values: dict) -> str:
     return " ".join(f"{k}={val(v)}" for k, v in values.items())
 
 
-def superlink_command(host: str, port: int, database: str) -> list[str]:
-    return ["flower-superlink", "--insecure", "--host", host, "--port", str(port), "--database", database]
+def superlink_command(host: str, port: int, database: str, transport: list[str] | None = None) -> list[str]:
+    """`transport`: Security.superlink_args() (TLS, auth); LocalFederation always passes it explicitly."""
+    return ["flower-superlink", *(transport or ["--insecure"]), "--host", host, "--port", str(port),
+            "--database", database]
 
 
-def supernode_command(superlink: str, port: int, data_path: str, site: str) -> list[str]:
+def supernode_command(superlink: str, port: int, data_path: str, site: str,
+                      transport: list[str] | None = None) -> list[str]:
     """One hospital: its own data folder and site name travel in the node config, nothing else."""
-    return ["flower-supernode", "--insecure", "--superlink", superlink, "--port", str(port),
+    return ["flower-supernode", *(transport or ["--insecure"]), "--superlink", superlink, "--port", str(port),
             "--node-config", node_config({"data-path": data_path, "site": site})]
 
 
-def add_connection(flwr_home: Path, name: str, address: str) -> None:
+def add_connection(flwr_home: Path, name: str, address: str, transport: str = "insecure = true\n") -> None:
     """A `[superlink.<name>]` entry in $FLWR_HOME/config.toml (where Flower 1.42 keeps connections)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     cfg = flwr_home / "config.toml"
     text = cfg.read_text() if cfg.is_file() else ('[superlink]\ndefault = "local"\n\n'
                                                   '[superlink.local]\naddress = ":local:"\n')
     if f"[superlink.{name}]" not in text:
-        text += f'\n[superlink.{name}]\naddress = "{address}"\ninsecure = true\n'
+        text += f'\n[superlink.{name}]\naddress = "{address}"\n{transport}'
     cfg.write_text(text)
 
 
@@ -146,13 +153,13 @@ def pids_with_arg(fragment: str) -> list[int]:
     return out
 
 
-def wait_http(url: str, timeout: float, proc: Proc | None = None) -> None:
+def wait_http(url: str, timeout: float, proc: Proc | None = None, context=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.popen.poll() is not None:
             raise FedxrayError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -208,9 +215,14 @@ def _absolute(run_config: dict) -> dict:
 class LocalFederation:
     """SuperLink + one SuperNode per hospital on 127.0.0.1; a context manager that always cleans up."""
 
-    def __init__(self, workdir: str | Path, hospitals: dict[str, str], *, app_dir: Path = REPO):
+    def __init__(self, workdir: str | Path, hospitals: dict[str, str], *, app_dir: Path = REPO,
+                 security: "Security | None" = None):
+        from server.security import Security
+
         self.workdir = Path(workdir).resolve()
         self.hospitals, self.app_dir = hospitals, Path(app_dir).resolve()
+        # TLS unless told otherwise (Security.insecure()): a fresh CA for localhost in <workdir>/certs
+        self.security = security or Security.generate(self.workdir / "certs", list(hospitals))
         self.logs = self.workdir / "logs"
         self.procs: list[Proc] = []
         self.port = 0
@@ -232,24 +244,39 @@ class LocalFederation:
         self.port = free_port()
         link_home = self.workdir / "superlink"
         link_home.mkdir(parents=True, exist_ok=True)
-        link = start("superlink", superlink_command("127.0.0.1", self.port, str(link_home / "state.db")),
-                     flower_env(link_home), self.logs, cwd=self.workdir)
+        sec = self.security
+        link = start("superlink", superlink_command("127.0.0.1", self.port, str(link_home / "state.db"),
+                                                    sec.superlink_args()),
+                     flower_env(link_home, **sec.superlink_env()), self.logs, cwd=self.workdir)
         self.procs.append(link)
-        wait_http(f"http://127.0.0.1:{self.port}/health", timeout, link)
-        for name, path in self.hospitals.items():
-            home = self.workdir / "supernodes" / name
-            home.mkdir(parents=True, exist_ok=True)
-            cmd = supernode_command(f"127.0.0.1:{self.port}", free_port(), str(Path(path).resolve()), name)
-            self.procs.append(start(f"supernode-{name}", cmd, flower_env(home), self.logs, cwd=self.workdir))
+        wait_http(f"{sec.scheme}://127.0.0.1:{self.port}/health", timeout, link, sec.ssl_context())
         self.cli_home = self.workdir / "cli"
-        add_connection(self.cli_home, self.connection, f"127.0.0.1:{self.port}")
+        add_connection(self.cli_home, self.connection, f"127.0.0.1:{self.port}", sec.connection_toml())
+        if sec.supernode_auth:  # only registered hospitals' keys may connect
+            from server.security import register_node
 
-    def submit(self, run_config: dict, timeout: float = 900.0) -> RunOutcome:
-        """Submit the app with these run-config overrides, stream its log to logs/run.log, wait for the end."""
+            for name in self.hospitals:
+                register_node(f"{sec.node_keys[name]}.pub", self.connection, flower_env(self.cli_home))
+        for name, path in self.hospitals.items():
+            self.add_node(name, path)
+
+    def add_node(self, name: str, data_path: str | Path, **transport) -> Proc:
+        """Start one hospital's SuperNode (`transport`: Security.supernode_args options, e.g. trust_ca=False)."""
+        home = self.workdir / "supernodes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = supernode_command(f"127.0.0.1:{self.port}", free_port(), str(Path(data_path).resolve()), name,
+                                self.security.supernode_args(name, **transport))
+        proc = start(f"supernode-{name}", cmd, flower_env(home), self.logs, cwd=self.workdir)
+        self.procs.append(proc)
+        return proc
+
+    def submit(self, run_config: dict, timeout: float = 900.0, app: str | None = None) -> RunOutcome:
+        """Submit the app with these run-config overrides, stream its log to logs/run.log, wait for the end.
+        `app`: a published app spec (`@fedxray/fedxray==0.1.0`, signed apps) instead of the app folder."""
         run_config = _absolute(run_config)
         overrides = write_run_config(self.workdir / "run-config.toml", run_config)
         log = self.logs / "run.log"
-        rc, secs = flwr_run(self.app_dir, [self.connection, "--run-config", str(overrides)],
+        rc, secs = flwr_run(app or self.app_dir, [self.connection, "--run-config", str(overrides)],
                             flower_env(self.cli_home), log, timeout)
         out = Path(run_config.get("output-dir", self.app_dir / "runs" / "demo"))
         return _outcome(rc, secs, log, out)
@@ -284,14 +311,30 @@ def hospitals_in(root: str | Path) -> dict[str, str]:
 
 
 def launch(data_root: str | Path, run_config: dict | None = None, *, workdir: str | Path | None = None,
-           timeout: float = 900.0) -> RunOutcome:
-    """Deployment runtime end to end: start superlink + a supernode per hospital, run, stop everything."""
+           timeout: float = 900.0, security: "Security | None" = None, signing_key: str | Path | None = None
+           ) -> RunOutcome:
+    """Deployment runtime end to end: start superlink + a supernode per hospital, run, stop everything.
+
+    security: None = TLS with a fresh CA in <workdir>/certs. signing_key: an Ed25519 OpenSSH key (its .pub
+    beside it): the app is signed, served by a loopback AppRegistry, and every node only runs it if it verifies.
+    """
+    import contextlib
+
+    from server.security import Security
+
     hospitals = hospitals_in(data_root)
     rc = {"data-path": str(data_root), "min-available-nodes": len(hospitals), "min-train-nodes": len(hospitals),
           "min-evaluate-nodes": len(hospitals), **(run_config or {})}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
-    with LocalFederation(workdir, hospitals) as fed:
-        return fed.submit(rc, timeout=timeout)
+    security = security or Security.generate(workdir / "certs", list(hospitals))
+    with contextlib.ExitStack() as stack:
+        app = None
+        if signing_key:
+            from server.appsign import publish_signed
+
+            app, security = publish_signed(stack, REPO, signing_key, security, workdir)
+        fed = stack.enter_context(LocalFederation(workdir, hospitals, security=security))
+        return fed.submit(rc, timeout=timeout, app=app)
 
 
 # ------------------------------------------------------------------------------------------- simulation
@@ -334,6 +377,12 @@ def add_launch_arguments(p) -> None:
     p.add_argument("--workdir", default=None, help="logs and Flower state (default: a new temp folder)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS (default: TLS with a CA)")
+    p.add_argument("--certs", default=None, help="folder from `fedxray certs` (default: a fresh CA in the workdir)")
+    p.add_argument("--supernode-auth", action="store_true",
+                   help="only registered hospital keys may connect (keys from --certs/nodes or generated)")
+    p.add_argument("--sign-with", default=None, metavar="KEY",
+                   help="Ed25519 app-signing key (`fedxray certs --signing-key`): nodes run only the signed app")
 
 
 def run_launch_command(a) -> int:
@@ -342,7 +391,16 @@ def run_launch_command(a) -> int:
     rc = {"output-dir": a.out, **parse_overrides(a.set)}
     if a.rounds:
         rc["num-server-rounds"] = a.rounds
-    outcome = launch(a.data, rc, workdir=a.workdir, timeout=a.timeout)
+    from server.security import Security
+
+    workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
+    if a.insecure:
+        if a.supernode_auth or a.sign_with:
+            raise FedxrayError("--insecure cannot be combined with --supernode-auth or --sign-with")
+        security = Security.insecure()
+    else:
+        security = Security.generate(a.certs or workdir / "certs", list(hospitals_in(a.data)), auth=a.supernode_auth)
+    outcome = launch(a.data, rc, workdir=workdir, timeout=a.timeout, security=security, signing_key=a.sign_with)
     if not outcome.ok:
         msg = outcome.status.get("message") or f"flwr run exited with {outcome.returncode}"
         raise FedxrayError(f"federated run did not finish: {msg} (log: {outcome.log})")

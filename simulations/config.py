@@ -76,7 +76,8 @@ class ArmConfig(_Section):
 class SimulationConfig(ExperimentConfig):
     name: str = "experiment"
     output_dir: str = "runs/simulations/experiment"
-    seed: int = 42
+    seed: int = Field(42, description="partition and hospital splits (data.seed: the global split; train.seed: "
+                                      "model initialisation and batch order), so training can be reseeded alone")
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for the CIs of the headline table")
     tensorboard: bool = True
     synthetic: SyntheticConfig | None = None

@@ -3,6 +3,7 @@ then results.json and report.md are (re)written from what is on disk, so a resum
 """
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.data.sources import load_manifest
+from common.errors import FedxrayError
 from common.training import seed_everything
 from simulations.arms import ARM_TYPES, ArmContext
 from simulations.config import ArmConfig, SimulationConfig
@@ -22,14 +24,19 @@ from simulations.store import RESULTS_FILE, ResultStore, fingerprint, write_json
 from simulations.tracking import Tracker
 
 log = logging.getLogger(__name__)
+SYNTHETIC_MARKER = "synthetic.json"   # the [synthetic] settings the folder was written with
 
 
 def ensure_data(cfg: SimulationConfig) -> None:
     """Write the synthetic hospitals when the experiment asks for them and data.path is still empty."""
     if cfg.synthetic is None:
         return
-    root = Path(cfg.data.path)
+    root, wanted = Path(cfg.data.path), cfg.synthetic.model_dump(mode="json")
+    marker = root / SYNTHETIC_MARKER
     if root.is_dir() and any(root.glob("hospital_*")):
+        if marker.is_file() and json.loads(marker.read_text()) != wanted:
+            raise FedxrayError(f"{root} holds synthetic hospitals written with other [synthetic] settings "
+                               f"({marker.read_text().strip()}); delete the folder or choose another data.path")
         return
     from common.data.synthetic import synthesize
 
@@ -37,6 +44,7 @@ def ensure_data(cfg: SimulationConfig) -> None:
     log.info("writing %d synthetic hospitals to %s", s.hospitals, root)
     synthesize(root, hospitals=s.hospitals, patients=s.patients, size=s.size, seed=s.seed,
                prevalence=s.prevalence, progress=False)
+    marker.write_text(json.dumps(wanted) + "\n")
 
 
 def planned_arms(cfg: SimulationConfig) -> list[tuple[ArmConfig, str | None]]:
@@ -87,7 +95,7 @@ def run_partition(cfg: SimulationConfig, proto: Protocol, store: ResultStore, ar
         workdir.mkdir(parents=True, exist_ok=True)
         tracker = Tracker(out, name, spec.name, cfg.tensorboard, experiment=cfg.name)
         ctx = ArmContext(cfg, exp, proto, evaluator, workdir, tracker, progress)
-        seed_everything(cfg.seed, exp.train.num_threads)
+        seed_everything(exp.train.seed, exp.train.num_threads)
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:

@@ -100,6 +100,20 @@ def test_federated_arm_refuses_settings_the_flower_apps_cannot_reproduce(synth_r
     assert rc["lr"] == 0.0003 and rc["local-epochs"] == 1 and rc["num-server-rounds"] == 2
 
 
+def test_synthetic_data_is_written_once_and_a_changed_recipe_is_refused(tmp_path):
+    from simulations.runner import ensure_data
+
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", [{"kind": "centralised"}],
+                      synthetic={"hospitals": 2, "patients": 6, "size": 32})
+    ensure_data(cfg)
+    assert sorted(p.name for p in (tmp_path / "data").glob("hospital_*")) == ["hospital_1", "hospital_2"]
+    ensure_data(cfg)   # already there: kept
+    other = tiny_config(tmp_path / "data", tmp_path / "out", [{"kind": "centralised"}],
+                        synthetic={"hospitals": 3, "patients": 6, "size": 32})
+    with pytest.raises(FedxrayError, match="other \\[synthetic\\] settings"):
+        ensure_data(other)
+
+
 # --------------------------------------------------------------------------------------------- resume
 def test_an_interrupted_experiment_resumes_without_rerunning_finished_arms(synth_root, tmp_path, monkeypatch):
     out = tmp_path / "exp"
@@ -170,7 +184,10 @@ def e2e(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FLWR_HOME", str(base / "flwr-home"))
     mp.setenv("RAY_TMPDIR", str(ray_tmp))
-    cfg = tiny_config(data, base / "exp", [{"kind": "centralised"}, {"kind": "federated", "strategy": "fedavg"}])
+    arms = [{"kind": "centralised"}, {"kind": "federated", "strategy": "fedavg"}]
+    if ARM_TYPES["dp"].unavailable(SimulationConfig().arms[0]) is None:   # once the privacy work is in
+        arms.append({"kind": "dp", "strategy": "fedavg", "epsilons": [3.0], "delta": 1e-5})
+    cfg = tiny_config(data, base / "exp", arms)
     try:
         results = run_experiment(cfg, progress=False)
         leftovers = _ray_processes(str(ray_tmp))
@@ -245,11 +262,18 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
     for name in ("centralised", "fedavg"):
         assert set(arms[name]["cross_site"][name]) == {"hospital_1", "hospital_2", "hospital_3"}
 
+    # DP arm (when the apps have DP): epsilon spent per round, within the target, and the privacy-utility plot
+    if "dp-fedavg-eps3" in arms:
+        dp = arms["dp-fedavg-eps3"]
+        eps = [r["epsilon"] for r in dp["rounds"]]
+        assert 0 < eps[0] < eps[1] <= 3.0 * 1.02 and dp["epsilon"] == eps[-1]
+        assert "## Privacy-utility" in report and (out / "plots" / "privacy_utility.png").is_file()
+
 
 @pytest.mark.integration
 def test_rerun_of_a_finished_experiment_reruns_nothing_and_report_only_rebuilds(e2e, monkeypatch, capsys):
     cfg, results, out, _ = e2e
-    for kind in ("centralised", "federated"):
+    for kind in ("centralised", "federated", "dp"):
         monkeypatch.setattr(type(ARM_TYPES[kind]), "run", lambda self, ctx, spec: pytest.fail("rerun"))
     report_before = (out / "report.md").read_text()
     again = run_experiment(cfg, progress=False)

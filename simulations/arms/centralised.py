@@ -39,7 +39,7 @@ class Centralised(ArmType):
 
     def run(self, ctx: ArmContext, spec: ArmConfig):
         model, res, rows, n = train_and_track(ctx, ctx.proto.pooled_train, ctx.evaluator.loaders["val"],
-                                              ctx.cfg.seed)
+                                              ctx.exp.train.seed)
         for r in rows:
             ctx.tracker.log(r["round"], {"val_auc": r["val_auc"], "val_f1": r["val_f1"], "test_auc": r["test_auc"],
                                          "train_loss": r["train_loss"]})

@@ -51,7 +51,7 @@ def run_config(ctx: ArmContext, spec: ArmConfig, data_root: Path, out: Path, ext
         "channels": exp.preprocess.channels, "denoise-sigma": exp.preprocess.denoise_sigma,
         "augment": exp.augment.enabled, "data-path": str(data_root), "data-source": "medmnist",
         "server-data-path": str(data_root / "holdout"), "findings": ",".join(ctx.evaluator.findings),
-        "output-dir": str(out), "seed": ctx.cfg.seed, **f.run_config, **spec.params, **(extra or {}),
+        "output-dir": str(out), "seed": exp.train.seed, **f.run_config, **spec.params, **(extra or {}),
     }
     optional = {"dp_compatible": ("dp-compatible", exp.model.dp_compatible),   # GroupNorm model, when the apps
                 "dropout": ("dropout", exp.model.dropout)}                     # know these keys

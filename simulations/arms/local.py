@@ -21,7 +21,7 @@ class LocalOnly(ArmType):
         for k, h in enumerate(tqdm(ctx.proto.hospitals, desc="local-only hospitals", unit="hospital",
                                    disable=not ctx.progress)):
             own_val = ctx.evaluator.hospital_loader(h.name, "val")
-            model, res, rows, n = train_and_track(ctx, h.train, own_val, ctx.cfg.seed + k, progress=False)
+            model, res, rows, n = train_and_track(ctx, h.train, own_val, ctx.exp.train.seed + k, progress=False)
             test = ctx.evaluator.score(model, ctx.evaluator.loaders["test"], res.thresholds).metrics
             cross[h.name] = ctx.evaluator.cross_site(model, res.thresholds)
             hospitals[h.name] = {"test": test, "best_round": res.best_epoch, "train_images": n,

@@ -1,0 +1,211 @@
+"""Federation security on loopback: certificates, TLS, SuperNode authentication, signed apps, SecAgg+.
+
+Integration tests start real flower-superlink / flower-supernode / flwr processes, each with its own
+FLWR_HOME and free ports and in its own process group; `LocalFederation.stop()` runs in `finally` and the
+last test checks that nothing started here survived. Waits are bounded (a misconfigured node must exit by
+itself within NODE_EXIT_S).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from tests.conftest import REPO
+
+TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False,
+        "node-wait-timeout": 90.0, "round-timeout": 300.0}
+NODE_EXIT_S = 120          # a node with a bad identity / no CA gives up by itself well within this
+_ROOTS: list[str] = []     # folders whose processes must all be gone at the end
+
+
+# ------------------------------------------------------------------------------------------------ certs
+def test_certs_command_writes_a_ca_a_superlink_cert_node_keys_and_a_signing_key(tmp_path):
+    from common.cli import main
+
+    out = tmp_path / "certs"
+    assert main(["certs", "--out", str(out), "--host", "superlink.hospital.net", "--host", "10.0.0.5",
+                 "--hospital", "hospital_1", "--signing-key"]) == 0
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"superlink.hospital.net", "localhost"}
+    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    node = serialization.load_ssh_private_key((out / "nodes" / "hospital_1").read_bytes(), None)
+    assert isinstance(node, ec.EllipticCurvePrivateKey) and node.curve.name == "secp384r1"
+    assert (out / "nodes" / "hospital_1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    signer = serialization.load_ssh_private_key((out / "signing" / "app-signer").read_bytes(), None)
+    assert isinstance(signer, ed25519.Ed25519PrivateKey)
+    for private in (out / "ca.key", out / "superlink.key", out / "nodes" / "hospital_1", out / "signing" / "app-signer"):
+        assert private.stat().st_mode & 0o777 == 0o600
+    assert main(["certs", "--out", str(out)]) == 2          # never silently replaces a CA hospitals trust
+    assert main(["certs", "--out", str(out), "--force"]) == 0
+
+
+def test_signature_verifies_with_flowers_own_supernode_check(tmp_path):
+    """The entry sign_fab writes, formatted as the SuperLink does for Hub apps, passes Flower's `_verify_fab`;
+    another FAB, or a key the node does not trust, fails it."""
+    from flwr.supercore.fab import Fab
+    from flwr.superlink.servicer.control.control_handlers import _format_verification
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    from server.appsign import sign_fab
+    from server.certs import make_signing_key
+
+    key, pub = make_signing_key(tmp_path, "release")
+    other, other_pub = make_signing_key(tmp_path, "someone-else")
+    fab = b"PK\x03\x04 any FAB bytes"
+    verif = _format_verification([sign_fab(fab, key, "release")])
+    trusted = {"release": pub.read_text().strip()}
+    assert _verify_fab(Fab("h", fab, verif), trusted)
+    assert not _verify_fab(Fab("h", fab + b"!", verif), trusted)                        # tampered
+    assert not _verify_fab(Fab("h", fab, _format_verification([sign_fab(fab, other, "release")])), trusted)
+    assert not _verify_fab(Fab("h", fab, verif), {"release": other_pub.read_text().strip()})
+
+
+def test_security_flags_and_explicit_insecure(tmp_path):
+    from common.errors import FedxrayError
+    from server.security import Security
+
+    sec = Security.generate(tmp_path / "c", ["h1"], auth=True)
+    assert "--enable-supernode-auth" in sec.superlink_args() and "--insecure" not in sec.superlink_args()
+    args = sec.supernode_args("h1")
+    assert args[:2] == ["--root-certificates", str(sec.tls.ca)] and "--auth-supernode-private-key" in args
+    assert Security.generate(tmp_path / "c", ["h1"]).tls.ca == sec.tls.ca      # reuses an existing CA
+    assert Security.insecure().superlink_args() == ["--insecure"]
+    with pytest.raises(FedxrayError, match="needs TLS"):
+        Security.insecure().with_(supernode_auth=True).superlink_args()
+
+
+# ------------------------------------------------------------------------------------------------ loopback
+@pytest.fixture
+def flower_tmp(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sec")
+    _ROOTS.append(str(root))
+    return root
+
+
+def _wait_exit(proc, timeout: float = NODE_EXIT_S) -> tuple[int | None, float]:
+    t0 = time.monotonic()
+    try:
+        return proc.popen.wait(timeout=timeout), time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
+    """One TLS federation with SuperNode authentication and trusted entities (2 registered hospitals):
+    the signed app runs; an unregistered key is refused (exit 305); a node without the CA cannot connect;
+    a tampered, an unsigned and a plain local (`flwr run <dir>`) app are all refused by the hospitals."""
+    import contextlib
+
+    from server.appsign import KEY_ID, AppRegistry, app_spec, build_fab, sign_fab, tamper, write_trusted_entities
+    from server.certs import make_node_key, make_signing_key
+    from server.launch import LocalFederation, hospitals_in
+    from server.security import UNREGISTERED_EXIT, Security
+
+    work = flower_tmp / "fed"
+    hospitals = dict(list(hospitals_in(synth_root).items())[:2])
+    key, pub = make_signing_key(work / "certs")
+    app_id, version = app_spec(REPO)
+    fab = build_fab(REPO)
+    with contextlib.ExitStack() as stack:
+        registry = stack.enter_context(AppRegistry())
+        registry.publish(app_id, version, fab, [sign_fab(fab, key, KEY_ID)])
+        registry.publish(app_id, "9.9.1", tamper(REPO), [sign_fab(fab, key, KEY_ID)])  # old signature, new code
+        registry.publish(app_id, "9.9.2", fab, None)                                  # not signed at all
+        security = Security.generate(work / "certs", list(hospitals), auth=True).with_(
+            trusted_entities=write_trusted_entities(work / "trusted.yaml", {KEY_ID: pub}), registry_url=registry.url)
+        fed = LocalFederation(work, hospitals, security=security)
+        try:
+            fed.start()
+            rc = {**TINY, "data-path": str(synth_root), "num-server-rounds": 1, "min-available-nodes": 2,
+                  "min-train-nodes": 2, "min-evaluate-nodes": 2}
+            ok = fed.submit({**rc, "output-dir": str(flower_tmp / "signed")}, timeout=600, app=f"{app_id}=={version}")
+            assert ok.ok, (ok.status, ok.log.read_text()[-3000:])
+            assert set(ok.summary["provenance"]["federation"]["nodes"]) == set(hospitals)
+
+            intruder_key, _ = make_node_key(work / "certs", "intruder")       # never registered
+            intruder = fed.add_node("intruder", hospitals["hospital_1"], key=intruder_key)
+            no_ca = fed.add_node("no-ca", hospitals["hospital_1"], trust_ca=False,   # registered key, no CA
+                                 key=security.node_keys["hospital_1"])
+            code, secs = _wait_exit(intruder)
+            assert code == UNREGISTERED_EXIT and "Failed to activate SuperNode" in intruder.log.read_text(), secs
+            code, secs = _wait_exit(no_ca)
+            assert code is not None and code != 0, "a node without the CA kept running"
+            assert "CERTIFICATE_VERIFY_FAILED" in no_ca.log.read_text()
+
+            for name, app in (("tampered", f"{app_id}==9.9.1"), ("unsigned", f"{app_id}==9.9.2"), ("local", None)):
+                t0 = time.monotonic()
+                bad = fed.submit({**rc, "output-dir": str(flower_tmp / name)}, timeout=300, app=app)
+                assert bad.status.get("state") == "failed", (name, bad.status, bad.log.read_text()[-2000:])
+                assert "The FAB could not be verified" in bad.status["message"], name
+                assert time.monotonic() - t0 < 300
+            logs = "".join((work / "logs" / f"supernode-{h}.log").read_text() for h in hospitals)
+            assert "FAB verification failed" in logs                     # the tampered one: bad signature
+            assert "App verification is not supported" in logs           # unsigned / local: no signature
+        finally:
+            fed.stop()
+        assert not fed.alive()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
+    """The same 2-round run (same seeds) with plain FedAvg and with Flower's SecAgg+ workflow: the global
+    weights agree within the quantisation error propagated through a round of training; round 1's global
+    validation metrics agree. The per-round time of both is printed (the cost of SecAgg+ here)."""
+    from safetensors.numpy import load_file
+
+    from server.launch import flower_env, stop_group
+
+    ray_tmp = Path("/tmp") / f"raysec{os.getpid()}"
+    _ROOTS.append(str(ray_tmp))
+    env = flower_env(flower_tmp / "home", ray_tmp)
+    runs = {}
+    for mode in ("fedavg", "secagg"):
+        out = flower_tmp / mode
+        sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+        sets += ["--set=secure-aggregation=true", "--set=secagg-max-weight=60"] if mode == "secagg" else []
+        p = subprocess.Popen([sys.executable, "-m", "common.cli", "federate", "--data", str(synth_root), "--out",
+                              str(out), "--supernodes", "3", "--rounds", "2", *sets], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            log, _ = p.communicate(timeout=600)
+        finally:
+            stop_group(p.pid, grace=5)
+        assert p.returncode == 0, log[-3000:]
+        summary = json.loads((out / "federation.json").read_text())
+        runs[mode] = (load_file(str(out / "checkpoint" / "global-r0002.safetensors")), summary)
+        if mode == "secagg":
+            assert log.count("Secure aggregation completed") == 2
+            assert summary["provenance"]["federation"]["secure_aggregation"] == "SecAgg+"
+    (a, sa), (b, sb) = runs["fedavg"], runs["secagg"]
+    floats = [k for k in a if "num_batches_tracked" not in k]   # SecAgg+ quantises every array, ints included
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in floats)
+    scale = max(float(np.abs(a[k]).max()) for k in floats)
+    assert diff < 0.02 * max(scale, 1.0), diff
+    assert sa["history"][1]["global"]["val"]["auc"] == pytest.approx(sb["history"][1]["global"]["val"]["auc"], abs=0.01)
+    secs = {m: [h.get("seconds") for h in s["history"][1:]] for m, (_, s) in runs.items()}
+    print(f"\nseconds per round (training + global evaluation): {secs}; max |w_fedavg - w_secagg| = {diff:.2e}")
+
+
+def test_zz_nothing_left_running():
+    from server.launch import pids_with_arg
+
+    time.sleep(1)
+    left = {root: pids_with_arg(root) for root in _ROOTS}
+    assert not any(left.values()), f"processes left running: {left}"

@@ -27,7 +27,7 @@ from common.models import build_model
 from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
-from server.grid import EVALUATE, TRAIN, GuardedGrid
+from server.grid import EVALUATE, TRAIN, GuardedGrid, is_declined
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
@@ -119,6 +119,10 @@ def _require_updates(g: int, replies: list[dict]) -> None:
     if any(r["ok"] for r in train):
         return
     errors = [r.get("error", "") for r in train if not r["ok"]]
+    if errors and all(is_declined(e) for e in errors):
+        raise FedxrayError(f"round {g}: every hospital declined to train because its privacy budget is spent "
+                           f"({errors[0]}); the run ends here. More rounds need a larger dp-target-epsilon, which only "
+                           "the hospitals can agree to")
     detail = (f"{len(errors)} ClientApp errors, the first: {errors[0]}" if errors
               else "no replies within round-timeout")
     raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "

@@ -9,8 +9,11 @@ goes on with the other hospitals (Flower's central-DP wrappers would otherwise s
 from __future__ import annotations
 
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping, DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping, DifferentialPrivacyServerSideFixedClipping, Strategy,
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
 )
 
 from client.privacy import parse_decline

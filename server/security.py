@@ -19,7 +19,16 @@ from pathlib import Path
 from common.errors import FedxrayError
 from server.certs import TlsFiles, make_node_key, make_tls, tls_files
 
-UNREGISTERED_EXIT = 305   # flower-supernode: "Failed to activate SuperNode" / TLS handshake failure
+UNREGISTERED_EXIT = 305   # Flower's exit code for "Failed to activate SuperNode" (also a failed TLS handshake);
+# it is logged as "Exit Code: 305" while the process itself exits with status 1 (flwr/supercore/exit/exit.py).
+
+
+def flower_exit_code(log_text: str) -> int | None:
+    """The last `Exit Code: N` a Flower process logged (its OS exit status is only 0 or 1)."""
+    import re
+
+    codes = re.findall(r"Exit Code: (\d+)", log_text)
+    return int(codes[-1]) if codes else None
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def strategy_params(s: RunSettings) -> dict:
 def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """Server-optimiser arrays worth checkpointing ({} for stateless strategies)."""
     out: dict[str, np.ndarray] = {}
+    strategy = getattr(strategy, "strategy", strategy)  # inside a central-DP wrapper (server/privacy.py)
     for attr in ("m_t", "v_t"):  # FedOpt family: dict[name, ndarray]
         for k, v in (getattr(strategy, attr, None) or {}).items():
             out[f"{attr}/{k}"] = np.asarray(v)
@@ -56,6 +57,7 @@ def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
 
 
 def restore_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    strategy = getattr(strategy, "strategy", strategy)  # inside a central-DP wrapper (server/privacy.py)
     for attr in ("m_t", "v_t"):
         part = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(attr + "/")}
         if part:

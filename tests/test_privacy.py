@@ -1,6 +1,7 @@
 """Client-side DP: noise calibrated to a target epsilon, accounting carried across rounds, budget refusal."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -53,7 +54,6 @@ def test_fixed_noise_multiplier_and_default_delta():
 
 
 # ------------------------------------------------------------------------------------------ in the ClientApp
-import pytest  # noqa: E402
 
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 
@@ -218,3 +218,51 @@ def test_client_side_clipping_mod_clips_the_update(task_identity):
     plain = make_mods()[1](Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3,
                                    message_type=MessageType.TRAIN), ctx, lambda m, c: "untouched")
     assert plain == "untouched"
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+@pytest.mark.integration
+def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(synth_root, tmp_path):
+    """`fedxray federate` (simulation runtime, 3 hospitals, 2 rounds) with DP-SGD at epsilon 5 in every
+    hospital and Flower's client-side fixed-clipping central DP around FedAvg: epsilon per hospital per round in
+    the history, final (epsilon, delta) per hospital in the bundle's provenance, the GroupNorm model in the bundle."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.bundle import load_bundle
+    from server.launch import flower_env, stop_group
+    from tests.conftest import REPO
+
+    out, ray_tmp = tmp_path / "out", Path("/tmp") / f"raydp{os.getpid()}"
+    sets = {**TINY, "dp-enabled": True, "dp-target-epsilon": 5.0, "central-dp": "client-fixed",
+            "central-dp-noise-multiplier": 0.01, "central-dp-clipping-norm": 10.0, "min-train-nodes": 3,
+            "node-wait-timeout": 60.0, "round-timeout": 300.0}
+    cmd = [sys.executable, "-m", "common.cli", "federate", "--data", str(synth_root), "--out", str(out),
+           "--supernodes", "3", "--rounds", "2", *[f"--set={k}={json.dumps(v)}" for k, v in sets.items()]]
+    p = subprocess.Popen(cmd, cwd=REPO, env=flower_env(tmp_path / "home", ray_tmp), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = p.communicate(timeout=600)
+    finally:
+        stop_group(p.pid, grace=5)
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert p.returncode == 0, log[-3000:]
+    assert "central DP noise with" in log and "fixedclipping_mod" in log
+    summary = json.loads((out / "federation.json").read_text())
+    per_round = [h["privacy"] for h in summary["history"][1:]]
+    assert [set(r) for r in per_round] == [{"hospital_1", "hospital_2", "hospital_3"}] * 2
+    for site in per_round[0]:
+        assert 0 < per_round[0][site]["epsilon"] < per_round[1][site]["epsilon"] <= 5.0 * 1.02
+    card = load_bundle(out / "bundle").card
+    fed = card["provenance"]["federation"]
+    per = fed["dp"]["client_dp_sgd"]["per_hospital"]
+    assert set(per) == {"hospital_1", "hospital_2", "hospital_3"}
+    assert all(0 < v["epsilon"] <= 5.1 and 0 < v["delta"] < 1e-2 for v in per.values())
+    assert fed["epsilon"] == max(v["epsilon"] for v in per.values())
+    assert fed["dp"]["central"]["mode"] == "client-fixed" and card["architecture"]["dp_compatible"] is True

@@ -295,6 +295,26 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+        _kill_stragglers(str(self.workdir))
+
+
+def _kill_stragglers(marker: str, wait: float = 10.0) -> None:
+    """SIGKILL any process whose command line names our work folder (e.g. a flwr-serverapp that Flower
+    started in a process group of its own), then wait until they are gone."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        left = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
+                        os.kill(int(d.name), signal.SIGKILL)
+                        left.append(d.name)
+                except (OSError, ValueError):
+                    pass
+        if not left:
+            return
+        time.sleep(0.2)
 
     def alive(self) -> list[str]:
         return [p.name for p in self.procs if p.popen.poll() is None]

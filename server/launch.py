@@ -225,6 +225,7 @@ class LocalFederation:
         self.security = security or Security.generate(self.workdir / "certs", list(hospitals))
         self.logs = self.workdir / "logs"
         self.procs: list[Proc] = []
+        self.stopped: list[Proc] = []   # kept so that alive() can still check them after stop()
         self.port = 0
         self.connection = "fedxray-local"
 
@@ -294,8 +295,38 @@ class LocalFederation:
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        self.stopped.extend(self.procs)
         self.procs.clear()
         _kill_stragglers(str(self.workdir))
+
+    def alive(self) -> list[str]:
+        """What is still running of this federation: every process it ever started (also after `stop`) and
+        any other process whose command line names its work folder. Empty after a clean `stop`."""
+        names = [p.name for p in (*self.stopped, *self.procs) if p.popen.poll() is None]
+        ours = {p.popen.pid for p in (*self.stopped, *self.procs)}
+        return names + [_describe(pid) for pid in _pids_naming(str(self.workdir)) if pid not in ours]
+
+
+def _pids_naming(marker: str) -> list[int]:
+    """Live processes (not zombies, not us) whose command line contains `marker`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+                if marker in cmd and ") Z " not in (d / "stat").read_text():
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def _describe(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return f"pid {pid} ({' '.join(c.decode(errors='ignore') for c in cmd[:3])})"
+    except OSError:
+        return f"pid {pid}"
 
 
 def _kill_stragglers(marker: str, wait: float = 10.0) -> None:
@@ -303,21 +334,15 @@ def _kill_stragglers(marker: str, wait: float = 10.0) -> None:
     started in a process group of its own), then wait until they are gone."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        left = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit() and int(d.name) != os.getpid():
-                try:
-                    if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
-                        os.kill(int(d.name), signal.SIGKILL)
-                        left.append(d.name)
-                except (OSError, ValueError):
-                    pass
+        left = _pids_naming(marker)
         if not left:
             return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         time.sleep(0.2)
-
-    def alive(self) -> list[str]:
-        return [p.name for p in self.procs if p.popen.poll() is None]
 
 
 def hospitals_in(root: str | Path) -> dict[str, str]:

@@ -344,7 +344,9 @@ def test_deployment_runtime_two_rounds_fp16(local_federation, synth_root, flower
     fp32 = record_bytes(state_to_record(build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)))
     per_client = summary["history"][2]["bytes_per_client"]
     assert per_client["down"] < 0.55 * fp32 and per_client["up"] < 0.55 * fp32
-    assert len(local_federation.alive()) == 4  # superlink + 3 supernodes still up for the next run
+    alive = local_federation.alive()
+    print("alive after the run:", alive)
+    assert {"superlink", "supernode-hospital_1", "supernode-hospital_2", "supernode-hospital_3"} <= set(alive)
 
 
 @pytest.mark.slow

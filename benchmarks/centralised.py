@@ -63,6 +63,7 @@ def main() -> int:
         return 2
     rows = []
     for arch in a.archs.split(","):
+        print(f"training {arch} ({a.epochs} epochs, {a.image_size} px) ...", file=sys.stderr, flush=True)
         r = run_worker(__file__, ["--archs", arch, "--epochs", str(a.epochs), "--image-size", str(a.image_size),
                                   "--batch-size", str(a.batch_size), "--lr", str(a.lr)])
         ci = r["auc_ci"]

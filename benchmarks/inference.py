@@ -243,11 +243,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--upload-side", type=int, default=512, help="side of the PNG the clients upload")
     ap.add_argument("--batch-window-ms", type=float, default=None, help="server setting (default: its own)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads here and in the server (FEDXRAY_THREADS); 1 is far steadier on a busy host")
     ap.add_argument("--skip-server", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         bundle_dir = make_bundle(Path(tmp), a.arch, a.size, a.findings)
         upload = upload_png(a.upload_side)
@@ -262,6 +266,8 @@ def main() -> None:
         if a.skip_server:
             return
         env = {"FEDXRAY_BATCH_WINDOW_MS": str(a.batch_window_ms)} if a.batch_window_ms is not None else {}
+        if a.threads:
+            env["FEDXRAY_THREADS"] = str(a.threads)
         srv = throughput(bundle_dir, upload, a.clients, a.seconds, env)
         b1, b8 = srv["b1"], srv["b8"]
         print()

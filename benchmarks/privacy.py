@@ -112,6 +112,36 @@ def worker(arch: str, eps: float | None, a) -> dict:
             "peak_rss_mb": peak_rss_mb(), "hospital_sizes": [len(ds) for ds in train]}
 
 
+def throughput(arch: str, mode: str, a) -> dict:
+    """Training speed and peak memory of one local epoch slice (`--steps` batches of real images): no DP vs
+    DP-SGD in Opacus mode `mode` ('none' = plain training of the same GroupNorm network)."""
+    import numpy as np
+    import torch
+
+    from client.privacy import PrivacyBudget
+    from common.config import ModelConfig, PrivacyConfig, TrainConfig
+    from common.models import build_model
+    from common.training import MaskedBCELoss, make_loader, make_optimizer, seed_everything, train_epoch
+
+    torch.set_num_threads(a.threads)
+    seed_everything(a.seed)
+    d = np.load(DATA)
+    n = a.batch * (a.steps + 1)
+    ds = _tensors(d["train_images"][:n], d["train_labels"][:n], a.size)
+    model = build_model(ModelConfig(arch=arch, weights="none", dp_compatible=True), 1, 1)
+    opt = make_optimizer(model, TrainConfig(batch_size=a.batch, lr=a.lr, weight_decay=0.0))
+    loader, crit = make_loader(ds, a.batch, shuffle=True, seed=a.seed, drop_last=True), MaskedBCELoss()
+    if mode != "none":
+        b = PrivacyBudget(PrivacyConfig(enabled=True, target_epsilon=8.0, delta=DELTA, grad_sample_mode=mode),
+                          len(ds), a.batch, a.steps)
+        if mode == "ghost":
+            _, model, opt, crit, loader = b.attach(model, opt, loader, crit)
+        else:
+            _, model, opt, loader = b.attach(model, opt, loader)
+    r = train_epoch(model, loader, opt, crit)
+    return {"arch": arch, "mode": mode, "images_per_s": r["images_per_s"], "peak_rss_mb": peak_rss_mb()}
+
+
 def _label(eps) -> str:
     return "none" if eps is None else f"{eps:g}"
 
@@ -133,12 +163,22 @@ def main() -> int:
                    help="Opacus grad-sample mode (same clipping and noise; only speed/memory differ)")
     p.add_argument("--physical-batch", type=int, default=0, help="Opacus BatchMemoryManager piece size (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--throughput", action="store_true",
+                   help="only the back-to-back speed/memory table: no DP vs DP modes, --steps batches each")
+    p.add_argument("--modes", default="none,hooks,ghost", help="with --throughput")
+    p.add_argument("--steps", type=int, default=12, help="with --throughput: batches per measurement")
     p.add_argument("--worker", nargs=2, metavar=("ARCH", "EPS"), help=argparse.SUPPRESS)
+    p.add_argument("--tp-worker", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if not DATA.is_file():
         print(f"error: {DATA} not found: this benchmark needs the workplace's shared data (see "
               "../shared/data/README.md); nothing to do without it", file=sys.stderr)
         return 2
+    if a.tp_worker:
+        print(json.dumps(throughput(*a.tp_worker, a)))
+        return 0
+    if a.throughput:
+        return _throughput_table(a)
     if a.worker:
         arch, eps = a.worker
         print(json.dumps(worker(arch, None if eps == "none" else float(eps), a)))
@@ -172,6 +212,28 @@ def main() -> int:
     print(table(["arch", "target eps", "eps spent (max of 3)", "noise sigma", "test AUC", "test F1", "dAUC vs no DP",
                  "train img/s", "peak RSS MiB", "wall s"], rows,
                 title=f"PneumoniaMNIST, {HOSPITALS} hospitals IID, FedAvg; delta={DELTA}; {settings}"))
+    return 0
+
+
+def _throughput_table(a) -> int:
+    import subprocess
+
+    rows = []
+    for arch in a.archs.split(","):
+        base = None
+        for mode in a.modes.split(","):
+            args = [sys.executable, __file__, "--tp-worker", arch, mode, f"--batch={a.batch}", f"--size={a.size}",
+                    f"--steps={a.steps}", f"--threads={a.threads}", f"--lr={a.lr}", f"--seed={a.seed}"]
+            proc = subprocess.run(args, capture_output=True, text=True)
+            if proc.returncode != 0:   # e.g. killed for memory
+                rows.append([arch, mode, None, None, f"failed (exit {proc.returncode})"])
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            base = base or (r if mode == "none" else None)
+            rows.append([arch, mode, r["images_per_s"], r["peak_rss_mb"],
+                         f"{base['images_per_s'] / r['images_per_s']:.1f}x slower" if base and r is not base else ""])
+    print(table(["arch", "DP mode", "train img/s", "peak RSS MiB", "vs no DP"], rows,
+                title=f"Back to back, batch {a.batch}, {a.size} px, {a.steps} steps, {a.threads} threads"))
     return 0
 
 

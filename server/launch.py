@@ -140,13 +140,15 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def pids_with_arg(fragment: str) -> list[int]:
-    """Processes whose command line contains `fragment` (e.g. our private FLWR_HOME path)."""
+def pids_with_arg(fragment: str, *, zombies: bool = True) -> list[int]:
+    """Processes (not us) whose command line contains `fragment` (e.g. our private FLWR_HOME path);
+    `zombies=False` leaves out those that have exited and wait to be reaped."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
-                if fragment in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if fragment in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") and (
+                        zombies or ") Z " not in (d / "stat").read_text()):
                     out.append(int(d.name))
             except OSError:
                 continue
@@ -304,21 +306,7 @@ class LocalFederation:
         any other process whose command line names its work folder. Empty after a clean `stop`."""
         names = [p.name for p in (*self.stopped, *self.procs) if p.popen.poll() is None]
         ours = {p.popen.pid for p in (*self.stopped, *self.procs)}
-        return names + [_describe(pid) for pid in _pids_naming(str(self.workdir)) if pid not in ours]
-
-
-def _pids_naming(marker: str) -> list[int]:
-    """Live processes (not zombies, not us) whose command line contains `marker`."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-                if marker in cmd and ") Z " not in (d / "stat").read_text():
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
+        return names + [_describe(pid) for pid in pids_with_arg(str(self.workdir), zombies=False) if pid not in ours]
 
 
 def _describe(pid: int) -> str:
@@ -334,7 +322,7 @@ def _kill_stragglers(marker: str, wait: float = 10.0) -> None:
     started in a process group of its own), then wait until they are gone."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        left = _pids_naming(marker)
+        left = pids_with_arg(marker, zombies=False)
         if not left:
             return
         for pid in left:

@@ -42,6 +42,15 @@ def _tensors(images, labels, size: int):
     return TensorDataset(x, y, torch.ones_like(y, dtype=torch.bool))
 
 
+def _attach(budget, mode: str, model, opt, loader, criterion):
+    """PrivacyBudget.attach in grad-sample mode `mode`; ghost clipping wraps the loss too (per-sample norms
+    without grad_sample). Returns (engine, model, optimizer, criterion, loader)."""
+    if mode == "ghost":
+        return budget.attach(model, opt, loader, criterion)
+    engine, model, opt, loader = budget.attach(model, opt, loader)
+    return engine, model, opt, criterion, loader
+
+
 def worker(arch: str, eps: float | None, a) -> dict:
     """One configuration, start to end: R FedAvg rounds over 3 hospitals; returns metrics and costs."""
     import numpy as np
@@ -82,10 +91,7 @@ def worker(arch: str, eps: float | None, a) -> dict:
             loader = make_loader(ds, a.batch, shuffle=True, seed=a.seed + 100 * rnd + h, drop_last=True)
             b, crit = budgets[h], criterion
             if b is not None:
-                if a.mode == "ghost":   # ghost clipping wraps the loss too (per-sample norms without grad_sample)
-                    engine, model, opt, crit, loader = b.attach(model, opt, loader, criterion)
-                else:
-                    engine, model, opt, loader = b.attach(model, opt, loader)
+                engine, model, opt, crit, loader = _attach(b, a.mode, model, opt, loader, criterion)
                 if a.physical_batch:   # same logical (Poisson) batches, computed in smaller pieces: less memory
                     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -134,10 +140,7 @@ def throughput(arch: str, mode: str, a) -> dict:
     if mode != "none":
         b = PrivacyBudget(PrivacyConfig(enabled=True, target_epsilon=8.0, delta=DELTA, grad_sample_mode=mode),
                           len(ds), a.batch, a.steps)
-        if mode == "ghost":
-            _, model, opt, crit, loader = b.attach(model, opt, loader, crit)
-        else:
-            _, model, opt, loader = b.attach(model, opt, loader)
+        _, model, opt, crit, loader = _attach(b, mode, model, opt, loader, crit)
     r = train_epoch(model, loader, opt, crit)
     return {"arch": arch, "mode": mode, "images_per_s": r["images_per_s"], "peak_rss_mb": peak_rss_mb()}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from client.settings import RunSettings
 from common.data.dataset import XrayDataset
 from common.data.sources import detect_source, load_manifest, site_folders
-from common.data.splits import partition, patient_split
+from common.data.splits import MIN_SPLIT_PATIENTS, partition, patient_split
 from common.errors import DataError
 from common.pipeline import build_datasets
 
@@ -102,7 +102,8 @@ def _prepare(src: NodeSource, settings: RunSettings, findings: list[str] | None)
     manifest = load_manifest(cfg.data, site=src.site)
     if src.partition_id is not None:
         parts = partition(manifest, list(range(len(manifest.samples))), src.num_partitions,
-                          settings.partition_method, settings.partition_alpha, settings.seed)
+                          settings.partition_method, settings.partition_alpha, settings.seed,
+                          min_patients=MIN_SPLIT_PATIENTS)   # every node splits its part by patient
         manifest = manifest.subset(parts[src.partition_id])
     splits = patient_split(manifest, cfg.data)
     datasets = build_datasets(manifest, splits, cfg, progress=False)

@@ -20,7 +20,7 @@ import numpy as np
 
 from common.config import DataConfig
 from common.data.manifest import Manifest
-from common.data.splits import assert_no_patient_overlap, partition, patient_split
+from common.data.splits import MIN_SPLIT_PATIENTS, assert_no_patient_overlap, partition, patient_split
 from common.errors import DataError
 
 HOSPITAL_SPLITS = ("train", "val", "test")
@@ -95,7 +95,8 @@ def build_protocol(manifest: Manifest, data_cfg: DataConfig, spec: PartitionSpec
     """Global patient split -> partition of global train into hospitals -> each hospital's own split."""
     global_splits = patient_split(manifest, data_cfg)
     n = 0 if spec.method == "by-site" else spec.hospitals
-    parts = partition(manifest, global_splits["train"], n, spec.method, spec.alpha, seed)
+    parts = partition(manifest, global_splits["train"], n, spec.method, spec.alpha, seed,
+                      min_patients=MIN_SPLIT_PATIENTS)
     width = len(str(len(parts)))
     names = ([manifest.samples[p[0]].site or f"site_{k + 1}" for k, p in enumerate(parts)]
              if spec.method == "by-site" else [f"hospital_{k + 1:0{width}d}" for k in range(len(parts))])
@@ -121,7 +122,7 @@ def split_hospital(manifest: Manifest, indices: list[int], fractions: tuple[floa
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(sub.samples):
             groups.setdefault(s.group, []).append(i)
-        if len(groups) < 3:
+        if len(groups) < MIN_SPLIT_PATIENTS:
             raise DataError(f"{name} has {len(indices)} images from {len(groups)} patients: too few for its own "
                             "train/val/test split; use fewer hospitals, a larger alpha or more data") from None
         names = [list(groups)[k] for k in np.random.default_rng(seed).permutation(len(groups))]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +288,20 @@ def test_partitions_cover_everything_without_patient_overlap(synth_root, method)
     assert partition(m, idx, 3, method, alpha=0.3, seed=0) == parts
 
 
+@pytest.mark.parametrize("method,alpha,hospitals", [("dirichlet", 0.1, 3), ("quantity", 0.3, 4)])
+def test_skewed_partitions_redraw_until_every_hospital_has_enough_patients(synth_root, method, alpha, hospitals):
+    m = _synth_manifest(synth_root)
+    idx = list(range(len(m.samples)))
+    fewest = {s: min(m.patients(p) for p in partition(m, idx, hospitals, method, alpha, seed=s)) for s in range(12)}
+    assert min(fewest.values()) < 3            # without the demand some draws leave a hospital 1-2 patients
+    for seed in fewest:
+        parts = partition(m, idx, hospitals, method, alpha, seed=seed, min_patients=3)
+        assert min(m.patients(p) for p in parts) >= 3, seed
+        assert sorted(i for p in parts for i in p) == idx
+    with pytest.raises(DataError, match="at least 2 images and 200 patients each"):
+        partition(m, idx, hospitals, method, alpha, seed=0, min_patients=200)
+
+
 def test_dirichlet_skews_labels_more_than_iid(synth_root):
     m = _synth_manifest(synth_root)
     idx = list(range(len(m.samples)))
@@ -307,6 +324,21 @@ def test_by_site_partition(synth_root):
     assert [len(p) for p in parts] == [len(ms[0].samples), len(ms[1].samples)]
     with pytest.raises(ValueError, match="by-site gives 2 hospitals"):
         partition(both, list(range(len(both.samples))), 3, "by-site")
+
+
+def test_synthetic_data_is_the_same_in_every_process_for_one_seed(tmp_path):
+    """A seeded generator must not depend on PYTHONHASHSEED (set iteration order): CI once drew other data."""
+    code = ("import sys; from common.data.synthetic import synthesize; "
+            "synthesize(sys.argv[1], hospitals=2, patients=12, size=16, seed=5, progress=False)")
+    root = Path(__file__).resolve().parents[1]
+    for hash_seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)], check=True, cwd=root,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    for name in ("hospital_1/Data_Entry_2017.csv", "hospital_2/BBox_List_2017.csv", "holdout/test_list.txt"):
+        assert (tmp_path / "1" / name).read_text() == (tmp_path / "2" / name).read_text(), name
+    first = sorted((tmp_path / "1" / "hospital_1" / "images").iterdir())
+    assert first and all(p.read_bytes() == (tmp_path / "2" / "hospital_1" / "images" / p.name).read_bytes()
+                         for p in first)
 
 
 def test_synthetic_hospitals_have_unique_patients_and_boxes(synth_root):

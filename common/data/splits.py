@@ -15,6 +15,7 @@ from common.data.manifest import Manifest
 from common.errors import DataError
 
 SPLITS = ("train", "val", "test")
+MIN_SPLIT_PATIENTS = 3   # a data set split by patient needs one each for train, val and test
 
 
 def _groups(manifest: Manifest, indices: list[int]) -> dict[str, list[int]]:
@@ -112,8 +113,11 @@ PARTITIONERS = ("iid", "dirichlet", "quantity", "by-site")
 
 
 def partition(manifest: Manifest, indices: list[int], num_partitions: int, method: str = "iid",
-              alpha: float = 0.5, seed: int = 0, min_size: int = 2) -> list[list[int]]:
+              alpha: float = 0.5, seed: int = 0, min_size: int = 2, min_patients: int = 1) -> list[list[int]]:
     """Split `indices` into hospitals without cutting a patient.
+
+    Skewed draws are redrawn (up to 100 times) until every hospital has `min_size` images from
+    `min_patients` patients: a hospital that must split its own train/val/test needs at least three.
 
     iid: stratified, equal sizes. dirichlet: each stratum's patients spread by Dir(alpha) proportions
     (label skew; small alpha = more skew). quantity: sizes by Dir(alpha), labels iid. by-site: one
@@ -144,7 +148,9 @@ def partition(manifest: Manifest, indices: list[int], num_partitions: int, metho
                 for h, chunk in enumerate(np.split(np.array(names, dtype=object), cuts)):
                     for n in chunk:
                         parts[h].extend(groups[n])
-        if min(len(p) for p in parts) >= min_size:
+        if (min(len(p) for p in parts) >= min_size
+                and min(manifest.patients(p) for p in parts) >= min_patients):
             return [sorted(p) for p in parts]
-    raise DataError(f"could not make {num_partitions} {method} partitions with at least {min_size} images each "
-                    f"from {len(indices)} images (alpha={alpha}); use fewer hospitals or a larger alpha")
+    raise DataError(f"could not make {num_partitions} {method} partitions with at least {min_size} images and "
+                    f"{min_patients} patients each from {len(indices)} images of {len(groups)} patients "
+                    f"(alpha={alpha}); use fewer hospitals or a larger alpha")

@@ -106,11 +106,13 @@ def write_hospital(out: Path, *, patients: int, size: int, acq: Acquisition, see
     rows, box_rows, test_list, trainval_list = [], [], [], []
     for p in tqdm(range(patients), desc=f"synth {out.name}", unit="patient", leave=False, disable=not progress):
         pid = patient_offset + p + 1
-        base = {f for f in SYNTH_FINDINGS if rng.random() < acq.prevalence[f]}
+        # lists, not sets: iterating a set of strings follows PYTHONHASHSEED, so the rng draws (and the
+        # whole data set) would differ between processes with the same seed
+        base = [f for f in SYNTH_FINDINGS if rng.random() < acq.prevalence[f]]
         age, sex = int(rng.integers(18, 90)), "MF"[rng.integers(2)]
         in_test = rng.random() < test_fraction
         for fu in range(int(rng.integers(1, 4))):
-            findings = {f for f in base if rng.random() < 0.85}
+            findings = set([f for f in base if rng.random() < 0.85])
             img, boxes = render(size, findings, rng, acq)
             name = f"{pid:08d}_{fu:03d}.png"
             Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(out / "images" / name)

@@ -136,6 +136,14 @@ class RunSettings(BaseModel):
         names = [f.strip() for f in self.findings.split(",") if f.strip()]
         return names or None
 
+    @property
+    def network(self) -> ModelConfig:
+        """The one model every node and the server build. GroupNorm, without running statistics, whenever DP
+        is on: Opacus needs it for DP-SGD, and central DP adds noise to every array, where BatchNorm's
+        running_var could turn negative and its statistics would be shared without clipping."""
+        return ModelConfig(arch=self.arch, weights=self.weights,
+                           dp_compatible=self.dp_enabled or self.central_dp != "off")
+
     def experiment(self, data_path: str = "", source: str = "chestxray14", findings: list[str] | None = None,
                    split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)) -> ExperimentConfig:
         """The common/ configuration sections this run implies, for one data folder (`source`: a real layout
@@ -147,7 +155,7 @@ class RunSettings(BaseModel):
             preprocess=PreprocessConfig(image_size=self.image_size, denoise_sigma=self.denoise_sigma,
                                         channels=self.channels),
             augment=AugmentConfig(enabled=self.augment),
-            model=ModelConfig(arch=self.arch, weights=self.weights, dp_compatible=self.dp_enabled),
+            model=self.network,
             train=TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                               weight_decay=self.weight_decay, pos_weight=self.pos_weight,
                               threshold_method=self.threshold_method, seed=self.seed,

@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 from client.arrays import load_record, state_to_record
 from client.settings import RunSettings
 from common.bundle import _jsonable, _write_atomic, save_bundle
-from common.config import ModelConfig
 from common.errors import FedxrayError
 from common.metrics import format_headline_table
 from common.models import build_model
@@ -163,8 +162,7 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     evaluator = GlobalEvaluator(s)
     findings = evaluator.findings
     seed_everything(s.seed)  # the initial global model is reproducible (runs with equal settings are comparable)
-    model = build_model(ModelConfig(arch=s.arch, weights=s.weights, dp_compatible=s.dp_enabled), len(findings),
-                        s.channels)
+    model = build_model(s.network, len(findings), s.channels)
     ckpt = Checkpoint(out)
     state, initial, best_arrays, strat_state = _resume_or_start(s, ckpt, model)
     state.run_ids.append(int(run_id))
@@ -187,7 +185,7 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     load_record(model, numpy_to_record(keeper.best_arrays))
     summary = _summary(s, state, evaluator, grid, run_id, time.perf_counter() - t0)
     bundle = save_bundle(out / "bundle", model,
-                         model_config=ModelConfig(arch=s.arch, weights=s.weights, dp_compatible=s.dp_enabled),
+                         model_config=s.network,
                          preprocess=evaluator.cfg.preprocess, findings=findings, thresholds=state.best_thresholds,
                          metrics=state.best_metrics, provenance=summary["provenance"],
                          multilabel=evaluator.multilabel)

@@ -1,16 +1,71 @@
 """Flower's strategies by name, configured from RunSettings; none is re-implemented here.
 
+BatchNorm's running statistics travel with the weights but are not weights: a server optimiser (FedAdam,
+FedYogi's adaptive step, FedAvgM's momentum) would move running_var by eta per round or overshoot it below
+zero, and every strategy's arithmetic turns the int64 `num_batches_tracked` into float64. So each strategy
+is Flower's class with one thin layer (`_RunningStatistics`): after Flower aggregates, the running
+statistics of the optimiser strategies are replaced by the plain example-weighted average of the hospitals'
+statistics (the robust ones keep their median/trimmed/Krum statistics), and every array gets its wire dtype
+back.
+
 Server-side optimiser state (FedAdam/FedYogi moments, FedAvgM momentum) is exported and restored as plain
 arrays so a restarted server resumes with the same state (see server/checkpoint.py).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from client.settings import RunSettings
+
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # BatchNorm buffers
+SERVER_OPTIMISERS = (FedAdam, FedYogi, FedAvgM)
+
+
+def is_running_statistic(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+
+
+class _RunningStatistics:
+    """Mixed in before a Flower strategy: see the module docstring. Parameters are left exactly as Flower
+    aggregated them."""
+
+    average_statistics = False
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        valid = [m.content for m in replies if not m.has_error() and m.has_content()]
+        if arrays is None or not valid:
+            return arrays, metrics
+        sent = next(iter(valid[0].array_records.values()))
+        out = {k: v.numpy() for k, v in arrays.items()}
+        stats = [k for k in out if is_running_statistic(k)]
+        if self.average_statistics and stats:
+            only = [RecordDict({"arrays": ArrayRecord({k: next(iter(c.array_records.values()))[k] for k in stats}),
+                                "metrics": next(iter(c.metric_records.values()))}) for c in valid]
+            out.update({k: v.numpy() for k, v in aggregate_arrayrecords(only, self.weighted_by_key).items()})
+        for k, v in out.items():
+            dtype = sent[k].numpy().dtype if k in sent else v.dtype
+            out[k] = (np.rint(v) if np.issubdtype(dtype, np.integer) else v).astype(dtype, copy=False)
+        result = ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
+        if isinstance(getattr(self, "current_arrays", None), ArrayRecord):
+            self.current_arrays = result   # FedAvgM steps from its own last result, not configure_train's
+        return result, metrics
+
+
+def _flower(cls: type[Strategy]) -> type[Strategy]:
+    """`cls` with the running-statistics layer; still an instance of Flower's class."""
+    return type(cls.__name__, (_RunningStatistics, cls),
+                {"__module__": __name__, "average_statistics": issubclass(cls, SERVER_OPTIMISERS),
+                 "__doc__": f"Flower's {cls.__name__}; running statistics handled as in server/strategies.py."})
 
 
 def build_strategy(s: RunSettings) -> Strategy:
@@ -19,15 +74,15 @@ def build_strategy(s: RunSettings) -> Strategy:
                   min_available_nodes=s.min_available_nodes)
     fedopt = dict(eta=s.fedopt_eta, eta_l=s.lr, beta_1=s.fedopt_beta_1, beta_2=s.fedopt_beta_2, tau=s.fedopt_tau)
     builders = {
-        "fedavg": lambda: FedAvg(**common),
-        "fedprox": lambda: FedProx(**common, proximal_mu=s.proximal_mu),
-        "fedadam": lambda: FedAdam(**common, **fedopt),
-        "fedyogi": lambda: FedYogi(**common, **fedopt),
-        "fedavgm": lambda: FedAvgM(**common, server_learning_rate=s.fedavgm_server_lr,
-                                   server_momentum=s.fedavgm_momentum),
-        "fedmedian": lambda: FedMedian(**common),
-        "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=s.trimmed_beta),
-        "krum": lambda: Krum(**common, num_malicious_nodes=s.krum_malicious_nodes),
+        "fedavg": lambda: _flower(FedAvg)(**common),
+        "fedprox": lambda: _flower(FedProx)(**common, proximal_mu=s.proximal_mu),
+        "fedadam": lambda: _flower(FedAdam)(**common, **fedopt),
+        "fedyogi": lambda: _flower(FedYogi)(**common, **fedopt),
+        "fedavgm": lambda: _flower(FedAvgM)(**common, server_learning_rate=s.fedavgm_server_lr,
+                                            server_momentum=s.fedavgm_momentum),
+        "fedmedian": lambda: _flower(FedMedian)(**common),
+        "fedtrimmedavg": lambda: _flower(FedTrimmedAvg)(**common, beta=s.trimmed_beta),
+        "krum": lambda: _flower(Krum)(**common, num_malicious_nodes=s.krum_malicious_nodes),
     }
     return builders[s.strategy]()
 

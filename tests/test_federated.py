@@ -89,7 +89,8 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
 
     s = RunSettings(strategy=name, proximal_mu=0.1 if name == "fedprox" else 0.0)
     strategy = build_strategy(s)
-    assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
+    flower_class = type(strategy).__mro__[2]   # (ours, _RunningStatistics, Flower's class, ...)
+    assert flower_class.__module__.startswith("flwr.serverapp.strategy") and isinstance(strategy, flower_class)
     assert isinstance(strategy, serverapp.strategy.Strategy)
     start = {"w": np.zeros((2, 2), np.float32)}
 
@@ -104,6 +105,73 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
     assert arrays is not None and arrays["w"].numpy().shape == (2, 2)
     if name == "fedprox":
         assert msgs[0].content["config"]["proximal-mu"] == pytest.approx(0.1)
+
+
+def _bn_rounds(strategy, client_stats: list[list[tuple[float, int]]]) -> list[dict[str, np.ndarray]]:
+    """Rounds of two hospitals (10 and 30 examples); client_stats[r][i] = (running_var, num_batches_tracked)."""
+    rng = np.random.default_rng(0)
+    current = ArrayRecord({"conv.weight": Array(np.zeros(4, np.float32)),
+                           "bn.running_var": Array(np.ones(4, np.float32)),
+                           "bn.num_batches_tracked": Array(np.array(0, np.int64))})
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    out = []
+    for rnd, stats in enumerate(client_stats, start=1):
+        msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), TwoNodes()))
+        replies = [_reply(m, {"conv.weight": rng.normal(size=4).astype(np.float32),
+                              "bn.running_var": np.full(4, var, np.float32),
+                              "bn.num_batches_tracked": np.array(nbt, np.int64)}, n)
+                   for m, (var, nbt), n in zip(msgs, stats, (10, 30), strict=True)]
+        current, _ = strategy.aggregate_train(rnd, replies)
+        out.append({k: v.numpy() for k, v in current.items()})
+    return out
+
+
+# the hospitals' running_var falls from 1 to 0.05: momentum and adaptive steps would overshoot below zero or lag
+BN_ROUNDS = [[(0.9, 10), (0.7, 12)], [(0.05, 20), (0.05, 22)], [(0.05, 30), (0.06, 32)]]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimisers_step_weights_but_average_batchnorm_statistics(name, task_identity):
+    """Weights exactly as Flower's own class computes them; running statistics = example-weighted mean."""
+    from server.strategies import build_strategy
+
+    ours = _bn_rounds(build_strategy(RunSettings(strategy=name)), BN_ROUNDS)
+    flower_class = type(build_strategy(RunSettings(strategy=name))).__mro__[2]
+    s = RunSettings(strategy=name)
+    kwargs = ({"server_learning_rate": s.fedavgm_server_lr, "server_momentum": s.fedavgm_momentum}
+              if name == "fedavgm" else {"eta": s.fedopt_eta, "eta_l": s.lr, "beta_1": s.fedopt_beta_1,
+                                         "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau})
+    theirs = _bn_rounds(flower_class(**kwargs), BN_ROUNDS)
+    for r, (mine, raw, stats) in enumerate(zip(ours, theirs, BN_ROUNDS, strict=True)):
+        np.testing.assert_allclose(mine["conv.weight"], raw["conv.weight"], rtol=1e-6)
+        np.testing.assert_allclose(mine["bn.running_var"], (10 * stats[0][0] + 30 * stats[1][0]) / 40, rtol=1e-6)
+        assert mine["bn.num_batches_tracked"].dtype == np.int64 and mine["bn.num_batches_tracked"].shape == ()
+        assert mine["bn.num_batches_tracked"] == round((10 * stats[0][1] + 30 * stats[1][1]) / 40)
+        assert mine["conv.weight"].dtype == np.float32 and mine["bn.running_var"].dtype == np.float32, r
+    # what the layer prevents: Flower's class alone lets running_var go negative (FedAvgM) or crawl (FedOpt)
+    last = theirs[-1]["bn.running_var"]
+    assert (last < 0).any() or (last > 0.5).all(), last
+    assert theirs[-1]["bn.num_batches_tracked"].dtype != np.int64
+
+
+def test_robust_strategies_keep_their_robust_statistics_with_wire_dtypes(task_identity):
+    from server.strategies import build_strategy
+
+    out = _bn_rounds(build_strategy(RunSettings(strategy="fedmedian")), [[(0.2, 10), (0.6, 13)]])[0]
+    np.testing.assert_allclose(out["bn.running_var"], 0.4)            # median of two = their mean
+    out = _bn_rounds(build_strategy(RunSettings(strategy="krum", krum_malicious_nodes=0)), [[(0.2, 10), (0.6, 13)]])[0]
+    assert out["bn.running_var"][0] in (np.float32(0.2), np.float32(0.6))   # one hospital's, not an average
+    assert out["bn.num_batches_tracked"].dtype == np.int64
+
+
+def test_central_dp_uses_the_model_without_running_statistics():
+    assert RunSettings(central_dp="server-fixed").network.dp_compatible
+    assert RunSettings(central_dp="server-fixed").experiment().model == RunSettings(central_dp="server-fixed").network
+    assert not RunSettings().network.dp_compatible
 
 
 # ------------------------------------------------------------------------------------------------ wire format

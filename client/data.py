@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from common.errors import DataError
 from common.pipeline import build_datasets
 
 log = logging.getLogger(__name__)
-_CACHE: dict[str, "NodeData"] = {}
+_CACHE: OrderedDict[str, "NodeData"] = OrderedDict()
+CACHE_ENTRIES = 16   # one Ray actor serves several partitions; older settings are dropped, least recent first
 _LOCK = threading.Lock()
 
 
@@ -92,6 +94,9 @@ def load_node_data(node_config: dict, settings: RunSettings, findings: list[str]
     with _LOCK:
         if key not in _CACHE:
             _CACHE[key] = _prepare(src, settings, findings)
+            while len(_CACHE) > CACHE_ENTRIES:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
         return _CACHE[key]
 
 

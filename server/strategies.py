@@ -61,6 +61,26 @@ class _RunningStatistics:
         return result, metrics
 
 
+def mean_of_defined(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Flower's example-weighted mean of the hospitals' metrics, except that a metric a hospital could not
+    compute (NaN: AUC on a split without positives) is left out of that metric's mean instead of making the
+    federation's mean NaN. A metric no hospital could compute stays NaN."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weighting_metric_name])
+        for key, value in metrics.items():
+            if key == weighting_metric_name or isinstance(value, list):
+                continue
+            sums.setdefault(key, 0.0)
+            weights.setdefault(key, 0.0)
+            if np.isfinite(value):
+                sums[key] += w * float(value)
+                weights[key] += w
+    return MetricRecord({k: sums[k] / weights[k] if weights[k] > 0 else float("nan") for k in sums})
+
+
 def _flower(cls: type[Strategy]) -> type[Strategy]:
     """`cls` with the running-statistics layer; still an instance of Flower's class."""
     return type(cls.__name__, (_RunningStatistics, cls),
@@ -71,7 +91,8 @@ def _flower(cls: type[Strategy]) -> type[Strategy]:
 def build_strategy(s: RunSettings) -> Strategy:
     common = dict(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
                   min_train_nodes=s.min_train_nodes, min_evaluate_nodes=s.min_evaluate_nodes,
-                  min_available_nodes=s.min_available_nodes)
+                  min_available_nodes=s.min_available_nodes,
+                  train_metrics_aggr_fn=mean_of_defined, evaluate_metrics_aggr_fn=mean_of_defined)
     fedopt = dict(eta=s.fedopt_eta, eta_l=s.lr, beta_1=s.fedopt_beta_1, beta_2=s.fedopt_beta_2, tau=s.fedopt_tau)
     builders = {
         "fedavg": lambda: _flower(FedAvg)(**common),

@@ -168,6 +168,19 @@ def test_robust_strategies_keep_their_robust_statistics_with_wire_dtypes(task_id
     assert out["bn.num_batches_tracked"].dtype == np.int64
 
 
+def test_a_metric_one_hospital_cannot_compute_does_not_make_the_federation_mean_nan(task_identity):
+    from server.strategies import build_strategy
+
+    strategy = build_strategy(RunSettings())
+    replies = [_reply(_instruction(11), {"w": np.zeros(2, np.float32)}, 10, **{"val-auc": float("nan"), "loss": 1.0}),
+               _reply(_instruction(12), {"w": np.ones(2, np.float32)}, 30, **{"val-auc": 0.8, "loss": 3.0})]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["val-auc"] == pytest.approx(0.8)                    # the one hospital that could compute it
+    assert metrics["loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)  # otherwise Flower's weighted mean
+    replies[1].content["metrics"]["val-auc"] = float("nan")
+    assert np.isnan(strategy.aggregate_train(1, replies)[1]["val-auc"])
+
+
 def test_central_dp_uses_the_model_without_running_statistics():
     assert RunSettings(central_dp="server-fixed").network.dp_compatible
     assert RunSettings(central_dp="server-fixed").experiment().model == RunSettings(central_dp="server-fixed").network
@@ -243,6 +256,21 @@ def test_node_data_resolution(synth_root, tmp_path):
     assert one.partition_id == 0 and one.site == "partition-0"
     with pytest.raises(DataError, match="no data"):
         resolve_source({}, s)
+
+
+def test_node_data_cache_reuses_and_is_bounded(synth_root, monkeypatch):
+    import client.data as node_data
+
+    monkeypatch.setattr(node_data, "CACHE_ENTRIES", 2)
+    node_data.clear_cache()
+    s = RunSettings(data_path=str(synth_root), image_size=16)
+    first = node_data.load_node_data({"partition-id": 0, "num-partitions": 3}, s)
+    assert node_data.load_node_data({"partition-id": 0, "num-partitions": 3}, s) is first   # reused
+    for pid in (1, 2):
+        node_data.load_node_data({"partition-id": pid, "num-partitions": 3}, s)
+    assert len(node_data._CACHE) == 2                                                         # oldest dropped
+    assert node_data.load_node_data({"partition-id": 0, "num-partitions": 3}, s) is not first
+    node_data.clear_cache()
 
 
 def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, task_identity):

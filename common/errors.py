@@ -25,3 +25,7 @@ class ImageError(FedxrayError):
 
 class BundleError(FedxrayError):
     """A model bundle is missing, tampered with, or of a schema this version cannot read."""
+
+
+class ModelDiverged(FedxrayError):
+    """A model's outputs are NaN/inf: its weights (or BatchNorm statistics) blew up in training or aggregation."""

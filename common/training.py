@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.config import TrainConfig
+from common.errors import ModelDiverged
 from common.metrics import compute_metrics, macro_f1, tune_thresholds
 
 
@@ -131,7 +132,22 @@ def predict(model: nn.Module, loader: DataLoader, criterion: nn.Module | None = 
         masks.append(mask.numpy())
     if not probs:
         raise ValueError("cannot evaluate on an empty dataset")
-    return np.concatenate(probs), np.concatenate(ys), np.concatenate(masks), total / max(n, 1)
+    p = np.concatenate(probs)
+    if not np.isfinite(p).all():
+        raise diverged(model, f"{desc}: the model gives NaN/inf on {int((~np.isfinite(p)).any(1).sum())} of {len(p)} "
+                              "images")
+    return p, np.concatenate(ys), np.concatenate(masks), total / max(n, 1)
+
+
+def diverged(model: nn.Module, what: str) -> ModelDiverged:
+    """The error for a model whose outputs are not finite, naming the tensors at fault."""
+    state = model.state_dict()
+    broken = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    negative = [k for k, t in state.items() if k.endswith("running_var") and (t < 0).any()]
+    where = (f"; NaN/inf in {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}" if broken else "")
+    where += f"; negative BatchNorm running_var in {', '.join(negative[:3])}" if negative else ""
+    return ModelDiverged(f"{what}{where}: training or aggregation diverged. Lower lr (federated: fedopt-eta or "
+                         "fedavgm-server-lr too), or use strategy='fedavg'")
 
 
 def evaluate(model: nn.Module, loader: DataLoader, findings: list[str], *, criterion: nn.Module | None = None,

@@ -36,6 +36,25 @@ def test_pos_weight_from_training_labels_and_softmax_check():
         SoftmaxCELoss()(torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
 
 
+def test_a_diverged_model_is_a_clear_error_naming_the_tensors_at_fault():
+    from common.errors import ModelDiverged
+    from common.training import predict
+
+    loader = [(torch.randn(4, 1, 16, 16), torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.bool))]
+    model = build_model(ModelConfig(arch="smallcnn", weights="none"), 2, 1)
+    assert np.isfinite(predict(model, loader)[0]).all()
+    with torch.no_grad():
+        model.features[1][1].running_var[0] = -0.5    # what a server optimiser used to do to BatchNorm
+    with pytest.raises(ModelDiverged, match=r"val: .*NaN/inf on 4 of 4 images.*negative BatchNorm running_var in "
+                                            r"features\.1\.1\.running_var.*Lower lr"):
+        predict(model, loader, desc="val")
+    model = build_model(ModelConfig(arch="smallcnn", weights="none"), 2, 1)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(ModelDiverged, match=r"NaN/inf in fc\.weight"):
+        predict(model, loader)
+
+
 def _config(root, out, **train):
     return ExperimentConfig.model_validate({
         "data": {"path": str(root), "findings": SYNTH_FINDINGS},

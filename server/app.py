@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ from common.models import build_model
 from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
-from server.grid import EVALUATE, TRAIN, GuardedGrid, is_declined
+from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, is_declined
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
@@ -122,6 +123,10 @@ def _require_updates(g: int, replies: list[dict]) -> None:
         raise FedxrayError(f"round {g}: every hospital declined to train because its privacy budget is spent "
                            f"({errors[0]}); the run ends here. More rounds need a larger dp-target-epsilon, which only "
                            "the hospitals can agree to")
+    if errors and all(e.startswith(REJECTED) for e in errors):
+        raise FedxrayError(f"round {g}: the server rejected every hospital's update, the first because "
+                           f"{errors[0][len(REJECTED):]}; do all SuperNodes run this version of the app with the same "
+                           "arch, findings and channels? The run resumes from its checkpoint once they do")
     detail = (f"{len(errors)} ClientApp errors, the first: {errors[0]}" if errors
               else "no replies within round-timeout")
     raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "
@@ -138,6 +143,10 @@ def _resume_or_start(s: RunSettings, ckpt: Checkpoint, model) -> tuple[RunState,
         return RunState(fingerprint=s.fingerprint()), state_to_record(model), None, {}
     state, glob, best, strat = loaded
     log.info("resuming from %s: %d of %d rounds done", ckpt.dir, state.rounds_done, s.num_server_rounds)
+    # checkpoints written before 0-d arrays kept their shape hold num_batches_tracked as (1,)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    glob, best = ({k: v.reshape(shapes[k]) if k in shapes and v.size == math.prod(shapes[k]) else v
+                   for k, v in arrays.items()} if arrays is not None else None for arrays in (glob, best))
     return state, numpy_to_record(glob), best, strat
 
 

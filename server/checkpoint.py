@@ -43,7 +43,8 @@ class RunState:
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    clean = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    # np.ascontiguousarray alone turns a 0-d array (num_batches_tracked) into shape (1,): keep the shape
+    clean = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
     _write_atomic(path, lambda tmp: save_file(clean, tmp))
 
 

@@ -10,13 +10,21 @@
   are seen at once, slow rounds cost few requests.
 * Every reply is recorded (node, site, metrics, bytes) so the server can write per-round, per-hospital
   history and provenance without touching the strategy.
+* A reply that cannot be aggregated is rejected here, named in the log and the history, and kept from the
+  strategy (`reply_problem`): arrays that do not match what was sent (keys, shapes, kinds), NaN/inf weights,
+  a missing or non-positive num-examples, or metrics shaped unlike the other hospitals'. Flower's strategies
+  would otherwise end the whole run on one inconsistent reply, broadcast a wrong shape, or average the NaN
+  into everyone's model.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -88,9 +96,16 @@ class GuardedGrid(Grid):
             if "arrays" in m.content.array_records:
                 self.bytes_down.append(record_bytes(m.content["arrays"]))
         replies = self._exchange(messages, timeout)
+        sent = {m.metadata.message_id: m for m in messages}   # ids are set by now (push or pull)
+        problems = _problems(replies, sent)
         for r in replies:
-            self._record(r)
-        if len(replies) < len(messages):
+            problem = problems.get(id(r))
+            if problem:
+                log.warning("rejected the %s reply of node %s: %s", r.metadata.message_type,
+                            r.metadata.src_node_id, problem)
+            self._record(r, problem)
+        replies = [r for r in replies if id(r) not in problems]
+        if len(replies) + len(problems) < len(messages):
             log.warning("%d of %d nodes did not reply within the round timeout (%s s); going on without them",
                         len(messages) - len(replies), len(messages), timeout)
         # A hospital whose DP budget is spent declines (client/privacy.py): recorded above, not a failure, so
@@ -125,11 +140,15 @@ class GuardedGrid(Grid):
                 done[id(content)] = new
             m.content = done[id(content)]
 
-    def _record(self, reply: Message) -> None:
+    def _record(self, reply: Message, problem: str | None = None) -> None:
         row = {"node_id": int(reply.metadata.src_node_id), "type": reply.metadata.message_type,
-               "ok": not reply.has_error()}
+               "ok": not reply.has_error() and not problem}
         if reply.has_error():
             row["error"] = reply.error.reason
+        elif problem:
+            row["error"] = f"{REJECTED}{problem}"
+            node = reply.content.config_records.get("node")
+            row["site"] = str(node["site"]) if node is not None and "site" in node else ""
         else:
             content = reply.content
             node = content.config_records.get("node")
@@ -146,3 +165,66 @@ class GuardedGrid(Grid):
         self.replies, self.bytes_down = [], []
         return out
 
+
+
+# ------------------------------------------------------------------------------------------ reply checks
+REJECTED = "rejected by the server: "
+WEIGHT = "num-examples"
+
+
+def _ours(instruction: Message | None) -> bool:
+    """Flower's Message-API strategies send the global weights as "arrays" with train and evaluate; the legacy
+    SecAgg+ workflow's stage messages (server/secagg.py) have their own shapes and are left to it."""
+    return instruction is not None and "arrays" in instruction.content.array_records
+
+
+def reply_problem(reply: Message, instruction: Message | None) -> str | None:
+    """Why this reply cannot be aggregated, or None. Error replies pass (they are recorded as failures)."""
+    if reply.has_error() or not _ours(instruction):
+        return None
+    if not reply.has_content():
+        return "the reply has neither content nor an error"
+    content = reply.content
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    n = metrics.get(WEIGHT)
+    if isinstance(n, list) or n is None or not math.isfinite(float(n)) or float(n) <= 0:
+        return f"{WEIGHT} must be one positive number, got {n!r}"
+    if reply.metadata.message_type != TRAIN:
+        return None
+    expected = {k: (tuple(a.shape), np.dtype(a.dtype).kind) for k, a in instruction.content["arrays"].items()}
+    if len(content.array_records) != 1:
+        return f"expected one ArrayRecord of weights, got {len(content.array_records)}"
+    arrays = next(iter(content.array_records.values()))
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"weights do not match the global model: missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, (shape, kind) in expected.items():
+        try:
+            value = arrays[key].numpy()
+        except Exception as e:  # noqa: BLE001 - undecodable bytes from the wire
+            return f"weight {key!r} cannot be decoded ({type(e).__name__}: {e})"
+        if tuple(value.shape) != shape:
+            return f"weight {key!r} has shape {tuple(value.shape)}, the global model's is {shape}"
+        if value.dtype.kind != kind:
+            return f"weight {key!r} is {value.dtype}, the global model's is of kind {kind!r}"
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"weight {key!r} holds NaN/inf (the hospital's training diverged)"
+    return None
+
+
+def _problems(replies: list[Message], sent: dict[str, Message]) -> dict[int, str]:
+    """{id(reply): why} for the replies to keep from the strategy; also those whose metric names differ from
+    the most common set of their message type (Flower needs one set to average)."""
+    out = {id(r): p for r in replies
+           if (p := reply_problem(r, sent.get(r.metadata.reply_to_message_id))) is not None}
+    for kind in (TRAIN, EVALUATE):
+        good = [r for r in replies if id(r) not in out and not r.has_error() and r.metadata.message_type == kind
+                and _ours(sent.get(r.metadata.reply_to_message_id))]
+        names = {id(r): tuple(sorted(next(iter(r.content.metric_records.values())).keys())) for r in good}
+        if len(set(names.values())) > 1:
+            usual = Counter(names.values()).most_common(1)[0][0]
+            out.update({i: f"its metrics {list(n)} differ from the other hospitals' {list(usual)}"
+                        for i, n in names.items() if n != usual})
+    return out

@@ -181,6 +181,72 @@ def test_a_metric_one_hospital_cannot_compute_does_not_make_the_federation_mean_
     assert np.isnan(strategy.aggregate_train(1, replies)[1]["val-auc"])
 
 
+def test_replies_that_cannot_be_aggregated_are_rejected_by_name_and_the_round_goes_on(task_identity):
+    """One hospital's garbage must neither end the run (Flower raises on inconsistent replies) nor reach the
+    average (NaN, wrong shapes); the rest are aggregated by Flower's FedAvg as usual."""
+    from server.grid import REJECTED, GuardedGrid
+    from server.strategies import build_strategy
+
+    good = {"w": np.full((2, 3), 2.0, np.float32), "n": np.array(4, np.int64)}
+    garbage = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=b"not an array")
+    bad = {  # node id -> (arrays, num-examples, extra metrics)
+        2: ({**good, "w": np.zeros((3, 2), np.float32)}, 10, {}),
+        3: ({**good, "w": np.full((2, 3), np.nan, np.float32)}, 10, {}),
+        4: ({"w": good["w"]}, 10, {}),
+        5: (good, 0, {}),
+        6: (good, 10, {"surprise": 1.0}),
+        7: ({**good, "w": good["w"].astype(np.int32)}, 10, {}),
+        8: ({**good, "w": garbage}, 10, {}),
+    }
+    why = {2: "shape (3, 2)", 3: "NaN/inf", 4: "missing ['n']", 5: "num-examples must be one positive number",
+           6: "differ from the other hospitals'", 7: "is int32", 8: "cannot be decoded"}
+
+    class Nodes:
+        pushed: list = []
+
+        def get_node_ids(self):
+            return [1, *bad, 9]
+
+        def push_messages(self, msgs):
+            self.pushed = list(msgs)
+            for i, m in enumerate(self.pushed):
+                m.metadata.__dict__["_message_id"] = f"m{i}"
+            return [m.metadata.message_id for m in self.pushed]
+
+        def pull_messages(self, ids):
+            out = []
+            for m in self.pushed:
+                arrays, n, extra = bad.get(m.metadata.dst_node_id, (good, 10, {}))
+                content = RecordDict({"arrays": ArrayRecord({k: v if isinstance(v, Array) else Array(v)
+                                                             for k, v in arrays.items()}),
+                                      "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **extra})})
+                reply = Message(content, reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                out.append(reply)
+            return out
+
+    strategy = build_strategy(RunSettings(min_train_nodes=9, min_available_nodes=9))
+    grid = GuardedGrid(Nodes(), min_nodes=1, wait_timeout=5)
+    start = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.array(0, np.int64))})
+    msgs = list(strategy.configure_train(1, start, ConfigRecord(), grid))
+    kept = grid.send_and_receive(msgs, timeout=5)
+    assert sorted(r.metadata.src_node_id for r in kept) == [1, 9]
+    rows = {r["node_id"]: r for r in grid.replies}
+    assert rows[1]["ok"] and rows[9]["ok"]
+    for node, reason in why.items():
+        assert not rows[node]["ok"] and rows[node]["error"].startswith(REJECTED) and reason in rows[node]["error"], \
+            (node, rows[node].get("error"))
+    arrays, _ = strategy.aggregate_train(1, kept)
+    np.testing.assert_array_equal(arrays["w"].numpy(), good["w"])
+
+    from common.errors import FedxrayError
+    from server.app import _require_updates
+
+    with pytest.raises(FedxrayError, match=r"round 3: the server rejected every hospital's update, the first because "
+                                           r"weight 'w' has shape \(3, 2\)"):
+        _require_updates(3, [rows[2], rows[3]])
+
+
 def test_central_dp_uses_the_model_without_running_statistics():
     assert RunSettings(central_dp="server-fixed").network.dp_compatible
     assert RunSettings(central_dp="server-fixed").experiment().model == RunSettings(central_dp="server-fixed").network
@@ -228,14 +294,15 @@ def test_checkpoint_resume_rules(tmp_path):
     from server.checkpoint import Checkpoint, RunState
 
     ck = Checkpoint(tmp_path)
-    arrays = {"w": np.arange(4, dtype=np.float32)}
+    arrays = {"w": np.arange(4, dtype=np.float32), "bn.num_batches_tracked": np.array(7, np.int64)}
     for r in (1, 2):
         st = RunState(fingerprint="abc", rounds_done=r, history=[{"round": r}], best_round=r)
-        ck.save(st, {"w": arrays["w"] + r}, {"w": arrays["w"]}, {"m_t/w": arrays["w"] * 0}, best_changed=True)
+        ck.save(st, {**arrays, "w": arrays["w"] + r}, arrays, {"m_t/w": arrays["w"] * 0}, best_changed=True)
     assert sorted(p.name for p in ck.dir.iterdir()) == ["best-r0002.safetensors", "global-r0002.safetensors",
                                                         "state.json", "strategy-r0002.safetensors"]
     state, glob, best, strat = ck.load("abc", num_rounds=5)
     assert state.rounds_done == 2 and np.array_equal(glob["w"], arrays["w"] + 2) and "m_t/w" in strat
+    assert glob["bn.num_batches_tracked"].shape == () == best["bn.num_batches_tracked"].shape   # 0-d stays 0-d
     assert ck.load("abc", num_rounds=2) is None     # finished: a rerun starts fresh
     assert ck.load("other", num_rounds=5) is None   # other settings: start fresh
 

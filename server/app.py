@@ -176,7 +176,7 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     state, initial, best_arrays, strat_state = _resume_or_start(s, ckpt, model)
     state.run_ids.append(int(run_id))
     strategy = wrap_central_dp(build_strategy(s), s)
-    restore_state(strategy, strat_state)
+    restore_state(strategy, strat_state, state.rounds_done)
     guarded = GuardedGrid(grid, min_nodes=max(s.min_available_nodes, s.min_train_nodes, s.min_evaluate_nodes),
                           wait_timeout=s.node_wait_timeout, fp16=s.fp16)
     keeper = RoundKeeper(s, evaluator, guarded, strategy, ckpt, state, best_arrays, out)

@@ -37,11 +37,14 @@ class _RunningStatistics:
     aggregated them."""
 
     average_statistics = False
+    # rounds done before a resume (set by restore_state): Flower's start() counts from 1 again, and FedAdam's
+    # bias correction must not restart with it
+    round_offset = 0
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)  # type: ignore[misc]
         valid = [m.content for m in replies if not m.has_error() and m.has_content()]
         if arrays is None or not valid:
             return arrays, metrics
@@ -132,8 +135,11 @@ def export_state(strategy: Strategy) -> dict[str, np.ndarray]:
     return out
 
 
-def restore_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+def restore_state(strategy: Strategy, state: dict[str, np.ndarray], rounds_done: int = 0) -> None:
+    """Put a checkpoint's optimiser state back, and number the next round rounds_done + 1 for the optimiser."""
     strategy = getattr(strategy, "strategy", strategy)  # inside a central-DP wrapper (server/privacy.py)
+    if isinstance(strategy, _RunningStatistics):
+        strategy.round_offset = rounds_done
     for attr in ("m_t", "v_t"):
         part = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(attr + "/")}
         if part:

@@ -158,6 +158,33 @@ def test_server_optimisers_step_weights_but_average_batchnorm_statistics(name, t
     assert theirs[-1]["bn.num_batches_tracked"].dtype != np.int64
 
 
+def test_fedadam_resumed_after_two_rounds_equals_three_rounds_in_one_go(task_identity):
+    """The checkpoint keeps the moments; restore_state also keeps the round count for the bias correction."""
+    from server.strategies import build_strategy, export_state, restore_state
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    def play(strategy, current, updates):
+        for rnd, update in enumerate(updates, start=1):   # Flower's start() numbers its rounds from 1
+            msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), TwoNodes()))
+            current, _ = strategy.aggregate_train(rnd, [_reply(m, update, 10) for m in msgs])
+        return current
+
+    updates = [{"w": np.full(4, v, np.float32)} for v in (1.0, 0.5, 2.0)]
+    start = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    whole = play(build_strategy(RunSettings(strategy="fedadam")), start, updates)["w"].numpy()
+    first = build_strategy(RunSettings(strategy="fedadam"))
+    after_two = play(first, start, updates[:2])
+    resumed = build_strategy(RunSettings(strategy="fedadam"))
+    restore_state(resumed, export_state(first), rounds_done=2)
+    np.testing.assert_allclose(play(resumed, after_two, updates[2:])["w"].numpy(), whole, rtol=1e-6)
+    restarted = build_strategy(RunSettings(strategy="fedadam"))
+    restore_state(restarted, export_state(first))                        # what resuming did before
+    assert not np.allclose(play(restarted, after_two, updates[2:])["w"].numpy(), whole, rtol=1e-3)
+
+
 def test_robust_strategies_keep_their_robust_statistics_with_wire_dtypes(task_identity):
     from server.strategies import build_strategy
 

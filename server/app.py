@@ -143,11 +143,13 @@ def _resume_or_start(s: RunSettings, ckpt: Checkpoint, model) -> tuple[RunState,
         return RunState(fingerprint=s.fingerprint()), state_to_record(model), None, {}
     state, glob, best, strat = loaded
     log.info("resuming from %s: %d of %d rounds done", ckpt.dir, state.rounds_done, s.num_server_rounds)
-    # checkpoints written before 0-d arrays kept their shape hold num_batches_tracked as (1,)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    glob, best = ({k: v.reshape(shapes[k]) if k in shapes and v.size == math.prod(shapes[k]) else v
-                   for k, v in arrays.items()} if arrays is not None else None for arrays in (glob, best))
-    return state, numpy_to_record(glob), best, strat
+
+    def model_shapes(arrays: dict) -> dict:   # checkpoints from before 0-d arrays kept their shape hold (1,)
+        return {k: v.reshape(shapes[k]) if k in shapes and v.size == math.prod(shapes[k]) else v
+                for k, v in arrays.items()}
+
+    return state, numpy_to_record(model_shapes(glob)), best and model_shapes(best), strat
 
 
 def run_server(grid: Grid, run_config: dict, overrides: dict | None = None, run_id: int = 0) -> dict:

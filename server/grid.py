@@ -104,10 +104,10 @@ class GuardedGrid(Grid):
                 log.warning("rejected the %s reply of node %s: %s", r.metadata.message_type,
                             r.metadata.src_node_id, problem)
             self._record(r, problem)
-        replies = [r for r in replies if id(r) not in problems]
-        if len(replies) + len(problems) < len(messages):
+        if len(replies) < len(messages):
             log.warning("%d of %d nodes did not reply within the round timeout (%s s); going on without them",
                         len(messages) - len(replies), len(messages), timeout)
+        replies = [r for r in replies if id(r) not in problems]
         # A hospital whose DP budget is spent declines (client/privacy.py): recorded above, not a failure, so
         # not handed to the strategy (Flower's central-DP wrappers skip a whole round on any error reply).
         return [r for r in replies if not (r.has_error() and is_declined(r.error.reason))]
@@ -143,16 +143,16 @@ class GuardedGrid(Grid):
     def _record(self, reply: Message, problem: str | None = None) -> None:
         row = {"node_id": int(reply.metadata.src_node_id), "type": reply.metadata.message_type,
                "ok": not reply.has_error() and not problem}
+        readable = not reply.has_error() and reply.has_content()
         if reply.has_error():
             row["error"] = reply.error.reason
-        elif problem:
-            row["error"] = f"{REJECTED}{problem}"
-            node = reply.content.config_records.get("node")
-            row["site"] = str(node["site"]) if node is not None and "site" in node else ""
-        else:
+        if readable:
             content = reply.content
             node = content.config_records.get("node")
             row["site"] = str(node["site"]) if node is not None and "site" in node else ""
+        if problem:
+            row["error"] = f"{REJECTED}{problem}"
+        elif readable:
             metrics = next(iter(content.metric_records.values()), None)
             row["metrics"] = dict(metrics) if metrics is not None else {}
             if "arrays" in content.array_records:
@@ -164,7 +164,6 @@ class GuardedGrid(Grid):
         out = (self.replies, self.bytes_down)
         self.replies, self.bytes_down = [], []
         return out
-
 
 
 # ------------------------------------------------------------------------------------------ reply checks

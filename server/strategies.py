@@ -56,7 +56,7 @@ class _RunningStatistics:
                                 "metrics": next(iter(c.metric_records.values()))}) for c in valid]
             out.update({k: v.numpy() for k, v in aggregate_arrayrecords(only, self.weighted_by_key).items()})
         for k, v in out.items():
-            dtype = sent[k].numpy().dtype if k in sent else v.dtype
+            dtype = np.dtype(sent[k].dtype) if k in sent else v.dtype
             out[k] = (np.rint(v) if np.issubdtype(dtype, np.integer) else v).astype(dtype, copy=False)
         result = ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
         if isinstance(getattr(self, "current_arrays", None), ArrayRecord):

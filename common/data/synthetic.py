@@ -112,7 +112,7 @@ def write_hospital(out: Path, *, patients: int, size: int, acq: Acquisition, see
         age, sex = int(rng.integers(18, 90)), "MF"[rng.integers(2)]
         in_test = rng.random() < test_fraction
         for fu in range(int(rng.integers(1, 4))):
-            findings = set([f for f in base if rng.random() < 0.85])
+            findings = {f for f in base if rng.random() < 0.85}   # draws in the list's order
             img, boxes = render(size, findings, rng, acq)
             name = f"{pid:08d}_{fu:03d}.png"
             Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(out / "images" / name)

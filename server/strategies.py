@@ -65,23 +65,28 @@ class _RunningStatistics:
 
 
 def mean_of_defined(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
-    """Flower's example-weighted mean of the hospitals' metrics, except that a metric a hospital could not
-    compute (NaN: AUC on a split without positives) is left out of that metric's mean instead of making the
-    federation's mean NaN. A metric no hospital could compute stays NaN."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    """Flower's example-weighted mean of the hospitals' metrics (`aggregate_metricrecords`), except that a
+    value a hospital could not compute (NaN: AUC on a split without positives) is left out of that value's
+    mean instead of making the federation's mean NaN. A value no hospital could compute stays NaN."""
+    sums: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray] = {}
+    is_list: dict[str, bool] = {}
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         w = float(metrics[weighting_metric_name])
         for key, value in metrics.items():
-            if key == weighting_metric_name or isinstance(value, list):
+            if key == weighting_metric_name:
                 continue
-            sums.setdefault(key, 0.0)
-            weights.setdefault(key, 0.0)
-            if np.isfinite(value):
-                sums[key] += w * float(value)
-                weights[key] += w
-    return MetricRecord({k: sums[k] / weights[k] if weights[k] > 0 else float("nan") for k in sums})
+            v = np.atleast_1d(np.asarray(value, dtype=np.float64))
+            defined = np.isfinite(v)
+            sums[key] = sums.get(key, 0.0) + np.where(defined, w * v, 0.0)
+            weights[key] = weights.get(key, 0.0) + np.where(defined, w, 0.0)
+            is_list[key] = isinstance(value, list)
+    out = MetricRecord()
+    for key, total in sums.items():
+        mean = np.divide(total, weights[key], out=np.full_like(total, np.nan), where=weights[key] > 0)
+        out[key] = [float(x) for x in mean] if is_list[key] else float(mean[0])
+    return out
 
 
 def _flower(cls: type[Strategy]) -> type[Strategy]:

@@ -48,6 +48,16 @@ def _instruction(node: int) -> Message:
                    message_type=MessageType.TRAIN)
 
 
+class _Nodes:
+    """Just enough Grid for a strategy's configure_train: the connected node ids."""
+
+    def __init__(self, *ids: int):
+        self.ids = list(ids)
+
+    def get_node_ids(self):
+        return self.ids
+
+
 # ------------------------------------------------------------------------------------------------ settings
 def test_run_settings_defaults_equal_pyproject():
     """run_federated_simulation cannot read pyproject: its defaults must be the same demo config."""
@@ -94,12 +104,8 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
     assert isinstance(strategy, serverapp.strategy.Strategy)
     start = {"w": np.zeros((2, 2), np.float32)}
 
-    class OneShotGrid:
-        def get_node_ids(self):
-            return [1, 2, 3, 4]
-
     msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(start["w"])}),
-                                         ConfigRecord(), OneShotGrid()))
+                                         ConfigRecord(), _Nodes(1, 2, 3, 4)))
     replies = [_reply(m, {"w": np.full((2, 2), float(i), np.float32)}, 10 + i) for i, m in enumerate(msgs)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and arrays["w"].numpy().shape == (2, 2)
@@ -114,13 +120,9 @@ def _bn_rounds(strategy, client_stats: list[list[tuple[float, int]]]) -> list[di
                            "bn.running_var": Array(np.ones(4, np.float32)),
                            "bn.num_batches_tracked": Array(np.array(0, np.int64))})
 
-    class TwoNodes:
-        def get_node_ids(self):
-            return [1, 2]
-
     out = []
     for rnd, stats in enumerate(client_stats, start=1):
-        msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), TwoNodes()))
+        msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), _Nodes(1, 2)))
         replies = [_reply(m, {"conv.weight": rng.normal(size=4).astype(np.float32),
                               "bn.running_var": np.full(4, var, np.float32),
                               "bn.num_batches_tracked": np.array(nbt, np.int64)}, n)
@@ -162,13 +164,9 @@ def test_fedadam_resumed_after_two_rounds_equals_three_rounds_in_one_go(task_ide
     """The checkpoint keeps the moments; restore_state also keeps the round count for the bias correction."""
     from server.strategies import build_strategy, export_state, restore_state
 
-    class TwoNodes:
-        def get_node_ids(self):
-            return [1, 2]
-
     def play(strategy, current, updates):
         for rnd, update in enumerate(updates, start=1):   # Flower's start() numbers its rounds from 1
-            msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), TwoNodes()))
+            msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), _Nodes(1, 2)))
             current, _ = strategy.aggregate_train(rnd, [_reply(m, update, 10) for m in msgs])
         return current
 
@@ -199,11 +197,14 @@ def test_a_metric_one_hospital_cannot_compute_does_not_make_the_federation_mean_
     from server.strategies import build_strategy
 
     strategy = build_strategy(RunSettings())
-    replies = [_reply(_instruction(11), {"w": np.zeros(2, np.float32)}, 10, **{"val-auc": float("nan"), "loss": 1.0}),
-               _reply(_instruction(12), {"w": np.ones(2, np.float32)}, 30, **{"val-auc": 0.8, "loss": 3.0})]
+    replies = [_reply(_instruction(11), {"w": np.zeros(2, np.float32)}, 10,
+                      **{"val-auc": float("nan"), "loss": 1.0, "per-finding": [0.5, float("nan")]}),
+               _reply(_instruction(12), {"w": np.ones(2, np.float32)}, 30,
+                      **{"val-auc": 0.8, "loss": 3.0, "per-finding": [0.9, 0.7]})]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["val-auc"] == pytest.approx(0.8)                    # the one hospital that could compute it
     assert metrics["loss"] == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)  # otherwise Flower's weighted mean
+    assert metrics["per-finding"] == pytest.approx([(10 * 0.5 + 30 * 0.9) / 40, 0.7])   # lists element-wise
     replies[1].content["metrics"]["val-auc"] = float("nan")
     assert np.isnan(strategy.aggregate_train(1, replies)[1]["val-auc"])
 

@@ -48,7 +48,7 @@ class _RunningStatistics:
         valid = [m.content for m in replies if not m.has_error() and m.has_content()]
         if arrays is None or not valid:
             return arrays, metrics
-        sent = next(iter(valid[0].array_records.values()))
+        wire = next(iter(valid[0].array_records.values()))   # a hospital's arrays, in their wire dtypes
         out = {k: v.numpy() for k, v in arrays.items()}
         stats = [k for k in out if is_running_statistic(k)]
         if self.average_statistics and stats:
@@ -56,7 +56,7 @@ class _RunningStatistics:
                                 "metrics": next(iter(c.metric_records.values()))}) for c in valid]
             out.update({k: v.numpy() for k, v in aggregate_arrayrecords(only, self.weighted_by_key).items()})
         for k, v in out.items():
-            dtype = np.dtype(sent[k].dtype) if k in sent else v.dtype
+            dtype = np.dtype(wire[k].dtype) if k in wire else v.dtype
             out[k] = (np.rint(v) if np.issubdtype(dtype, np.integer) else v).astype(dtype, copy=False)
         result = ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
         if isinstance(getattr(self, "current_arrays", None), ArrayRecord):

@@ -1,8 +1,10 @@
 """The hospital's Flower ClientApp: local training and evaluation on the node's own patients.
 
-Replies carry weights, counts and aggregate metrics only (examples, loss, AUC/F1, seconds): never an image,
-a label vector, a file name or a patient id. The incoming "config" record carries `findings` (the label
-order the server's model uses) and, from FedProx, `proximal-mu`.
+Replies carry weights, counts and aggregate metrics only (examples, loss, AUC/F1, seconds) and the site name:
+never an image, a label vector, a file name or a patient id. Failures leave as a fixed vocabulary
+(client/boundary.py, the outermost mod); the hospital's site policy (client/policy.py, named by the node
+config, never by the run config) can refuse a run and decides which metrics may leave. The incoming "config"
+record carries `findings` (the label order the server's model uses) and, from FedProx, `proximal-mu`.
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import zlib
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.arrays import load_record, state_to_record, to_fp32
+from client.boundary import REFUSED, reason
 from client.data import NodeData, load_node_data
-from client.mods import make_mods
+from client.mods import UNDER_SECURE_AGGREGATION, make_mods
+from client.policy import Refusal, SitePolicy, check_round, check_run
 from client.privacy import RoundPrivacy, unwrap
 from client.settings import RunSettings
 from common.models import build_model
@@ -42,6 +46,16 @@ def _setup(msg: Message, context: Context, overrides: dict | None):
     return settings, config, data, cfg, model
 
 
+def _shared(metrics: dict, policy: SitePolicy | None) -> MetricRecord:
+    """The metrics that may leave under the site policy; the others travel as NaN, so every hospital's reply
+    keeps the same keys (the server averages each key over the hospitals that defined it)."""
+    return MetricRecord({k: (v if policy is None or policy.shares(k) else float("nan")) for k, v in metrics.items()})
+
+
+def _refuse(msg: Message, data: NodeData, refusal: Refusal) -> Message:
+    return Message(Error(REFUSED, reason("policy-refused", site=data.site, detail=refusal.detail())), reply_to=msg)
+
+
 def _seed(settings: RunSettings, data: NodeData, server_round: int) -> int:
     """Different per round and per hospital, reproducible across runs."""
     return settings.seed + 1000 * server_round + zlib.crc32(data.site.encode()) % 1000
@@ -49,13 +63,28 @@ def _seed(settings: RunSettings, data: NodeData, server_round: int) -> int:
 
 def train(msg: Message, context: Context, overrides: dict | None = None) -> Message:
     t0 = time.perf_counter()
+    policy = SitePolicy.for_node(dict(context.node_config))   # first: an invalid policy refuses everything
     settings, config, data, cfg, model = _setup(msg, context, overrides)
-    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    offset = int(config.get("round-offset", 0))
+    server_round = int(config.get("server-round", 0)) + offset
     seed = _seed(settings, data, server_round)
     seed_everything(seed)
     ds = data.datasets
-    dp = RoundPrivacy.start(settings, context.state, len(ds["train"]), server_round) if settings.dp_enabled else None
-    if dp is not None and not dp.allowed():  # this round would break the hospital's budget: do not train
+    ledger = policy.ledger() if policy is not None and settings.dp_enabled else None
+    run_key = str(context.run_id)
+    dp = None
+    if settings.dp_enabled:
+        prior = ledger.run_history(run_key, settings.fingerprint(), resumed=offset > 0) if ledger else None
+        dp = RoundPrivacy.start(settings, context.state, len(ds["train"]), server_round, history=prior)
+    if policy is not None:
+        try:
+            check_run(policy, settings, train_examples=len(ds["train"]),
+                      secure_aggregation=UNDER_SECURE_AGGREGATION.get(), budget=dp.budget if dp else None)
+            if ledger is not None:
+                check_round(policy, ledger, dp)
+        except Refusal as refusal:
+            return _refuse(msg, data, refusal)
+    if dp is not None and not dp.allowed():  # this round would break the run's own budget: do not train
         return Message(dp.decline(data.site), reply_to=msg)
     criterion = make_criterion(cfg.train, ds["train"].labels)
     loader = make_loader(ds["train"], cfg.train.batch_size, shuffle=True, seed=seed, drop_last=True)
@@ -71,11 +100,15 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
         steps += len(loader)
     val = evaluate(unwrap(model), make_loader(ds["val"], cfg.train.batch_size * 2, shuffle=False), data.findings,
                    criterion=criterion, tune=cfg.train.threshold_method, multilabel=data.multilabel)
-    metrics = MetricRecord({
+    privacy = dp.finish(engine, context.state) if dp is not None else {}
+    if ledger is not None:   # spent once the update leaves: recorded before it does
+        ledger.record(run_key, fingerprint=settings.fingerprint(), site=data.site, server_round=server_round,
+                      steps=dp.new_steps, run_epsilon=privacy["dp-epsilon"], run_delta=privacy["dp-delta"])
+    metrics = _shared({
         "num-examples": len(ds["train"]), "train-loss": float(losses[-1]), "local-steps": steps,
         "val-auc": _num(val["macro"]["auc"]), "val-f1": _num(val["macro"]["f1"]),
-        "seconds": time.perf_counter() - t0, **(dp.finish(engine, context.state) if dp is not None else {}),
-    })
+        "seconds": time.perf_counter() - t0, **privacy,
+    }, policy)
     fp16 = bool(config.get("fp16", settings.fp16))
     content = RecordDict({"arrays": state_to_record(model, fp16=fp16), "metrics": metrics,
                           "node": ConfigRecord({"site": data.site})})
@@ -85,6 +118,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
 def evaluate_local(msg: Message, context: Context, overrides: dict | None = None) -> Message:
     """The global model on this hospital's test split, thresholds tuned on its validation split."""
     t0 = time.perf_counter()
+    policy = SitePolicy.for_node(dict(context.node_config))
     settings, _, data, cfg, model = _setup(msg, context, overrides)
     ds, bs = data.datasets, cfg.train.batch_size * 2
     criterion = make_criterion(cfg.train)
@@ -94,11 +128,11 @@ def evaluate_local(msg: Message, context: Context, overrides: dict | None = None
     test = evaluate(model, make_loader(ds["test"], bs, shuffle=False), data.findings, criterion=criterion,
                     thresholds=thr, multilabel=data.multilabel)
     m = test["macro"]
-    metrics = MetricRecord({
+    metrics = _shared({
         "num-examples": len(ds["test"]), "test-loss": float(test["loss"]), "test-auc": _num(m["auc"]),
         "test-f1": _num(m["f1"]), "test-accuracy": _num(m["accuracy"]), "test-precision": _num(m["precision"]),
         "test-recall": _num(m["recall"]), "seconds": time.perf_counter() - t0,
-    })
+    }, policy)
     return Message(content=RecordDict({"metrics": metrics, "node": ConfigRecord({"site": data.site})}),
                    reply_to=msg)
 

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
+from common.errors import FedxrayError
 from common.models import _strip_prefixes, _unwrap
 
 
@@ -48,8 +49,9 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
     missing = set(target.state_dict()) - set(sd)
     unexpected = set(sd) - set(target.state_dict())
     if missing or unexpected:
-        raise ValueError(f"global weights do not fit this model: missing {sorted(missing)[:5]}, unexpected "
-                         f"{sorted(unexpected)[:5]}; do all nodes and the server use the same arch/findings?")
+        raise FedxrayError(f"global weights do not fit this model: missing {sorted(missing)[:5]}, unexpected "
+                           f"{sorted(unexpected)[:5]}; do all nodes and the server use the same arch/findings?",
+                           code="model")
     target.load_state_dict(sd, strict=True)
 
 

@@ -1,5 +1,7 @@
 """Flower client mods the ClientApp always carries; each acts only when the message asks for it.
 
+* The hospital boundary (client/boundary.py), outermost: every exception becomes a fixed-vocabulary reply.
+
 * Central DP with client-side clipping: Flower's `fixedclipping_mod` / `adaptiveclipping_mod`, applied when
   the train config carries Flower's clipping-norm key (the DifferentialPrivacyClientSide* wrappers add it).
 * SecAgg+: Flower's `secaggplus_mod`, applied when the message carries SecAgg+'s config record. In Flower 1.42
@@ -9,6 +11,8 @@
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
@@ -17,6 +21,9 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 PARAM_NAMES = "param-names"   # fit-config key: comma-separated state-dict keys, in Parameters order
+# True while client.app.train runs inside Flower's secaggplus_mod: set here, on the hospital, never read from
+# anything the server sends, so a site policy that requires secure aggregation cannot be talked round.
+UNDER_SECURE_AGGREGATION: ContextVar[bool] = ContextVar("under_secure_aggregation", default=False)
 
 
 def _adaptive(ctx: Context, overrides: dict | None) -> bool:
@@ -41,7 +48,9 @@ def make_mods(overrides: dict | None = None) -> list:
 
         return secaggplus_mod(msg, ctx, lambda m, c: _legacy_fit(m, c, call_next))
 
-    return [secure_aggregation, central_dp]
+    from client.boundary import make_boundary_mod
+
+    return [make_boundary_mod(overrides), secure_aggregation, central_dp]
 
 
 def _legacy_fit(msg: Message, ctx: Context, call_next) -> Message:
@@ -54,7 +63,11 @@ def _legacy_fit(msg: Message, ctx: Context, call_next) -> Message:
     arrays = ArrayRecord({n: Array(bytes_to_ndarray(t)) for n, t in zip(names, fitins.parameters.tensors,
                                                                        strict=True)})
     msg.content = RecordDict({"arrays": arrays, "config": ConfigRecord(cfg)})
-    reply = call_next(msg, ctx)
+    token = UNDER_SECURE_AGGREGATION.set(True)
+    try:
+        reply = call_next(msg, ctx)
+    finally:
+        UNDER_SECURE_AGGREGATION.reset(token)
     if reply.has_error():
         return reply
     out = reply.content

@@ -10,7 +10,6 @@ is skipped without an optimiser step; the accountant still counts it, so the rep
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -85,9 +84,13 @@ class PrivacyBudget:
                       poisson_sampling=True)
         if self.cfg.grad_sample_mode == "ghost":
             kwargs["criterion"] = criterion
+        if self.cfg.secure_rng:
+            kwargs["noise_generator"] = engine.secure_rng = secret_generator()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             wrapped = engine.make_private(**kwargs)
+        if self.cfg.secure_rng:
+            wrapped[1].secure_mode = True   # Opacus' noise robust to floating-point attacks (sum of 4 draws / 2)
         return (engine, *wrapped)
 
     def record(self, engine) -> float:
@@ -104,6 +107,23 @@ class PrivacyBudget:
         self.history = list(zip(state.get("dp-noise", []), state.get("dp-rate", []), state.get("dp-steps", [])))
 
 
+def secret_generator():
+    """A torch Generator seeded from the OS CSPRNG, for Opacus' noise and Poisson sampling.
+
+    Opacus' own secure_mode needs torchcsprng, which is unmaintained and has no wheels for current torch. What
+    secure_mode protects against is (1) an adversary who knows the seed, and so which examples each Poisson
+    batch held and the noise drawn (the run's `seed` is in the run config, which the server writes), and (2)
+    floating-point attacks on the Gaussian sampler. This generator closes (1): its seed is 63 bits from
+    `secrets`, never stored. (2) is Opacus' secure noise, switched on for the optimizer in `attach`. What
+    remains is that torch's Mersenne Twister is not a CSPRNG: its state could in principle be reconstructed
+    from many observed raw outputs, which DP-SGD never releases (only noised sums)."""
+    import secrets
+
+    import torch
+
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside Opacus' GradSampleModule (its state_dict keys carry no `_module.` prefix)."""
     return getattr(model, "_module", model)
@@ -111,8 +131,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ one Flower round
 DP_STATE = "fedxray-dp"                        # Context.state ConfigRecord with the accountant history
-DECLINE_PREFIX = "fedxray: privacy budget exhausted "
-DECLINE_CODE = 6                               # flwr ErrorCode.MOD_FAILED_PRECONDITION
 
 
 def privacy_config(s) -> PrivacyConfig:
@@ -120,7 +138,7 @@ def privacy_config(s) -> PrivacyConfig:
     return PrivacyConfig(enabled=s.dp_enabled, target_epsilon=s.dp_target_epsilon or None,
                          noise_multiplier=s.dp_noise_multiplier or None, delta=s.dp_delta or None,
                          max_grad_norm=s.dp_max_grad_norm, accountant=s.dp_accountant,
-                         grad_sample_mode=s.dp_grad_sample_mode)
+                         grad_sample_mode=s.dp_grad_sample_mode, secure_rng=s.dp_secure_rng)
 
 
 @dataclass
@@ -136,13 +154,18 @@ class RoundPrivacy:
     budget: PrivacyBudget
     round_steps: int
     assumed_rounds: int = 0
+    new_steps: list = field(default_factory=list)   # this round's accountant history, once finished
 
     @classmethod
-    def start(cls, s, state, num_examples: int, global_round: int) -> "RoundPrivacy":
+    def start(cls, s, state, num_examples: int, global_round: int, history: list | None = None) -> "RoundPrivacy":
+        """`history`: what the hospital's privacy ledger (client/policy.py) recorded for this run; it wins over
+        the Context state, which a restarted SuperNode loses."""
         round_steps = PrivacyBudget.steps_per_epoch(num_examples, s.batch_size) * s.local_epochs
         budget = PrivacyBudget(privacy_config(s), num_examples, s.batch_size, s.num_server_rounds * round_steps)
         assumed = 0
-        if DP_STATE in state.config_records:
+        if history is not None:
+            budget.history = list(history)
+        elif DP_STATE in state.config_records:
             budget.load_state(dict(state.config_records[DP_STATE]))
         elif global_round > 1:
             assumed = global_round - 1
@@ -156,6 +179,7 @@ class RoundPrivacy:
         """Record this round's steps in the carried history; the reply's privacy metrics."""
         from flwr.app import ConfigRecord
 
+        self.new_steps = [tuple(h) for h in engine.accountant.history]
         eps = self.budget.record(engine)
         state.config_records[DP_STATE] = ConfigRecord(self.budget.state())
         return self.metrics(eps)
@@ -170,16 +194,18 @@ class RoundPrivacy:
         aggregates the others; the server recognises this one (parse_decline) and records it."""
         from flwr.app import Error
 
-        info = {"site": site, **self.metrics(), "projected-epsilon": self.budget.epsilon(self.round_steps),
+        from client.boundary import REFUSED, reason
+
+        info = {**self.metrics(), "projected-epsilon": self.budget.epsilon(self.round_steps),
                 "target-epsilon": self.budget.cfg.target_epsilon}
-        return Error(DECLINE_CODE, DECLINE_PREFIX + json.dumps(info))
+        return Error(REFUSED, reason("dp-budget-spent", site=site, detail=info))
 
 
-def parse_decline(reason: str | None) -> dict | None:
-    """The decline info of an Error reason written by RoundPrivacy.decline, else None."""
-    if not reason or not reason.startswith(DECLINE_PREFIX):
+def parse_decline(text: str | None) -> dict | None:
+    """{site, epsilon numbers...} of a privacy-budget decline (RoundPrivacy.decline), else None."""
+    from client.boundary import parse_reply_error
+
+    info = parse_reply_error(text)
+    if info is None or info["code"] != "dp-budget-spent":
         return None
-    try:
-        return json.loads(reason[len(DECLINE_PREFIX):])
-    except ValueError:
-        return None
+    return {"site": info["site"], **info["detail"]}

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.config import AugmentConfig, DataConfig, ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig
-from common.errors import FedxrayError
+from common.errors import SettingsError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 # Keys that may change between a checkpoint and its resumption without invalidating it.
@@ -84,6 +84,8 @@ class RunSettings(BaseModel):
     dp_max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
     dp_accountant: Literal["rdp", "prv"] = "rdp"
     dp_grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    dp_secure_rng: bool = Field(True, description="noise/sampling seeded from the OS CSPRNG (false: reproducible "
+                                                  "from seed, for experiments only)")
     # privacy: central DP, Flower's strategy wrappers (server/privacy.py)
     central_dp: Literal["off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "off"
     central_dp_noise_multiplier: float = Field(1.0, ge=0)
@@ -120,8 +122,9 @@ class RunSettings(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            raise FedxrayError(f"invalid run config ({problems}); fix it in [tool.flwr.app.config] or "
-                               f"--run-config") from e
+            keys = sorted({str(err["loc"][0]) for err in e.errors() if err["loc"]})
+            raise SettingsError(f"invalid run config ({problems}); fix it in [tool.flwr.app.config] or "
+                                f"--run-config", keys=keys) from e
 
     def to_run_config(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -23,6 +20,7 @@ from torch import nn
 import common
 from common.config import ModelConfig, PreprocessConfig
 from common.errors import BundleError
+from common.fileio import jsonable, write_atomic
 from common.models import _strip_prefixes, _unwrap, build_model, count_parameters
 
 SCHEMA_VERSION = 1
@@ -53,21 +51,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON values: numpy -> Python, Path -> str, NaN/inf -> None (e.g. AUC of a finding with no positives)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set, np.ndarray)):
-        return [_jsonable(v) for v in (x.tolist() if isinstance(x, np.ndarray) else x)]
-    if isinstance(x, (np.generic, torch.Tensor)):
-        return _jsonable(x.tolist())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if x is None or isinstance(x, (str, int, bool)):
-        return x
-    return str(x)
 
 
 def _package_versions() -> dict[str, str]:
@@ -105,20 +88,6 @@ def _build_and_load(model_config: ModelConfig, num_outputs: int, channels: int,
     return model.eval()
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same directory, fsync, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_bundle(out_dir: str | Path, model: nn.Module, *, model_config: ModelConfig, preprocess: PreprocessConfig,
                 findings: list[str], thresholds, metrics: dict | None = None, provenance: dict | None = None,
                 multilabel: bool = True, extra: dict | None = None) -> Path:
@@ -140,7 +109,7 @@ def save_bundle(out_dir: str | Path, model: nn.Module, *, model_config: ModelCon
 
     out.mkdir(parents=True, exist_ok=True)
     weights_path = out / WEIGHTS_FILE
-    _write_atomic(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     digest = sha256_file(weights_path)
     architecture = model_config.model_copy(update={"weights": "none"}).model_dump(mode="json")
     identity = json.dumps([digest, architecture, findings, thr.tolist(), preprocess.model_dump(mode="json")],
@@ -157,13 +126,13 @@ def save_bundle(out_dir: str | Path, model: nn.Module, *, model_config: ModelCon
         "thresholds": dict(zip(findings, thr.tolist())),
         "preprocess": preprocess.model_dump(mode="json"),
         "input": {"channels": preprocess.channels, "image_size": preprocess.image_size},
-        "metrics": _jsonable(metrics or {}),
-        "provenance": {**_jsonable(provenance or {}), "package_versions": _package_versions()},
+        "metrics": jsonable(metrics or {}),
+        "provenance": {**jsonable(provenance or {}), "package_versions": _package_versions()},
         "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": weights_path.stat().st_size},
-        "extra": _jsonable(extra or {}),
+        "extra": jsonable(extra or {}),
     }
     text = json.dumps(card, indent=2, allow_nan=False) + "\n"
-    _write_atomic(out / CARD_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(out / CARD_FILE, lambda tmp: Path(tmp).write_text(text))
     return out
 
 
@@ -249,7 +218,7 @@ def update_card(path: str | Path, key: str, value: Any) -> dict:
     card_path = p if p.suffix == ".json" else p / CARD_FILE
     card = read_card(card_path)
     extra = card.get("extra") if isinstance(card.get("extra"), dict) else {}
-    card["extra"] = {**extra, str(key): _jsonable(value)}
+    card["extra"] = {**extra, str(key): jsonable(value)}
     text = json.dumps(card, indent=2, allow_nan=False) + "\n"
-    _write_atomic(card_path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(card_path, lambda tmp: Path(tmp).write_text(text))
     return card

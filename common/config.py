@@ -107,6 +107,8 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm")
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "ew", "functorch", "ghost"] = "hooks"
+    secure_rng: bool = Field(True, description="Noise and Poisson sampling from a generator seeded by the OS "
+                                               "CSPRNG, noise robust to floating-point attacks (see client/privacy)")
 
 
 class ExperimentConfig(_Section):

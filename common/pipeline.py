@@ -51,7 +51,7 @@ def build_datasets(manifest: Manifest, splits: dict[str, list[int]], cfg: Experi
         ds.preload()
         if idx and len(ds) == 0:
             raise DataError(f"every image of the {name} split was excluded (see the data report)",
-                            path=str(manifest.root))
+                            path=str(manifest.root), code="data-too-small")
         out[name] = ds
     return out
 

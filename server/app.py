@@ -7,7 +7,6 @@ history), status.json (running / done / failed + message), checkpoint/.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,14 +19,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.arrays import load_record, state_to_record
 from client.settings import RunSettings
-from common.bundle import _jsonable, _write_atomic, save_bundle
+from common.bundle import save_bundle
 from common.errors import FedxrayError
+from common.fileio import write_json
 from common.metrics import format_headline_table
 from common.models import build_model
 from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
-from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, is_declined
+from client.boundary import DECLINES
+from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
@@ -36,13 +37,8 @@ log = logging.getLogger("flwr.fedxray")
 SUMMARY_FILE, STATUS_FILE = "federation.json", "status.json"
 
 
-def _write_json(path: Path, obj) -> None:
-    text = json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n"
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def write_status(out: Path, state: str, **info) -> None:
-    _write_json(out / STATUS_FILE, {"state": state, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    write_json(out / STATUS_FILE, {"state": state, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     **info})
 
 
@@ -118,19 +114,26 @@ def _require_updates(g: int, replies: list[dict]) -> None:
     train = [r for r in replies if r["type"] == TRAIN]
     if any(r["ok"] for r in train):
         return
-    errors = [r.get("error", "") for r in train if not r["ok"]]
-    if errors and all(is_declined(e) for e in errors):
+    failed = [r for r in train if not r["ok"]]
+    first = failed[0] if failed else None
+    who = f"{first['site'] or 'node ' + str(first['node_id'])}: {first.get('error', '')}" if first else ""
+    codes = {r.get("code") for r in failed}
+    if failed and codes == {"dp-budget-spent"}:
         raise FedxrayError(f"round {g}: every hospital declined to train because its privacy budget is spent "
-                           f"({errors[0]}); the run ends here. More rounds need a larger dp-target-epsilon, which only "
+                           f"({who}); the run ends here. More rounds need a larger dp-target-epsilon, which only "
                            "the hospitals can agree to")
-    if errors and all(e.startswith(REJECTED) for e in errors):
+    if failed and codes <= set(DECLINES):
+        refusals = "; ".join(f"{r['site'] or r['node_id']}: {r.get('error', '')}" for r in failed)
+        raise FedxrayError(f"round {g}: every hospital refused this run under its site policy or privacy budget "
+                           f"({refusals}); change the run config to what the hospitals allow")
+    if failed and codes == {"rejected"}:
         raise FedxrayError(f"round {g}: the server rejected every hospital's update, the first because "
-                           f"{errors[0][len(REJECTED):]}; do all SuperNodes run this version of the app with the same "
-                           "arch, findings and channels? The run resumes from its checkpoint once they do")
-    detail = (f"{len(errors)} ClientApp errors, the first: {errors[0]}" if errors
-              else "no replies within round-timeout")
+                           f"{first['error'][len(REJECTED):]}; do all SuperNodes run this version of the app with the "
+                           "same arch, findings and channels? The run resumes from its checkpoint once they do")
+    detail = f"{len(failed)} failed, the first {who}" if failed else "no replies within round-timeout"
     raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "
-                       "SuperNodes (their logs show the traceback) and restart: the run resumes from its checkpoint")
+                       "SuperNodes (their logs have the detail under the incident id) and restart: the run resumes "
+                       "from its checkpoint")
 
 
 def _fmt(x) -> str:
@@ -204,7 +207,7 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     summary["table"] = format_headline_table(
         {f"federated test (round {state.best_round})": state.best_metrics["test"]},
         title=f"Federated {s.strategy}, {len(state.nodes)} hospitals, {state.rounds_done} rounds - server test split")
-    _write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, summary)
     log.info("\n%s\nbundle: %s", summary["table"], bundle)
     return summary
 

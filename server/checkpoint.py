@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from common.bundle import _jsonable, _write_atomic
+from common.fileio import write_atomic, write_json
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -45,7 +45,7 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
     # np.ascontiguousarray alone turns a 0-d array (num_batches_tracked) into shape (1,): keep the shape
     clean = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
-    _write_atomic(path, lambda tmp: save_file(clean, tmp))
+    write_atomic(path, lambda tmp: save_file(clean, tmp))
 
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -100,8 +100,7 @@ class Checkpoint:
             files["strategy"] = f"strategy-r{r:04d}.safetensors"
             _save_arrays(self.dir / files["strategy"], strategy_state)
         state.files = files
-        text = json.dumps(_jsonable(asdict(state)), indent=1, allow_nan=False)
-        _write_atomic(self.dir / STATE_FILE, lambda tmp: Path(tmp).write_text(text))
+        write_json(self.dir / STATE_FILE, asdict(state))
         keep = set(files.values()) | {STATE_FILE}
         for old in self.dir.glob("*.safetensors"):
             if old.name not in keep:

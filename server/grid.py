@@ -29,15 +29,28 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from client.arrays import record_bytes, to_fp16, to_fp32
-from client.privacy import parse_decline
+from client.boundary import describe, is_decline, parse_reply_error
 from common.errors import FedxrayError
 
 log = logging.getLogger(__name__)
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 
 
+# Flower ErrorCodes whose reason is an exception's text (CLIENT_APP_RAISED_EXCEPTION, a Ray/vce exception):
+# written by a ClientApp without our boundary, so its text may name files or patients and is not kept.
+_RAW_EXCEPTION_CODES = (0, 2, 8)
+
+
+def flower_error_text(code: int, reason: str | None) -> str:
+    if int(code) in _RAW_EXCEPTION_CODES:
+        return (f"Flower error {code}: the ClientApp failed outside fedxray's boundary (its text is withheld; "
+                "the SuperNode's log has it)")
+    return f"Flower error {code}: {str(reason or '')[:200]}"
+
+
 def is_declined(reason: str | None) -> bool:
-    return parse_decline(reason) is not None
+    """A hospital's refusal by choice (privacy budget spent, site policy): recorded, not a failure."""
+    return is_decline(reason)
 
 
 class NotEnoughNodes(FedxrayError):
@@ -52,6 +65,7 @@ class GuardedGrid(Grid):
         self._clock = clock
         self._short_since: float | None = None
         self.replies: list[dict] = []       # drained by the server after each round
+        self.sites: dict[int, str] = {}     # node id -> site name, learnt from replies: names a lost node too
         self.bytes_down: list[int] = []     # per message sent, drained likewise
 
     # -- Grid API delegated to the real grid ---------------------------------------------------------------
@@ -104,9 +118,14 @@ class GuardedGrid(Grid):
                 log.warning("rejected the %s reply of node %s: %s", r.metadata.message_type,
                             r.metadata.src_node_id, problem)
             self._record(r, problem)
-        if len(replies) < len(messages):
-            log.warning("%d of %d nodes did not reply within the round timeout (%s s); going on without them",
-                        len(messages) - len(replies), len(messages), timeout)
+        answered = {r.metadata.src_node_id for r in replies}
+        silent = [m for m in messages if m.metadata.dst_node_id not in answered]
+        for m in silent:
+            self._record_silence(m, timeout)
+        if silent:
+            log.warning("%d of %d nodes (%s) did not reply within the round timeout (%s s); going on without them",
+                        len(silent), len(messages), ", ".join(self._name(m.metadata.dst_node_id) for m in silent),
+                        timeout)
         replies = [r for r in replies if id(r) not in problems]
         # A hospital whose DP budget is spent declines (client/privacy.py): recorded above, not a failure, so
         # not handed to the strategy (Flower's central-DP wrappers skip a whole round on any error reply).
@@ -140,18 +159,36 @@ class GuardedGrid(Grid):
                 done[id(content)] = new
             m.content = done[id(content)]
 
+    def _name(self, node_id: int) -> str:
+        return f"{self.sites[node_id]} (node {node_id})" if node_id in self.sites else f"node {node_id}"
+
+    def _record_silence(self, instruction: Message, timeout: float | None) -> None:
+        node_id = int(instruction.metadata.dst_node_id)
+        self.replies.append({"node_id": node_id, "site": self.sites.get(node_id, ""),
+                             "type": instruction.metadata.message_type, "ok": False,
+                             "error": f"no reply within round-timeout ({timeout} s)", "code": "no-reply"})
+
     def _record(self, reply: Message, problem: str | None = None) -> None:
-        row = {"node_id": int(reply.metadata.src_node_id), "type": reply.metadata.message_type,
+        node_id = int(reply.metadata.src_node_id)
+        row = {"node_id": node_id, "site": "", "type": reply.metadata.message_type,
                "ok": not reply.has_error() and not problem}
         readable = not reply.has_error() and reply.has_content()
         if reply.has_error():
-            row["error"] = reply.error.reason
+            info = parse_reply_error(reply.error.reason)
+            if info is not None:   # a fedxray hospital's fixed-vocabulary failure or refusal
+                row.update(site=info["site"], error=describe(info), code=info["code"], failure=info)
+            else:                  # Flower's own: its fixed texts are kept, an exception's text never is
+                row.update(error=flower_error_text(reply.error.code, reply.error.reason), code="flower")
         if readable:
             content = reply.content
             node = content.config_records.get("node")
             row["site"] = str(node["site"]) if node is not None and "site" in node else ""
+        if row["site"]:
+            self.sites[node_id] = row["site"]
+        else:
+            row["site"] = self.sites.get(node_id, "")
         if problem:
-            row["error"] = f"{REJECTED}{problem}"
+            row["error"], row["code"] = f"{REJECTED}{problem}", "rejected"
         elif readable:
             metrics = next(iter(content.metric_records.values()), None)
             row["metrics"] = dict(metrics) if metrics is not None else {}

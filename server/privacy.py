@@ -16,7 +16,6 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client.privacy import parse_decline
 from client.settings import RunSettings
 
 TRAIN = "train"
@@ -36,10 +35,11 @@ def record_round(nodes: dict[str, dict], replies: list[dict], server_round: int)
             site = r.get("site") or site_of.get(r["node_id"], str(r["node_id"]))
             info = {"epsilon": float(m["dp-epsilon"]), "delta": float(m["dp-delta"]), "declined": False}
         else:
-            d = parse_decline(r.get("error"))
-            if d is None:
+            failure = r.get("failure") or {}
+            if failure.get("code") != "dp-budget-spent":
                 continue
-            site = d.get("site") or site_of.get(r["node_id"], str(r["node_id"]))
+            d = failure.get("detail", {})
+            site = failure.get("site") or site_of.get(r["node_id"], str(r["node_id"]))
             info = {"epsilon": float(d["dp-epsilon"]), "delta": float(d["dp-delta"]), "declined": True}
         out[site] = info
         node = nodes.setdefault(site, {"node_ids": [r["node_id"]], "rounds": [], "examples": 0})

@@ -6,54 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.fileio import jsonable, write_atomic, write_json  # noqa: F401 - re-exported for simulations/
+
 RESULTS_FILE, REPORT_FILE = "results.json", "report.md"
-
-
-def jsonable(x: Any) -> Any:
-    """Plain JSON: numpy -> Python, NaN/inf -> None, tuples -> lists, Paths -> str."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Temp file in the same folder, fsync, rename: a reader (or a resumed run) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    return write_atomic(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 def fingerprint(*parts: Any) -> str:

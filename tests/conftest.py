@@ -32,3 +32,14 @@ def pneumoniamnist() -> Path:
     if not PNEUMONIAMNIST.is_file():
         pytest.skip(f"real data not available: {PNEUMONIAMNIST} (only in the fedxray workplace's ../shared/data)")
     return PNEUMONIAMNIST
+
+
+@pytest.fixture
+def task_identity():
+    """Messages created outside a Flower runtime need a task identity, as run_simulation sets it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

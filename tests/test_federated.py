@@ -26,17 +26,6 @@ TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0
 _STARTED_ROOTS: list[str] = []   # tmp folders whose processes must all be gone at the end
 
 
-@pytest.fixture
-def task_identity():
-    """Messages created outside a Flower runtime need a task identity, as run_simulation sets it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _reply(instruction: Message, arrays: dict[str, np.ndarray], n: int, **metrics) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": n, **metrics})})

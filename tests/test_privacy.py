@@ -58,17 +58,6 @@ def test_fixed_noise_multiplier_and_default_delta():
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 
 
-@pytest.fixture
-def task_identity():
-    """Messages created outside a Flower runtime need a task identity, as run_simulation sets it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _train_msg(model, server_round: int):
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
@@ -110,7 +99,10 @@ def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(s
     info = parse_decline(third.error.reason)
     assert info["site"] == "hospital_1" and info["dp-epsilon"] == pytest.approx(eps[1])
     assert info["projected-epsilon"] > 3.0 * 1.02
-    record_round(nodes, [{"type": "train", "ok": False, "node_id": 3, "error": third.error.reason}], 3)
+    from client.boundary import parse_reply_error
+
+    record_round(nodes, [{"type": "train", "ok": False, "node_id": 3, "failure": parse_reply_error(third.error.reason)}],
+                 3)
     dp = provenance(s, nodes)["client_dp_sgd"]["per_hospital"]["hospital_1"]
     assert dp["epsilon"] == pytest.approx(eps[1]) and dp["delta"] == 1e-5 and dp["declined_rounds"] == [3]
     assert nodes["hospital_1"]["dp"]["epsilon_by_round"] == {"1": eps[0], "2": eps[1], "3": eps[1]}
@@ -151,7 +143,7 @@ def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode
     from flwr.serverapp import strategy as fs
     from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-    from client.privacy import DECLINE_CODE, DECLINE_PREFIX
+    from client.boundary import REFUSED, reason
     from client.settings import RunSettings
     from server.grid import GuardedGrid
     from server.privacy import wrap_central_dp
@@ -182,8 +174,8 @@ def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode
             for i, m in enumerate(self.pushed):
                 m.metadata.__dict__["_message_id"] = str(i)
                 if i == 2:
-                    out.append(Message(Error(DECLINE_CODE, DECLINE_PREFIX + '{"site": "h3", "dp-epsilon": 3.0, '
-                                             '"dp-delta": 1e-05}'), reply_to=m))
+                    out.append(Message(Error(REFUSED, reason("dp-budget-spent", site="h3", detail={
+                        "dp-epsilon": 3.0, "dp-delta": 1e-05})), reply_to=m))
                 else:
                     metrics = {KEY_NORM_BIT: 1} if mode == "client-adaptive" else {}  # adaptiveclipping_mod's
                     out.append(_reply(m, {"w": np.full(4, 3.0 * (i + 1), np.float32)}, 10, **metrics))
@@ -208,14 +200,17 @@ def test_client_side_clipping_mod_clips_the_update(task_identity):
 
     from client.mods import make_mods
 
-    central = make_mods({"central-dp": "client-fixed"})[1]
+    def mod(name, overrides=None):
+        return next(m for m in make_mods(overrides) if m.__name__ == name)
+
+    central = mod("central_dp", {"central-dp": "client-fixed"})
     msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
                               "config": ConfigRecord({KEY_CLIPPING_NORM: 0.5})}), dst_node_id=3,
                   message_type=MessageType.TRAIN)
     ctx = Context(run_id=7, node_id=3, node_config={}, state=RecordDict(), run_config={})
     out = central(msg, ctx, lambda m, c: _reply(m, {"w": np.full(4, 10.0, np.float32)}, 5))
     assert np.linalg.norm(out.content["arrays"]["w"].numpy()) == pytest.approx(0.5, rel=1e-5)
-    plain = make_mods()[1](Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3,
+    plain = mod("central_dp")(Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=3,
                                    message_type=MessageType.TRAIN), ctx, lambda m, c: "untouched")
     assert plain == "untouched"
 

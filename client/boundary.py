@@ -1,8 +1,8 @@
 """The hospital boundary: what a ClientApp may say to the federation when something goes wrong.
 
-Flower forwards a ClientApp's exception text to the server (`"<class 'DataError'>:<'…/Data_Entry_2017.csv:41:
-… 00300917_000.png …'>"`), where it lands in the SuperLink's database, the server's log and every file the
-ServerApp writes. So `boundary_mod`, the outermost mod of our ClientApp, catches every exception and replies
+Flower forwards a ClientApp's exception text to the server (`"<class 'DataError'>:<'<the CSV's path>:<line>:
+… <image name, whose first 8 digits are the patient id> …'>"`), where it lands in the SuperLink's database, the
+server's log and every file the ServerApp writes. So `boundary_mod`, the outermost mod of our ClientApp, catches every exception and replies
 with a fixed vocabulary instead (common/errors.py FAILURES): a code, the exception's type, the setting to
 check, the site name and an incident id. The detail (message, traceback, the file and line) goes only to the
 hospital's own log: the SuperNode's output and, when the node config names one, `log-file`; the incident id

@@ -27,6 +27,7 @@ from common.models import build_model
 from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
+from server.federation import PROGRESS
 from client.boundary import DECLINES
 from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid
 from server.privacy import provenance as privacy_provenance
@@ -72,13 +73,32 @@ class RoundKeeper:
             write_status(self.out, "running", round=g, rounds=self.s.num_server_rounds)
         self._t = time.perf_counter()
         v, t = ev.val["macro"], ev.test["macro"]
-        log.info("round %d: val F1 %.3f AUC %s | test F1 %.3f AUC %s%s", g, v["f1"] or 0, _fmt(v["auc"]),
-                 t["f1"] or 0, _fmt(t["auc"]), "  (best so far)" if self.state.best_round == g and g else "")
+        log.info("%s", self._progress(row))
         nan = float("nan")
         return MetricRecord({"val-f1": v["f1"] if v["f1"] is not None else nan,
                              "val-auc": v["auc"] if v["auc"] is not None else nan,
                              "test-f1": t["f1"] if t["f1"] is not None else nan,
                              "test-auc": t["auc"] if t["auc"] is not None else nan})
+
+    def _progress(self, row: dict) -> str:
+        """The per-round line an operator watches (the launcher prints the lines carrying PROGRESS): round,
+        which hospitals trained and which did not (site and reason code), validation metrics, seconds.
+        Test metrics are reported once, for the round validation selects."""
+        g, n = row["round"], self.s.num_server_rounds
+        v = row["global"]["val"]
+        parts = [f"round {g}/{n}" + (" (initial model)" if "clients" not in row else "")]
+        if "clients" in row:
+            train = row["clients"]["train"]
+            ok = [r for r in train if r["ok"]]
+            missing = [f"{r['site'] or 'node ' + str(r['node_id'])}: {r.get('code', 'failed')}"
+                       for r in train if not r["ok"]]
+            parts.append(f"{len(ok)} of {len(train)} hospitals trained" + (f" ({'; '.join(missing)})" if missing
+                                                                             else ""))
+        best = "  (best so far)" if self.state.best_round == g and g else ""
+        parts.append(f"val AUC {_fmt(v['auc'])} F1 {_fmt(v['f1'])}{best}")
+        if "seconds" in row:
+            parts.append(f"{row['seconds']:.1f} s")
+        return PROGRESS + " | ".join(parts)
 
     def _update_best(self, ev: GlobalEval, arrays: ArrayRecord) -> None:
         f1 = ev.val["macro"]["f1"] or 0.0
@@ -117,23 +137,29 @@ def _require_updates(g: int, replies: list[dict]) -> None:
     failed = [r for r in train if not r["ok"]]
     first = failed[0] if failed else None
     who = f"{first['site'] or 'node ' + str(first['node_id'])}: {first.get('error', '')}" if first else ""
+    every = "; ".join(f"{r['site'] or 'node ' + str(r['node_id'])}: {r.get('error', '')}" for r in failed)
     codes = {r.get("code") for r in failed}
     if failed and codes == {"dp-budget-spent"}:
         raise FedxrayError(f"round {g}: every hospital declined to train because its privacy budget is spent "
                            f"({who}); the run ends here. More rounds need a larger dp-target-epsilon, which only "
                            "the hospitals can agree to")
     if failed and codes <= set(DECLINES):
-        refusals = "; ".join(f"{r['site'] or r['node_id']}: {r.get('error', '')}" for r in failed)
         raise FedxrayError(f"round {g}: every hospital refused this run under its site policy or privacy budget "
-                           f"({refusals}); change the run config to what the hospitals allow")
+                           f"({every}); change the run config to what the hospitals allow")
     if failed and codes == {"rejected"}:
         raise FedxrayError(f"round {g}: the server rejected every hospital's update, the first because "
                            f"{first['error'][len(REJECTED):]}; do all SuperNodes run this version of the app with the "
                            "same arch, findings and channels? The run resumes from its checkpoint once they do")
-    detail = f"{len(failed)} failed, the first {who}" if failed else "no replies within round-timeout"
+    detail = f"{len(failed)} failed: {every}" if failed else "no replies within round-timeout"
     raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "
                        "SuperNodes (their logs have the detail under the incident id) and restart: the run resumes "
                        "from its checkpoint")
+
+
+def _contributors(state: RunState, g: int) -> list[str]:
+    """The hospitals whose updates made round g's model (the final table counts only those)."""
+    row = next((h for h in state.history if h["round"] == g), {})
+    return sorted({r["site"] or f"node {r['node_id']}" for r in row.get("clients", {}).get("train", []) if r["ok"]})
 
 
 def _fmt(x) -> str:
@@ -204,9 +230,11 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
                          metrics=state.best_metrics, provenance=summary["provenance"],
                          multilabel=evaluator.multilabel)
     summary["bundle"] = str(bundle)
+    contributed = _contributors(state, state.best_round)
     summary["table"] = format_headline_table(
         {f"federated test (round {state.best_round})": state.best_metrics["test"]},
-        title=f"Federated {s.strategy}, {len(state.nodes)} hospitals, {state.rounds_done} rounds - server test split")
+        title=f"Federated {s.strategy}, {len(contributed)} hospitals in the selected round {state.best_round} "
+              f"({', '.join(contributed)}), {state.rounds_done} rounds - server test split")
     write_json(out / SUMMARY_FILE, summary)
     log.info("\n%s\nbundle: %s", summary["table"], bundle)
     return summary

@@ -6,40 +6,41 @@
 * `run_flwr_simulation`: `flwr run <app> --stream` against Flower's managed local simulation SuperLink,
   on private ports and a private FLWR_HOME, and stops that detached SuperLink afterwards.
 
-Every process starts in its own session (process group) and is stopped by group id: SIGTERM, then SIGKILL.
+Processes are tracked and stopped by server/processes.py (each with the descendants it was seen with). The
+run's stream is written to logs/run.log and its per-round progress lines are printed as they come. When the run
+ends without the ServerApp saying so (the SuperLink died, the run timed out), the launcher marks status.json
+failed with the cause. Rerunning with the same --workdir and output folder resumes from the checkpoint.
 `python -m server.launch --data data/synth` (or `fedxray launch`) runs the deployment topology end to end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import tomli_w
+
 from common.data.sources import site_folders
 from common.errors import FedxrayError
-from server.federation import FLOWER_ENV
+from server.federation import FLOWER_ENV, PROGRESS
+from server.processes import Proc, free_port, pids_with_arg, start, stop, stop_tree, wait_http
 
 if TYPE_CHECKING:
     from server.security import Security
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flower_env(flwr_home: Path, ray_tmp: Path | None = None, **extra: str) -> dict[str, str]:
@@ -52,24 +53,16 @@ def flower_env(flwr_home: Path, ray_tmp: Path | None = None, **extra: str) -> di
     return env
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
 def write_run_config(path: Path, run_config: dict) -> Path:
     """Overrides as a TOML file: `--run-config FILE.toml` avoids every shell-quoting problem."""
-    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+    path.write_text(tomli_w.dumps(run_config))
     return path
 
 
 def node_config(values: dict) -> str:
-    """`--node-config` text; strings as TOML literal strings ('...') where they allow it."""
+    """`--node-config` text (Flower's `k=v k2=v2`, values as TOML): strings as literal strings where they can be."""
     def val(v):
-        return f"'{v}'" if isinstance(v, str) and "'" not in v else toml_value(v)
+        return f"'{v}'" if isinstance(v, str) and "'" not in v else tomli_w.dumps({"v": v})[4:].strip()
     return " ".join(f"{k}={val(v)}" for k, v in values.items())
 
 
@@ -80,93 +73,22 @@ def superlink_command(host: str, port: int, database: str, transport: list[str] 
 
 
 def supernode_command(superlink: str, port: int, data_path: str, site: str,
-                      transport: list[str] | None = None) -> list[str]:
-    """One hospital: its own data folder and site name travel in the node config, nothing else."""
+                      transport: list[str] | None = None, **node: str) -> list[str]:
+    """One hospital: its own data folder and site name (and, from its operator, e.g. `site-policy`, `log-file`)
+    travel in the node config, nothing else."""
     return ["flower-supernode", *(transport or ["--insecure"]), "--superlink", superlink, "--port", str(port),
-            "--node-config", node_config({"data-path": data_path, "site": site})]
+            "--node-config", node_config({"data-path": data_path, "site": site, **node})]
 
 
-def add_connection(flwr_home: Path, name: str, address: str, transport: str = "insecure = true\n") -> None:
-    """A `[superlink.<name>]` entry in $FLWR_HOME/config.toml (where Flower 1.42 keeps connections)."""
+def add_connection(flwr_home: Path, name: str, address: str, transport: dict | None = None) -> None:
+    """Set the `[superlink.<name>]` entry of $FLWR_HOME/config.toml (where Flower 1.42 keeps connections) to this
+    address and transport, replacing what an earlier launch left there (a restarted SuperLink has a new port)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     cfg = flwr_home / "config.toml"
-    text = cfg.read_text() if cfg.is_file() else ('[superlink]\ndefault = "local"\n\n'
-                                                  '[superlink.local]\naddress = ":local:"\n')
-    if f"[superlink.{name}]" not in text:
-        text += f'\n[superlink.{name}]\naddress = "{address}"\n{transport}'
-    cfg.write_text(text)
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-
-def start(name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
-    log = log_dir / f"{name}.log"
-    fh = open(log, "ab")
-    try:
-        p = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
-    finally:
-        fh.close()
-    return Proc(name, p, log)
-
-
-def stop_group(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by `pid`, SIGKILL what is left after `grace` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _group_alive(pid):
-                return
-            time.sleep(0.2)
-
-
-def _group_alive(pgid: int) -> bool:
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
-
-
-def pids_with_arg(fragment: str, *, zombies: bool = True) -> list[int]:
-    """Processes (not us) whose command line contains `fragment` (e.g. our private FLWR_HOME path);
-    `zombies=False` leaves out those that have exited and wait to be reaped."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if fragment in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") and (
-                        zombies or ") Z " not in (d / "stat").read_text()):
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
-def wait_http(url: str, timeout: float, proc: Proc | None = None, context=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.popen.poll() is not None:
-            raise FedxrayError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log}")
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise FedxrayError(f"{url} did not answer within {timeout:.0f} s")
+    data = tomllib.loads(cfg.read_text()) if cfg.is_file() else {
+        "superlink": {"default": "local", "local": {"address": ":local:"}}}
+    data.setdefault("superlink", {})[name] = {"address": address, **(transport or {"insecure": True})}
+    cfg.write_text(tomli_w.dumps(data))
 
 
 @dataclass
@@ -177,32 +99,89 @@ class RunOutcome:
     output_dir: Path
     status: dict = field(default_factory=dict)
     summary: dict | None = None
+    cause: str = ""          # why it ended badly, when the ServerApp could not say so itself
 
     @property
     def ok(self) -> bool:
         return self.status.get("state") == "done" and self.summary is not None
 
+    def failure(self) -> str:
+        return self.status.get("message") or self.cause or f"flwr run exited with {self.returncode}"
 
-def _outcome(rc: int, seconds: float, log: Path, output_dir: Path) -> RunOutcome:
+
+def _outcome(rc: int, seconds: float, log: Path, output_dir: Path, cause: str = "") -> RunOutcome:
+    """Read status.json / federation.json; a run the ServerApp left 'starting'/'running' is marked failed."""
     status_f, summary_f = output_dir / "status.json", output_dir / "federation.json"
     status = json.loads(status_f.read_text()) if status_f.is_file() else {}
+    if status.get("state") != "done":
+        cause = cause or _last_error(log) or f"flwr run exited with {rc}"
+        if status.get("state") in (None, "starting", "running"):
+            from server.app import write_status
+
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_status(output_dir, "failed", message=cause, error="RunAborted",
+                         **{k: status[k] for k in ("run_id", "round", "rounds") if k in status})
+            status = json.loads(status_f.read_text())
     summary = json.loads(summary_f.read_text()) if status.get("state") == "done" and summary_f.is_file() else None
-    return RunOutcome(rc, seconds, log, output_dir, status, summary)
+    return RunOutcome(rc, seconds, log, output_dir, status, summary, cause)
 
 
-def flwr_run(app_dir: Path, args: list[str], env: dict, log: Path, timeout: float) -> tuple[int, float]:
-    """`flwr run` in its own process group; killed (group) when it outlives `timeout`."""
+_ERROR_LINE = re.compile(r"(ERROR|Error|error:|Exception|refused|failed)")
+
+
+def _last_error(log: Path, lines: int = 400) -> str:
+    """The last line of a Flower log that names an error, without Flower's level prefix."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        if _ERROR_LINE.search(line) and "Traceback" not in line:
+            return re.sub(r"^\s*(ERROR|WARNING|INFO)\s*:\s*", "", line).strip()[:500]
+    return ""
+
+
+def flwr_run(app_dir: Path | str, args: list[str], env: dict, log: Path, timeout: float, *,
+             on_line: Callable[[str], None] | None = None, watch: list[Proc] = ()) -> tuple[int, float]:
+    """`flwr run ... --stream`: its output appended to `log` and handed line by line to `on_line`; the processes
+    in `watch` are refreshed while it runs (their families stay known); stopped when it outlives `timeout`."""
     t0 = time.perf_counter()
-    with open(log, "ab") as fh:
-        p = subprocess.Popen(["flwr", "run", str(app_dir), *args, "--stream"], env=env, stdout=fh,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "a", encoding="utf-8", errors="replace") as fh:
+        p = subprocess.Popen(["flwr", "run", str(app_dir), *args, "--stream"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+
+        def pump():
+            for line in p.stdout:
+                fh.write(line)
+                fh.flush()
+                if on_line is not None:
+                    on_line(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        rc = None
         try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = 124
+            while rc is None and time.monotonic() < deadline:
+                try:
+                    rc = p.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    for w in watch:
+                        w.refresh()
+            if rc is None:
+                rc = 124
         finally:
-            stop_group(p.pid, grace=5)
+            stop_tree(p.pid, grace=5)
+            reader.join(timeout=5)
     return rc, time.perf_counter() - t0
+
+
+def print_progress(line: str) -> None:
+    """`on_line` for a person watching: the ServerApp's per-round lines and errors, nothing else."""
+    if PROGRESS in line:
+        print(line.split(PROGRESS, 1)[1].rstrip(), flush=True)
+    elif re.match(r"^\s*ERROR\s*:", line):
+        print(line.rstrip(), flush=True)
 
 
 def _absolute(run_config: dict) -> dict:
@@ -215,14 +194,18 @@ def _absolute(run_config: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------- deployment
 class LocalFederation:
-    """SuperLink + one SuperNode per hospital on 127.0.0.1; a context manager that always cleans up."""
+    """SuperLink + one SuperNode per hospital on 127.0.0.1; a context manager that always cleans up.
+
+    `node_extra`: per hospital, node-config keys its operator sets (e.g. {"hospital_1": {"site-policy": ...}})."""
 
     def __init__(self, workdir: str | Path, hospitals: dict[str, str], *, app_dir: Path = REPO,
-                 security: "Security | None" = None):
+                 security: "Security | None" = None, node_extra: dict[str, dict] | None = None):
         from server.security import Security
 
         self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.hospitals, self.app_dir = hospitals, Path(app_dir).resolve()
+        self.node_extra = node_extra or {}
         # TLS unless told otherwise (Security.insecure()): a fresh CA for localhost in <workdir>/certs
         self.security = security or Security.generate(self.workdir / "certs", list(hospitals))
         self.logs = self.workdir / "logs"
@@ -230,6 +213,7 @@ class LocalFederation:
         self.stopped: list[Proc] = []   # kept so that alive() can still check them after stop()
         self.port = 0
         self.connection = "fedxray-local"
+        self.cli_home = self.workdir / "cli"
 
     def __enter__(self) -> "LocalFederation":
         try:
@@ -242,6 +226,10 @@ class LocalFederation:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def superlink(self) -> Proc | None:
+        return next((p for p in self.procs if p.name == "superlink"), None)
+
     def start(self, timeout: float = 60.0) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -253,8 +241,7 @@ class LocalFederation:
                      flower_env(link_home, **sec.superlink_env()), self.logs, cwd=self.workdir)
         self.procs.append(link)
         wait_http(f"{sec.scheme}://127.0.0.1:{self.port}/health", timeout, link, sec.ssl_context())
-        self.cli_home = self.workdir / "cli"
-        add_connection(self.cli_home, self.connection, f"127.0.0.1:{self.port}", sec.connection_toml())
+        add_connection(self.cli_home, self.connection, f"127.0.0.1:{self.port}", sec.connection())
         if sec.supernode_auth:  # only registered hospitals' keys may connect
             from server.security import register_node
 
@@ -268,69 +255,44 @@ class LocalFederation:
         home = self.workdir / "supernodes" / name
         home.mkdir(parents=True, exist_ok=True)
         cmd = supernode_command(f"127.0.0.1:{self.port}", free_port(), str(Path(data_path).resolve()), name,
-                                self.security.supernode_args(name, **transport))
+                                self.security.supernode_args(name, **transport), **self.node_extra.get(name, {}))
         proc = start(f"supernode-{name}", cmd, flower_env(home), self.logs, cwd=self.workdir)
         self.procs.append(proc)
         return proc
 
-    def submit(self, run_config: dict, timeout: float = 900.0, app: str | None = None) -> RunOutcome:
-        """Submit the app with these run-config overrides, stream its log to logs/run.log, wait for the end.
-        `app`: a published app spec (`@fedxray/fedxray==0.1.0`, signed apps) instead of the app folder."""
+    def submit(self, run_config: dict, timeout: float = 900.0, app: str | None = None,
+               on_line: Callable[[str], None] | None = None) -> RunOutcome:
+        """Submit the app with these run-config overrides, stream its log to logs/run.log (and each line to
+        `on_line`), wait for the end. `app`: a published app spec (`@fedxray/fedxray==0.1.0`, signed apps)
+        instead of the app folder."""
         run_config = _absolute(run_config)
         overrides = write_run_config(self.workdir / "run-config.toml", run_config)
         log = self.logs / "run.log"
         rc, secs = flwr_run(app or self.app_dir, [self.connection, "--run-config", str(overrides)],
-                            flower_env(self.cli_home), log, timeout)
+                            flower_env(self.cli_home), log, timeout, on_line=on_line, watch=self.procs)
         out = Path(run_config.get("output-dir", self.app_dir / "runs" / "demo"))
-        return _outcome(rc, secs, log, out)
+        link = self.superlink
+        cause = ""
+        if link is not None and link.exited:
+            cause = f"the SuperLink exited with code {link.popen.returncode} during the run (see {link.log})"
+        elif rc == 124:
+            cause = f"the run did not finish within {timeout:.0f} s and was stopped"
+        return _outcome(rc, secs, log, out, cause)
 
     def stop(self) -> None:
-        """SIGTERM every group at once (supernodes first), then wait; SIGKILL what outlives the grace time."""
-        for p in reversed(self.procs):
-            try:
-                os.killpg(p.popen.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in reversed(self.procs):
-            stop_group(p.popen.pid)
-            try:
-                p.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        """Stop every process this federation started, with every descendant it was seen with."""
+        stop(list(reversed(self.procs)))
         self.stopped.extend(self.procs)
         self.procs.clear()
-        _kill_stragglers(str(self.workdir))
 
     def alive(self) -> list[str]:
-        """What is still running of this federation: every process it ever started (also after `stop`) and
-        any other process whose command line names its work folder. Empty after a clean `stop`."""
-        names = [p.name for p in (*self.stopped, *self.procs) if p.popen.poll() is None]
-        ours = {p.popen.pid for p in (*self.stopped, *self.procs)}
-        return names + [_describe(pid) for pid in pids_with_arg(str(self.workdir), zombies=False) if pid not in ours]
-
-
-def _describe(pid: int) -> str:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return f"pid {pid} ({' '.join(c.decode(errors='ignore') for c in cmd[:3])})"
-    except OSError:
-        return f"pid {pid}"
-
-
-def _kill_stragglers(marker: str, wait: float = 10.0) -> None:
-    """SIGKILL any process whose command line names our work folder (e.g. a flwr-serverapp that Flower
-    started in a process group of its own), then wait until they are gone."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        left = pids_with_arg(marker, zombies=False)
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.2)
+        """What is still running of this federation: each process it ever started or saw started by one of its
+        processes (also after `stop`). Empty after a clean `stop`."""
+        out = []
+        for p in (*self.stopped, *self.procs):
+            p.refresh()
+            out += [p.name if m.pid == p.popen.pid else f"{p.name}/{m.name()}[{m.pid}]" for m in p.running()]
+        return out
 
 
 def hospitals_in(root: str | Path) -> dict[str, str]:
@@ -344,21 +306,20 @@ def hospitals_in(root: str | Path) -> dict[str, str]:
 
 
 def launch(data_root: str | Path, run_config: dict | None = None, *, workdir: str | Path | None = None,
-           timeout: float = 900.0, security: "Security | None" = None, signing_key: str | Path | None = None
-           ) -> RunOutcome:
+           timeout: float = 900.0, security: "Security | None" = None, signing_key: str | Path | None = None,
+           on_line: Callable[[str], None] | None = None, node_extra: dict[str, dict] | None = None) -> RunOutcome:
     """Deployment runtime end to end: start superlink + a supernode per hospital, run, stop everything.
 
     security: None = TLS with a fresh CA in <workdir>/certs. signing_key: an Ed25519 OpenSSH key (its .pub
     beside it): the app is signed, served by a loopback AppRegistry, and every node only runs it if it verifies.
     """
-    import contextlib
-
     from server.security import Security
 
     hospitals = hospitals_in(data_root)
     rc = {"data-path": str(data_root), "min-available-nodes": len(hospitals), "min-train-nodes": len(hospitals),
           "min-evaluate-nodes": len(hospitals), **(run_config or {})}
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     security = security or Security.generate(workdir / "certs", list(hospitals))
     with contextlib.ExitStack() as stack:
         app = None
@@ -366,15 +327,17 @@ def launch(data_root: str | Path, run_config: dict | None = None, *, workdir: st
             from server.appsign import publish_signed
 
             app, security = publish_signed(stack, REPO, signing_key, security, workdir)
-        fed = stack.enter_context(LocalFederation(workdir, hospitals, security=security))
-        return fed.submit(rc, timeout=timeout, app=app)
+        fed = stack.enter_context(LocalFederation(workdir, hospitals, security=security, node_extra=node_extra))
+        return fed.submit(rc, timeout=timeout, app=app, on_line=on_line)
 
 
 # ------------------------------------------------------------------------------------------- simulation
 def run_flwr_simulation(run_config: dict, *, num_supernodes: int, workdir: str | Path, app_dir: Path = REPO,
-                        cpus_per_client: int = 1, timeout: float = 900.0) -> RunOutcome:
+                        cpus_per_client: int = 1, timeout: float = 900.0,
+                        on_line: Callable[[str], None] | None = None) -> RunOutcome:
     """`flwr run <app> --stream` on Flower's local simulation SuperLink (private ports and FLWR_HOME), then
-    stop that detached SuperLink: `flwr` leaves it running on purpose, a test or script must not."""
+    stop that detached SuperLink: `flwr` leaves it running on purpose, a test or script must not. It is not our
+    child (flwr starts it detached), so it is found by the private FLWR_HOME its command line names."""
     workdir = Path(workdir).resolve()
     home, logs = workdir / "flwr-home", workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -387,10 +350,10 @@ def run_flwr_simulation(run_config: dict, *, num_supernodes: int, workdir: str |
     try:
         rc, secs = flwr_run(app_dir, ["--run-config", str(overrides), "--federation-config",
                                       f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"],
-                            env, log, timeout)
+                            env, log, timeout, on_line=on_line)
     finally:
         for pid in pids_with_arg(str(home / "local-superlink")):
-            stop_group(pid)
+            stop_tree(pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     return _outcome(rc, secs, log, Path(run_config.get("output-dir", app_dir / "runs" / "demo")))
 
@@ -405,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_launch_arguments(p) -> None:
     p.add_argument("--data", default="data/synth", help="folder of hospital_* sites (+ holdout/ for the server)")
-    p.add_argument("--out", default="runs/deploy", help="output-dir of the run (bundle, federation.json)")
+    p.add_argument("--out", default="runs/deploy", help="output-dir of the run (bundle, federation.json); the same "
+                                                       "folder again resumes from its checkpoint")
     p.add_argument("--rounds", type=int, default=None, help="num-server-rounds")
     p.add_argument("--workdir", default=None, help="logs and Flower state (default: a new temp folder)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
@@ -416,27 +380,36 @@ def add_launch_arguments(p) -> None:
                    help="only registered hospital keys may connect (keys from --certs/nodes or generated)")
     p.add_argument("--sign-with", default=None, metavar="KEY",
                    help="Ed25519 app-signing key (`fedxray certs --signing-key`): nodes run only the signed app")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress, only the result")
 
 
 def run_launch_command(a) -> int:
     from common.cli import parse_overrides
+    from server.security import Security
 
     rc = {"output-dir": a.out, **parse_overrides(a.set)}
     if a.rounds:
         rc["num-server-rounds"] = a.rounds
-    from server.security import Security
-
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedxrayError(f"cannot create the work folder {workdir}: {e.strerror}") from e
+    if a.sign_with and not Path(a.sign_with).is_file():
+        raise FedxrayError(f"--sign-with {a.sign_with}: no such key file (`fedxray certs --signing-key` writes one)")
     if a.insecure:
         if a.supernode_auth or a.sign_with:
             raise FedxrayError("--insecure cannot be combined with --supernode-auth or --sign-with")
         security = Security.insecure()
     else:
         security = Security.generate(a.certs or workdir / "certs", list(hospitals_in(a.data)), auth=a.supernode_auth)
-    outcome = launch(a.data, rc, workdir=workdir, timeout=a.timeout, security=security, signing_key=a.sign_with)
+    if not a.quiet:
+        print(f"federation on loopback: work folder {workdir}, output {a.out}", flush=True)
+    outcome = launch(a.data, rc, workdir=workdir, timeout=a.timeout, security=security, signing_key=a.sign_with,
+                     on_line=None if a.quiet else print_progress)
     if not outcome.ok:
-        msg = outcome.status.get("message") or f"flwr run exited with {outcome.returncode}"
-        raise FedxrayError(f"federated run did not finish: {msg} (log: {outcome.log})")
+        raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log}); rerun the same "
+                           "command to resume from the last checkpoint")
     print(outcome.summary.get("table", ""))
     print(f"\nbundle: {outcome.summary['bundle']}\nlogs: {outcome.log.parent}  ({outcome.seconds:.0f} s)")
     return 0

@@ -93,9 +93,9 @@ class Security:
             args += ["--trusted-entities", str(self.trusted_entities)]
         return args
 
-    def connection_toml(self) -> str:
-        """The transport lines of a `[superlink.<name>]` connection for the `flwr` CLI."""
-        return f'root-certificates = "{self.tls.ca}"\n' if self.tls else "insecure = true\n"
+    def connection(self) -> dict:
+        """The transport keys of a `[superlink.<name>]` connection for the `flwr` CLI."""
+        return {"root-certificates": str(self.tls.ca)} if self.tls else {"insecure": True}
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
@@ -105,6 +105,8 @@ def register_node(public_key: str | Path, connection: str, env: dict, timeout: f
     """`flwr supernode register KEY.pub <connection>`: the SuperLink will accept this hospital's node."""
     r = subprocess.run(["flwr", "supernode", "register", str(public_key), connection], env=env, capture_output=True,
                        text=True, timeout=timeout)
+    if "Public key already in use" in r.stdout + r.stderr:   # a restarted SuperLink keeps its database
+        return r.stdout
     if r.returncode != 0 or "registered successfully" not in r.stdout:
         raise FedxrayError(f"could not register {public_key}: {(r.stdout + r.stderr).strip()[-800:]}")
     return r.stdout

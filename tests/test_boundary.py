@@ -51,7 +51,7 @@ BREAKS = {"missing-images": "data-missing-images", "bad-header": "data-csv", "un
 
 def identifying_strings(hospital: Path) -> set[str]:
     """What must never leave: the folder's path, its CSV name with a line, every image name and patient id."""
-    out = {str(hospital), hospital.name, "Data_Entry_2017.csv:"}
+    out = {str(hospital), "Data_Entry_2017.csv:"}
     csv = hospital / "Data_Entry_2017.csv"
     if csv.is_file():
         for line in csv.read_text().splitlines()[1:]:

@@ -382,21 +382,42 @@ def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, t
     assert "arrays" not in ev.content and {"test-auc", "test-f1", "num-examples"} <= set(ev.content["metrics"])
 
 
-def test_docker_compose_runs_the_launchers_commands():
-    """docker-compose.yml cannot run here: keep it identical to what the tested launcher starts."""
-    yaml = pytest.importorskip("yaml")
-    from server.launch import superlink_command, supernode_command
+def test_docker_compose_runs_the_launchers_commands_secure_by_default():
+    """docker-compose.yml cannot run here: keep it identical to what the tested launcher starts (TLS and
+    SuperNode authentication, built by the same Security flags), each hospital seeing only its own key and data,
+    nothing published but the API on loopback, and the API needing a key."""
+    import yaml
 
-    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    assert services["superlink"]["command"] == superlink_command("0.0.0.0", 9091, "/flwr/state.db")
+    from server.certs import TlsFiles
+    from server.launch import superlink_command, supernode_command
+    from server.security import Security
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    sec = Security(tls=TlsFiles(Path("/certs/ca.crt"), Path("/certs/superlink.crt"), Path("/certs/superlink.key")),
+                   supernode_auth=True, node_keys={f"hospital_{k}": Path("/certs/node.key") for k in (1, 2, 3)})
+    assert services["superlink"]["command"] == superlink_command("0.0.0.0", 9091, "/flwr/state.db",
+                                                                 sec.superlink_args())
+    assert "--insecure" not in yaml.safe_dump(compose)
     for k in (1, 2, 3):
         svc = services[f"hospital-{k}"]
-        assert svc["command"] == supernode_command("superlink:9091", 9094, "/data/hospital", f"hospital_{k}")
-        assert svc["volumes"] == [f"./data/synth/hospital_{k}:/data/hospital:ro"]
+        assert svc["command"] == supernode_command("superlink:9091", 9094, "/data/hospital", f"hospital_{k}",
+                                                   sec.supernode_args(f"hospital_{k}"))
+        assert sorted(svc["volumes"]) == sorted([
+            "./certs/ca.crt:/certs/ca.crt:ro", f"./certs/nodes/hospital_{k}:/certs/node.key:ro",
+            f"./data/synth/hospital_{k}:/data/hospital:ro"])
+    published = {name: svc["ports"] for name, svc in services.items() if "ports" in svc}
+    assert published == {"serve": ["127.0.0.1:8000:8000"]}
+    assert "FEDXRAY_API_KEY:?" in services["serve"]["environment"]["FEDXRAY_API_KEY"]
+    assert services["certs"]["command"][:3] == ["certs", "--out", "/certs"]
     docker_rc = tomllib.loads((REPO / "docker" / "run-config.toml").read_text())
     s = RunSettings.from_run_config(docker_rc)
     assert s.server_data_path == "/data/holdout" and s.min_available_nodes == 3
     assert "./data/synth/holdout:/data/holdout:ro" in services["superlink"]["volumes"]
+    for script in ("submit.sh", "register.sh"):
+        text = (REPO / "docker" / script).read_text()
+        assert 'root-certificates = "/certs/ca.crt"' in text and "insecure" not in text
+    assert "certs" in (REPO / ".dockerignore").read_text().split()      # keys never baked into the image
 
 
 # ------------------------------------------------------------------------------------------------ runtimes
@@ -427,7 +448,7 @@ def _check_result(out: Path, rounds: int, hospitals: int) -> dict:
 
 def _run_cli(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """A CLI in its own process group, killed (group) on timeout."""
-    from server.launch import stop_group
+    from server.processes import stop_tree
 
     p = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -436,7 +457,7 @@ def _run_cli(args: list[str], cwd: Path, env: dict, timeout: float) -> subproces
     except subprocess.TimeoutExpired:
         out = "timeout"
     finally:
-        stop_group(p.pid, grace=5)
+        stop_tree(p.pid, grace=5)
     return subprocess.CompletedProcess(args, p.returncode if p.returncode is not None else -9, out, "")
 
 
@@ -480,7 +501,8 @@ def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
 @pytest.mark.integration
 def test_simulation_runtime_flwr_run(synth_root, flower_tmp):
     """`flwr run . --stream` on the managed local simulation SuperLink (private ports), which is stopped after."""
-    from server.launch import pids_with_arg, run_flwr_simulation
+    from server.launch import run_flwr_simulation
+    from server.processes import pids_with_arg
 
     out = flower_tmp / "out"
     outcome = run_flwr_simulation({**_tiny_run(out), "data-path": str(synth_root), "min-available-nodes": 3},
@@ -534,7 +556,8 @@ def test_deployment_runtime_two_rounds_fp16(local_federation, synth_root, flower
 def test_launcher_fails_clearly_when_nodes_are_missing_and_stops_everything(synth_root, flower_tmp):
     """`python -m server.launch` starts the topology and submits; a run needing 4 hospitals of 3 fails after
     node-wait-timeout with a message naming how many connected, and every process is stopped."""
-    from server.launch import flower_env, pids_with_arg
+    from server.launch import flower_env
+    from server.processes import pids_with_arg
 
     out, work = flower_tmp / "out", flower_tmp / "launch"
     args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "1",
@@ -554,7 +577,7 @@ def test_launcher_fails_clearly_when_nodes_are_missing_and_stops_everything(synt
 
 def test_zz_nothing_left_running():
     """Every process a test here started (identified by its private folder in the command line) is gone."""
-    from server.launch import pids_with_arg
+    from server.processes import pids_with_arg
 
     time.sleep(1)
     left = {root: pids_with_arg(root) for root in _STARTED_ROOTS}

@@ -229,7 +229,8 @@ def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(s
     from pathlib import Path
 
     from common.bundle import load_bundle
-    from server.launch import flower_env, stop_group
+    from server.launch import flower_env
+    from server.processes import stop_tree
     from tests.conftest import REPO
 
     out, ray_tmp = tmp_path / "out", Path("/tmp") / f"raydp{os.getpid()}"
@@ -243,7 +244,7 @@ def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(s
     try:
         log, _ = p.communicate(timeout=600)
     finally:
-        stop_group(p.pid, grace=5)
+        stop_tree(p.pid, grace=5)
         import shutil
 
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -174,7 +174,8 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
     validation metrics agree. The per-round time of both is printed (the cost of SecAgg+ here)."""
     from safetensors.numpy import load_file
 
-    from server.launch import flower_env, stop_group
+    from server.launch import flower_env
+    from server.processes import stop_tree
 
     ray_tmp = Path("/tmp") / f"raysec{os.getpid()}"
     _ROOTS.append(str(ray_tmp))
@@ -190,7 +191,7 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
         try:
             log, _ = p.communicate(timeout=600)
         finally:
-            stop_group(p.pid, grace=5)
+            stop_tree(p.pid, grace=5)
         assert p.returncode == 0, log[-3000:]
         summary = json.loads((out / "federation.json").read_text())
         runs[mode] = (load_file(str(out / "checkpoint" / "global-r0002.safetensors")), summary)
@@ -208,7 +209,7 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
 
 
 def test_zz_nothing_left_running():
-    from server.launch import pids_with_arg
+    from server.processes import pids_with_arg
 
     deadline = time.monotonic() + 30      # children finish their own shutdown a moment after their group's
     while True:

@@ -1,0 +1,163 @@
+"""The processes a launcher starts, and only those: started, watched, stopped (psutil).
+
+A Flower process starts others (the SuperLink its `flwr-serverapp`, a SuperNode its `flower-superexec` and one
+`flwr-clientapp` per message), some in process groups of their own. So each started process keeps the family
+of descendants it has been seen with (`Proc.refresh`, called while a run is watched and again before stopping):
+`stop` ends exactly those, also when their parent died first and they were re-parented. Nothing is stopped by
+matching a command line: a `--workdir` a user chose could name anyone's processes. psutil's Process objects pin
+each pid's creation time, so a recycled pid is never signalled.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from common.errors import FedxrayError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    family: dict[int, psutil.Process] = field(default_factory=dict)   # the process and every descendant seen
+
+    def __post_init__(self):
+        try:
+            self.family[self.popen.pid] = psutil.Process(self.popen.pid)
+        except psutil.NoSuchProcess:
+            pass
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Remember every current descendant of every family member (cheap: a few /proc reads)."""
+        for p in list(self.family.values()):
+            try:
+                for child in p.children(recursive=True):
+                    self.family.setdefault(child.pid, child)
+            except psutil.Error:
+                continue
+
+    def running(self) -> list[psutil.Process]:
+        """Family members still running (zombies waiting to be reaped do not count)."""
+        out = []
+        for p in self.family.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+    @property
+    def exited(self) -> bool:
+        return self.popen.poll() is not None
+
+
+def start(name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
+    """Start `cmd` with its output appended to <log_dir>/<name>.log, in its own session (a terminal's Ctrl-C
+    reaches the launcher, which stops its processes in order)."""
+    log = log_dir / f"{name}.log"
+    fh = open(log, "ab")
+    try:
+        p = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+    finally:
+        fh.close()
+    return Proc(name, p, log)
+
+
+def stop(procs: list[Proc], grace: float = 10.0) -> None:
+    """SIGTERM every process of these families at once, SIGKILL what outlives `grace` seconds, reap them."""
+    for p in procs:
+        p.refresh()
+    members = [m for p in procs for m in p.running()]
+    for m in members:
+        try:
+            m.terminate()
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(members, timeout=grace)
+    for m in left:
+        try:
+            m.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    for p in procs:
+        try:
+            p.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """Stop a process we did not start through `start` (e.g. a CLI run by a test) and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    try:
+        members = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        members = [root]
+    for m in members:
+        try:
+            m.terminate()
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(members, timeout=grace)
+    for m in left:
+        try:
+            m.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+
+
+def pids_with_arg(fragment: str, *, zombies: bool = True) -> list[int]:
+    """Processes (not this one) whose command line contains `fragment`: for tests and checks that nothing is
+    left running, never to decide what to stop. `zombies=False` leaves out exited, unreaped ones."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.info["pid"] == psutil.Process().pid or not p.info["cmdline"]:
+                continue
+            if fragment in " ".join(p.info["cmdline"]) and (zombies or p.info["status"] != psutil.STATUS_ZOMBIE):
+                out.append(p.info["pid"])
+        except psutil.Error:
+            continue
+    return out
+
+
+def describe(pid: int) -> str:
+    try:
+        return f"pid {pid} ({' '.join(psutil.Process(pid).cmdline()[:3])})"
+    except psutil.Error:
+        return f"pid {pid}"
+
+
+def wait_http(url: str, timeout: float, proc: Proc | None = None, context=None) -> None:
+    """Poll `url` until it answers 200; fails at once when `proc` exits, and after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.exited:
+            raise FedxrayError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log}")
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise FedxrayError(f"{url} did not answer within {timeout:.0f} s" + (f"; see {proc.log}" if proc else ""))

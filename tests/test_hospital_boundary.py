@@ -1,0 +1,107 @@
+"""What leaves a hospital, on the real deployment runtime: flower-superlink + five flower-supernodes over TLS on
+loopback, `flwr run` submitting the app, Flower's own Message transport and state database.
+
+Two hospitals have good data and a site policy (DP required, epsilon at most 2.5 per run and in total, a ledger
+on their own disk); three have data broken the ways real data breaks. Two runs on the same federation:
+  B. DP at epsilon 2: within policy, the good hospitals train, the run completes with them alone;
+  C. DP at epsilon 2 again: the ledger carried from B puts the total above 2.5 -> refused by both, and the
+     run stops saying why, naming every hospital with its reason.
+(Each other rule of the policy, e.g. a run without DP, is refused in-process in tests/test_boundary.py.)
+Afterwards nothing the server side holds - the SuperLink's database and log, the submitter's stream, every
+file the ServerApp wrote - contains a path, a file name, a CSV line or a patient id of any hospital, while
+each broken hospital's own log has the detail under the incident id the server was given.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_boundary import BREAKS, break_hospital, identifying_strings
+
+TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False,
+        "node-wait-timeout": 90.0, "round-timeout": 300.0, "num-server-rounds": 1, "min-available-nodes": 5,
+        "min-train-nodes": 2, "min-evaluate-nodes": 2, "dp-delta": 1e-5}
+BROKEN = ("missing-images", "bad-header", "unknown-label")
+POLICY = ('[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\nmax-epsilon-total = 2.5\n'
+          'ledger = "ledger.json"\n')
+
+
+def _server_side_bytes(work: Path, outs: list[Path]) -> dict[str, bytes]:
+    files = [p for p in (work / "superlink").rglob("*") if p.is_file()]
+    files += [work / "logs" / "superlink.log", work / "logs" / "run.log"]
+    for out in outs:
+        files += [p for p in out.rglob("*") if p.is_file()]
+    return {str(p): p.read_bytes() for p in files if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_nothing_identifying_reaches_the_server_and_the_site_policy_is_the_hospitals(synth_root, tmp_path):
+    from server.launch import LocalFederation
+    from server.processes import pids_with_arg
+
+    hospitals = {"site-a": str(synth_root / "hospital_1"), "site-b": str(synth_root / "hospital_2")}
+    private = {}
+    for site in hospitals:
+        folder = tmp_path / f"{site}-private"
+        folder.mkdir()
+        (folder / "policy.toml").write_text(POLICY)
+        private[site] = folder
+    for i, how in enumerate(BROKEN):
+        hospitals[f"broken-{i}"] = str(break_hospital(synth_root / "hospital_3", tmp_path / f"data-0010007{i}", how))
+    extra = {s: {"site-policy": str(private[s] / "policy.toml"), "log-file": str(private[s] / "node.log")}
+             for s in private}
+    work = tmp_path / "fed"
+    fed = LocalFederation(work, hospitals, node_extra=extra)
+    outs = {k: tmp_path / f"out-{k}" for k in "BC"}   # broken folders are named data-0010007N: ids too
+    rc = {**TINY, "data-path": str(synth_root), "server-data-path": str(synth_root / "holdout")}
+    try:
+        fed.start()
+        b = fed.submit({**rc, "output-dir": str(outs["B"]), "dp-enabled": True, "dp-target-epsilon": 2.0},
+                       timeout=600)
+        c = fed.submit({**rc, "output-dir": str(outs["C"]), "dp-enabled": True, "dp-target-epsilon": 2.0,
+                        "seed": 43}, timeout=400)
+        print(f"\nruns B {b.seconds:.0f} s, C {c.seconds:.0f} s", flush=True)
+    finally:
+        fed.stop()
+    assert not fed.alive() and not pids_with_arg(str(work))
+
+    # B: within policy, trained by the two good hospitals alone; the rest recorded by site and code
+    assert b.ok, (b.status, b.log.read_text()[-3000:])
+    fed_b = b.summary["provenance"]["federation"]
+    assert set(fed_b["nodes"]) == set(private)
+    per = fed_b["dp"]["client_dp_sgd"]["per_hospital"]
+    assert set(per) == set(private) and all(0 < v["epsilon"] <= 2.0 * 1.02 for v in per.values())
+    rows = b.summary["history"][1]["clients"]["train"]
+    assert {r["site"]: r.get("code") for r in rows if not r["ok"]} == {
+        f"broken-{i}": BREAKS[how] for i, how in enumerate(BROKEN)}
+    assert "2 hospitals in the selected round 1 (site-a, site-b)" in b.summary["table"]
+
+    # C: the ledgers carried from run B put the hospitals' total epsilon above their limit
+    assert c.status["state"] == "failed", c.status
+    msg = c.status["message"]
+    assert "no hospital returned a model update" in msg
+    for i, how in enumerate(BROKEN):
+        assert f"broken-{i}: {BREAKS[how]} (DataError)" in msg, msg
+    for site in private:
+        assert f"{site}: policy-refused" in c.status["message"] and "rule=max-epsilon-total" in c.status["message"]
+        ledger = json.loads((private[site] / "ledger.json").read_text())
+        assert len(ledger["runs"]) == 1 and 0 < ledger["total_epsilon"] <= 2.0 * 1.02
+
+    # nothing identifying anywhere on the server side
+    secrets_ = {str(private["site-a"]), str(private["site-b"])}
+    secrets_ |= {Path(hospitals[f"broken-{i}"]).name for i in range(len(BROKEN))}
+    for path in (*hospitals.values(), synth_root / "hospital_3"):
+        secrets_ |= identifying_strings(Path(path))
+    found = {(name, s) for name, data in _server_side_bytes(work, list(outs.values())).items()
+             for s in secrets_ if s.encode() in data}
+    assert not found, sorted(found)[:10]
+
+    # ... while each broken hospital's own log has the detail under the incident id the server recorded
+    failures = [r for r in rows if not r["ok"]]
+    for r in failures:
+        node_log = (work / "logs" / f"supernode-{r['site']}.log").read_text()
+        assert f"incident {r['failure']['incident']}" in node_log
+    assert "missing on disk" in (work / "logs" / "supernode-broken-0.log").read_text()

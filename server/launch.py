@@ -142,9 +142,11 @@ def _last_error(log: Path, lines: int = 400) -> str:
 
 
 def flwr_run(app_dir: Path | str, args: list[str], env: dict, log: Path, timeout: float, *,
-             on_line: Callable[[str], None] | None = None, watch: list[Proc] = ()) -> tuple[int, float]:
+             on_line: Callable[[str], None] | None = None, watch: list[Proc] = (),
+             give_up: Callable[[], bool] = lambda: False) -> tuple[int, float]:
     """`flwr run ... --stream`: its output appended to `log` and handed line by line to `on_line`; the processes
-    in `watch` are refreshed while it runs (their families stay known); stopped when it outlives `timeout`."""
+    in `watch` are refreshed while it runs (their families stay known); stopped when it outlives `timeout` or
+    `give_up()` turns true (the SuperLink died: the run cannot go on, however long flwr would retry)."""
     t0 = time.perf_counter()
     with open(log, "a", encoding="utf-8", errors="replace") as fh:
         p = subprocess.Popen(["flwr", "run", str(app_dir), *args, "--stream"], env=env, stdout=subprocess.PIPE,
@@ -168,6 +170,9 @@ def flwr_run(app_dir: Path | str, args: list[str], env: dict, log: Path, timeout
                 except subprocess.TimeoutExpired:
                     for w in watch:
                         w.refresh()
+                    if give_up():
+                        time.sleep(2)          # let flwr print its own error first
+                        rc = p.poll() if p.poll() is not None else 1
             if rc is None:
                 rc = 124
         finally:
@@ -235,8 +240,14 @@ class LocalFederation:
         self.port = free_port()
         link_home = self.workdir / "superlink"
         link_home.mkdir(parents=True, exist_ok=True)
+        database = link_home / "state.db"
+        if database.exists():
+            # A SuperLink that died leaves its nodes "online" in its database until their heartbeat times out
+            # (about a minute), and refuses to activate them again before. The run's progress is in the
+            # ServerApp's checkpoint, so a restart starts on a fresh database and keeps the old one beside it.
+            database.replace(link_home / "state.db.previous")
         sec = self.security
-        link = start("superlink", superlink_command("127.0.0.1", self.port, str(link_home / "state.db"),
+        link = start("superlink", superlink_command("127.0.0.1", self.port, str(database),
                                                     sec.superlink_args()),
                      flower_env(link_home, **sec.superlink_env()), self.logs, cwd=self.workdir)
         self.procs.append(link)
@@ -268,10 +279,11 @@ class LocalFederation:
         run_config = _absolute(run_config)
         overrides = write_run_config(self.workdir / "run-config.toml", run_config)
         log = self.logs / "run.log"
-        rc, secs = flwr_run(app or self.app_dir, [self.connection, "--run-config", str(overrides)],
-                            flower_env(self.cli_home), log, timeout, on_line=on_line, watch=self.procs)
-        out = Path(run_config.get("output-dir", self.app_dir / "runs" / "demo"))
         link = self.superlink
+        rc, secs = flwr_run(app or self.app_dir, [self.connection, "--run-config", str(overrides)],
+                            flower_env(self.cli_home), log, timeout, on_line=on_line, watch=self.procs,
+                            give_up=lambda: link is not None and link.exited)
+        out = Path(run_config.get("output-dir", self.app_dir / "runs" / "demo"))
         cause = ""
         if link is not None and link.exited:
             cause = f"the SuperLink exited with code {link.popen.returncode} during the run (see {link.log})"

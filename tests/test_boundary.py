@@ -7,57 +7,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.settings import RunSettings
+from common.audit import identifying_strings
+from common.data.synthetic import break_hospital
 from tests.conftest import SYNTH_FINDINGS
 
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 
 
 # ------------------------------------------------------------------------------------------ broken hospitals
-def break_hospital(src: Path, dst: Path, how: str) -> Path:
-    """A copy of a synthetic hospital broken in one of the ways real data is broken; returns its data-path.
-    Its folder name carries a patient-like id on purpose: it must not leave either."""
-    if how == "missing-folder":
-        return dst / "gone_00123456"
-    shutil.copytree(src, dst)
-    csv = dst / "Data_Entry_2017.csv"
-    lines = csv.read_text().splitlines()
-    if how == "missing-images":
-        for line in lines[5:7]:
-            (dst / "images" / line.split(",")[0]).unlink()
-    elif how == "bad-header":
-        csv.write_text("\n".join(["Image,Labels" + lines[0][len("Image Index,Finding Labels"):], *lines[1:]]) + "\n")
-    elif how == "unknown-label":
-        cells = lines[9].split(",")
-        cells[1] = "Pneumonia|Spleen Tumour"
-        csv.write_text("\n".join([*lines[:9], ",".join(cells), *lines[10:]]) + "\n")
-    elif how == "corrupt-images":
-        for png in (dst / "images").iterdir():
-            png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    else:
-        raise ValueError(how)
-    return dst
-
-
 BREAKS = {"missing-images": "data-missing-images", "bad-header": "data-csv", "unknown-label": "data-labels",
           "missing-folder": "data-not-found", "corrupt-images": "data-too-small"}
-
-
-def identifying_strings(hospital: Path) -> set[str]:
-    """What must never leave: the folder's path, its CSV name with a line, every image name and patient id."""
-    out = {str(hospital), "Data_Entry_2017.csv:"}
-    csv = hospital / "Data_Entry_2017.csv"
-    if csv.is_file():
-        for line in csv.read_text().splitlines()[1:]:
-            name = line.split(",")[0]
-            out |= {name, name.split("_")[0]}          # 00100001_000.png and its 8-digit patient prefix
-    return out
 
 
 def _msg(kind=MessageType.TRAIN, server_round=1, dp=False):
@@ -271,3 +236,28 @@ def test_within_policy_it_trains_the_ledger_carries_across_runs_and_only_allowed
     assert info["code"] == "policy-refused" and info["detail"]["rule"] == "max-epsilon-total"
     assert info["detail"]["asked"] > 2.5 and info["detail"]["limit"] == 2.5
     assert list(json.loads(ledger_file.read_text())["runs"]) == ["11"]      # refused: nothing spent
+
+
+# ------------------------------------------------------------------------------------------ private files
+def test_what_fedxray_writes_is_owner_only(tmp_path):
+    """Partitions (patient ids), checkpoints, status files, ledgers: 0600, whoever's umask."""
+    import os
+
+    import numpy as np
+
+    from server.app import write_status
+    from server.checkpoint import Checkpoint, RunState
+    from simulations.store import ResultStore, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "partitions" / "iid.json", {"hospital_1": ["00012345"]})
+        ResultStore(tmp_path).save("iid", "federated", {"status": "done"}, {"y": np.zeros(3)})
+        Checkpoint(tmp_path).save(RunState(fingerprint="f", rounds_done=1), {"w": np.zeros(2, np.float32)},
+                                  {"w": np.zeros(2, np.float32)}, {}, best_changed=True)
+        write_status(tmp_path, "running")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 7
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o600"}, [(p.name, oct(p.stat().st_mode)) for p in files]

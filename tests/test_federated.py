@@ -512,43 +512,74 @@ def test_simulation_runtime_flwr_run(synth_root, flower_tmp):
     assert not pids_with_arg(str(flower_tmp / "work" / "flwr-home")), "local SuperLink still running"
 
 
-@pytest.fixture
-def local_federation(synth_root, flower_tmp):
-    """SuperLink + 3 SuperNodes (one per synthetic hospital) on 127.0.0.1, always stopped."""
-    from server.launch import LocalFederation, hospitals_in
-
-    fed = LocalFederation(flower_tmp / "deploy", hospitals_in(synth_root))
-    try:
-        fed.start()
-        yield fed
-    finally:
-        fed.stop()
-    assert not fed.alive()
-
-
 @pytest.mark.slow
 @pytest.mark.integration
-def test_deployment_runtime_two_rounds_fp16(local_federation, synth_root, flower_tmp):
-    """Real flower-superlink + a flower-supernode per hospital + `flwr run . <connection>`: two rounds with
-    float16 weights on the wire, bundle and per-round, per-hospital history."""
+def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synth_root, flower_tmp):
+    """`python -m server.launch` on the deployment runtime - TLS, SuperNode authentication, a signed app, float16
+    weights on the wire, a --workdir that does not exist yet - streams one progress line per round. The SuperLink
+    is killed after round 2: the launcher ends at once, says so, and status.json says failed with the cause.
+    The same command again resumes from the checkpoint (keys re-registered on the restarted SuperLink): every
+    round 0-3 exactly once, in two Flower runs. A process that merely names the work folder is not ours and is
+    left alone."""
+    import signal
+    import threading
+
     from common.config import ModelConfig
     from common.models import build_model
+    from server.certs import make_signing_key
+    from server.launch import flower_env
+    from server.processes import pids_with_arg, stop_tree
 
-    out = flower_tmp / "out"
-    rc = {**_tiny_run(out), "data-path": str(synth_root), "min-available-nodes": 3, "min-train-nodes": 3,
-          "min-evaluate-nodes": 3, "fp16": True}
-    outcome = local_federation.submit(rc, timeout=600)
-    assert outcome.ok, (outcome.status, outcome.log.read_text()[-3000:])
-    summary = _check_result(out, 2, 3)
+    out, work, certs = flower_tmp / "out", flower_tmp / "not" / "there" / "yet", flower_tmp / "certs"
+    key, _ = make_signing_key(certs)
+    args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "3", "--workdir",
+            str(work), "--certs", str(certs), "--supernode-auth", "--sign-with", str(key), "--timeout", "500",
+            *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()], "--set=fp16=true",
+            "--set=node-wait-timeout=60.0"]
+    env = flower_env(flower_tmp / "home")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", str(work)])
+    try:
+        first = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+        reader.start()
+        status = out / "status.json"
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and first.poll() is None:   # the progress line, as an operator sees it
+            if "round 2/3 | 3 of 3 hospitals trained" in "".join(lines):
+                break
+            time.sleep(0.5)
+        links = pids_with_arg(str(work / "superlink" / "state.db"), zombies=False)
+        assert links and first.poll() is None, "".join(lines)[-3000:]
+        killed_at = time.monotonic()
+        for pid in links:
+            os.kill(pid, signal.SIGKILL)
+        first.wait(timeout=120)
+        reader.join(timeout=10)
+        text = "".join(lines)
+        assert first.returncode == 2 and time.monotonic() - killed_at < 100, text[-3000:]
+        assert "round 1/3 | 3 of 3 hospitals trained" in text and "round 2/3 | 3 of 3 hospitals trained" in text
+        assert "the SuperLink exited" in text and "rerun the same command to resume" in text, text[-2000:]
+        failed = json.loads(status.read_text())
+        assert failed["state"] == "failed" and "the SuperLink exited" in failed["message"], failed
+
+        second = _run_cli(args, REPO, env, 500)
+        assert second.returncode == 0, second.stdout[-3000:]
+        assert "round 3/3 | 3 of 3 hospitals trained" in second.stdout and "round 1/3" not in second.stdout
+    finally:
+        stop_tree(first.pid, grace=5)
+        alive = bystander.poll() is None
+        bystander.kill()
+    assert alive, "the launcher stopped a process that only named its work folder"
+    summary = _check_result(out, 3, 3)
     fed = summary["provenance"]["federation"]
-    assert fed["runtime"] != "InMemoryGrid" and fed["fp16_transfer"] is True
+    assert len(fed["run_ids"]) == 2 and fed["runtime"] != "InMemoryGrid" and fed["fp16_transfer"] is True
     assert set(fed["nodes"]) == {"hospital_1", "hospital_2", "hospital_3"}
     fp32 = record_bytes(state_to_record(build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)))
-    per_client = summary["history"][2]["bytes_per_client"]
+    per_client = summary["history"][3]["bytes_per_client"]
     assert per_client["down"] < 0.55 * fp32 and per_client["up"] < 0.55 * fp32
-    alive = local_federation.alive()
-    print("alive after the run:", alive)
-    assert {"superlink", "supernode-hospital_1", "supernode-hospital_2", "supernode-hospital_3"} <= set(alive)
+    assert not pids_with_arg(str(work / "superlink")), "launcher left processes running"
 
 
 @pytest.mark.slow

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_boundary import BREAKS, break_hospital, identifying_strings
+from common.audit import files_under, find_identifying, identifying_strings
+from common.data.synthetic import break_hospital
+from tests.test_boundary import BREAKS
 
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False,
         "node-wait-timeout": 90.0, "round-timeout": 300.0, "num-server-rounds": 1, "min-available-nodes": 5,
@@ -26,14 +28,6 @@ TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0
 BROKEN = ("missing-images", "bad-header", "unknown-label")
 POLICY = ('[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\nmax-epsilon-total = 2.5\n'
           'ledger = "ledger.json"\n')
-
-
-def _server_side_bytes(work: Path, outs: list[Path]) -> dict[str, bytes]:
-    files = [p for p in (work / "superlink").rglob("*") if p.is_file()]
-    files += [work / "logs" / "superlink.log", work / "logs" / "run.log"]
-    for out in outs:
-        files += [p for p in out.rglob("*") if p.is_file()]
-    return {str(p): p.read_bytes() for p in files if p.is_file()}
 
 
 @pytest.mark.slow
@@ -95,9 +89,11 @@ def test_nothing_identifying_reaches_the_server_and_the_site_policy_is_the_hospi
     secrets_ |= {Path(hospitals[f"broken-{i}"]).name for i in range(len(BROKEN))}
     for path in (*hospitals.values(), synth_root / "hospital_3"):
         secrets_ |= identifying_strings(Path(path))
-    found = {(name, s) for name, data in _server_side_bytes(work, list(outs.values())).items()
-             for s in secrets_ if s.encode() in data}
-    assert not found, sorted(found)[:10]
+    server_side = files_under(work / "superlink", work / "logs" / "superlink.log", work / "logs" / "run.log",
+                              *outs.values())
+    assert len(server_side) > 10 and any(f.name == "state.db" for f in server_side)
+    found = find_identifying(secrets_, server_side)
+    assert not found, found[:10]
 
     # ... while each broken hospital's own log has the detail under the incident id the server recorded
     failures = [r for r in rows if not r["ok"]]

@@ -262,3 +262,24 @@ def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(s
     assert all(0 < v["epsilon"] <= 5.1 and 0 < v["delta"] < 1e-2 for v in per.values())
     assert fed["epsilon"] == max(v["epsilon"] for v in per.values())
     assert fed["dp"]["central"]["mode"] == "client-fixed" and card["architecture"]["dp_compatible"] is True
+
+
+def test_dp_noise_and_sampling_are_not_reproducible_from_the_run_seed_by_default():
+    """The run's seed is in the run config (which the server writes): with the default secure RNG the Poisson
+    batches and the noise come from a generator seeded by the OS CSPRNG, and Opacus' floating-point-safe noise
+    is on; with dp-secure-rng=false (experiments) the same seed gives the same batches."""
+    ds = _data(256)
+
+    def batches(secure: bool):
+        torch.manual_seed(0)
+        b = PrivacyBudget(PrivacyConfig(enabled=True, noise_multiplier=1.0, secure_rng=secure), len(ds), 16, 16)
+        model = build_model(ModelConfig(arch="smallcnn", weights="none", dp_compatible=True), 1)
+        _, _, opt, loader = b.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                     DataLoader(ds, batch_size=16, drop_last=True))
+        return opt, [len(x) for x, *_ in loader]
+
+    opt, first = batches(True)
+    assert opt.secure_mode and opt.generator is not None
+    assert first != batches(True)[1]                         # same torch seed, other batches
+    opt, plain = batches(False)
+    assert not opt.secure_mode and plain == batches(False)[1]

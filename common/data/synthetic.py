@@ -9,6 +9,7 @@ label prevalence, so they are genuinely non-IID. Patients have several images an
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,3 +168,34 @@ def synthesize(out: str | Path, *, hospitals: int = 3, patients: int = 60, size:
                                             seed=seed * 1000 + 999, patient_offset=0, test_fraction=0.5,
                                             progress=progress)
     return written
+
+
+# How real hospital folders break: a missing image, a renamed column, a label nobody knows, no folder at all,
+# images that do not decode. Each is one DataError code at the hospital boundary (client/boundary.py).
+BREAKS = ("missing-images", "bad-header", "unknown-label", "missing-folder", "corrupt-images")
+
+
+def break_hospital(src: str | Path, dst: str | Path, how: str) -> Path:
+    """A copy of a hospital folder in the ChestX-ray14 layout broken in one of the ways real data breaks
+    (BREAKS), for tests and the reliability benchmark; returns the data-path to give its node."""
+    src, dst = Path(src), Path(dst)
+    if how == "missing-folder":
+        return dst / "gone_00123456"
+    shutil.copytree(src, dst)
+    table = dst / "Data_Entry_2017.csv"
+    lines = table.read_text().splitlines()
+    if how == "missing-images":
+        for line in lines[5:7]:
+            (dst / "images" / line.split(",")[0]).unlink()
+    elif how == "bad-header":
+        table.write_text("\n".join(["Image,Labels" + lines[0][len("Image Index,Finding Labels"):], *lines[1:]]) + "\n")
+    elif how == "unknown-label":
+        cells = lines[9].split(",")
+        cells[1] = "Pneumonia|Spleen Tumour"
+        table.write_text("\n".join([*lines[:9], ",".join(cells), *lines[10:]]) + "\n")
+    elif how == "corrupt-images":
+        for png in (dst / "images").iterdir():
+            png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    else:
+        raise ValueError(how)
+    return dst

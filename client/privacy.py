@@ -191,7 +191,7 @@ class RoundPrivacy:
 
     def decline(self, site: str):
         """The Error reply of a hospital that will not train: Flower's FedAvg family drops error replies and
-        aggregates the others; the server recognises this one (parse_decline) and records it."""
+        aggregates the others; the server recognises this one (client.boundary.is_decline) and records it."""
         from flwr.app import Error
 
         from client.boundary import REFUSED, reason
@@ -199,13 +199,3 @@ class RoundPrivacy:
         info = {**self.metrics(), "projected-epsilon": self.budget.epsilon(self.round_steps),
                 "target-epsilon": self.budget.cfg.target_epsilon}
         return Error(REFUSED, reason("dp-budget-spent", site=site, detail=info))
-
-
-def parse_decline(text: str | None) -> dict | None:
-    """{site, epsilon numbers...} of a privacy-budget decline (RoundPrivacy.decline), else None."""
-    from client.boundary import parse_reply_error
-
-    info = parse_reply_error(text)
-    if info is None or info["code"] != "dp-budget-spent":
-        return None
-    return {"site": info["site"], **info["detail"]}

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from client.arrays import load_record, state_to_record
+from client.boundary import DECLINES
 from client.settings import RunSettings
 from common.bundle import save_bundle
 from common.errors import FedxrayError
@@ -28,8 +29,7 @@ from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
 from server.federation import PROGRESS
-from client.boundary import DECLINES
-from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid
+from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, who
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
@@ -90,8 +90,7 @@ class RoundKeeper:
         if "clients" in row:
             train = row["clients"]["train"]
             ok = [r for r in train if r["ok"]]
-            missing = [f"{r['site'] or 'node ' + str(r['node_id'])}: {r.get('code', 'failed')}"
-                       for r in train if not r["ok"]]
+            missing = [f"{who(r)}: {r.get('code', 'failed')}" for r in train if not r["ok"]]
             parts.append(f"{len(ok)} of {len(train)} hospitals trained" + (f" ({'; '.join(missing)})" if missing
                                                                              else ""))
         best = "  (best so far)" if self.state.best_round == g and g else ""
@@ -136,13 +135,12 @@ def _require_updates(g: int, replies: list[dict]) -> None:
         return
     failed = [r for r in train if not r["ok"]]
     first = failed[0] if failed else None
-    who = f"{first['site'] or 'node ' + str(first['node_id'])}: {first.get('error', '')}" if first else ""
-    every = "; ".join(f"{r['site'] or 'node ' + str(r['node_id'])}: {r.get('error', '')}" for r in failed)
+    every = "; ".join(f"{who(r)}: {r.get('error', '')}" for r in failed)
     codes = {r.get("code") for r in failed}
     if failed and codes == {"dp-budget-spent"}:
         raise FedxrayError(f"round {g}: every hospital declined to train because its privacy budget is spent "
-                           f"({who}); the run ends here. More rounds need a larger dp-target-epsilon, which only "
-                           "the hospitals can agree to")
+                           f"({who(first)}: {first.get('error', '')}); the run ends here. More rounds need a larger "
+                           "dp-target-epsilon, which only the hospitals can agree to")
     if failed and codes <= set(DECLINES):
         raise FedxrayError(f"round {g}: every hospital refused this run under its site policy or privacy budget "
                            f"({every}); change the run config to what the hospitals allow")
@@ -159,7 +157,7 @@ def _require_updates(g: int, replies: list[dict]) -> None:
 def _contributors(state: RunState, g: int) -> list[str]:
     """The hospitals whose updates made round g's model (the final table counts only those)."""
     row = next((h for h in state.history if h["round"] == g), {})
-    return sorted({r["site"] or f"node {r['node_id']}" for r in row.get("clients", {}).get("train", []) if r["ok"]})
+    return sorted({who(r) for r in row.get("clients", {}).get("train", []) if r["ok"]})
 
 
 def _fmt(x) -> str:

@@ -48,9 +48,9 @@ def flower_error_text(code: int, reason: str | None) -> str:
     return f"Flower error {code}: {str(reason or '')[:200]}"
 
 
-def is_declined(reason: str | None) -> bool:
-    """A hospital's refusal by choice (privacy budget spent, site policy): recorded, not a failure."""
-    return is_decline(reason)
+def who(row: dict) -> str:
+    """A round-history row's hospital: its site name, or its node id when it never said."""
+    return row.get("site") or f"node {row['node_id']}"
 
 
 class NotEnoughNodes(FedxrayError):
@@ -129,7 +129,7 @@ class GuardedGrid(Grid):
         replies = [r for r in replies if id(r) not in problems]
         # A hospital whose DP budget is spent declines (client/privacy.py): recorded above, not a failure, so
         # not handed to the strategy (Flower's central-DP wrappers skip a whole round on any error reply).
-        return [r for r in replies if not (r.has_error() and is_declined(r.error.reason))]
+        return [r for r in replies if not (r.has_error() and is_decline(r.error.reason))]
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Push, then pull until every reply is in or `timeout` has passed (Flower's loop, shorter sleep)."""

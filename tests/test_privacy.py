@@ -74,9 +74,9 @@ def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(s
     from flwr.app import Context, RecordDict
 
     from client.app import train
-    from client.privacy import DP_STATE, parse_decline
+    from client.boundary import is_decline, parse_reply_error
+    from client.privacy import DP_STATE
     from client.settings import RunSettings
-    from server.grid import is_declined
     from server.privacy import provenance, record_round
 
     s = RunSettings(data_path=str(synth_root), dp_enabled=True, dp_target_epsilon=3.0, dp_delta=1e-5,
@@ -95,12 +95,11 @@ def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(s
         record_round(nodes, [row], r)
     assert 0 < eps[0] < eps[1] <= 3.0 * 1.02, eps
     third = train(_train_msg(model, 3), ctx)
-    assert third.has_error() and is_declined(third.error.reason)
-    info = parse_decline(third.error.reason)
+    assert third.has_error() and is_decline(third.error.reason)
+    failure = parse_reply_error(third.error.reason)
+    info = {"site": failure["site"], **failure["detail"]}
     assert info["site"] == "hospital_1" and info["dp-epsilon"] == pytest.approx(eps[1])
     assert info["projected-epsilon"] > 3.0 * 1.02
-    from client.boundary import parse_reply_error
-
     record_round(nodes, [{"type": "train", "ok": False, "node_id": 3, "failure": parse_reply_error(third.error.reason)}],
                  3)
     dp = provenance(s, nodes)["client_dp_sgd"]["per_hospital"]["hospital_1"]
@@ -109,7 +108,7 @@ def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(s
 
     fresh = Context(run_id=8, node_id=3, node_config=ctx.node_config, state=RecordDict(), run_config=ctx.run_config)
     resumed = train(_train_msg(model, 3), fresh)   # a resumed run: no history, but 2 rounds already spent
-    assert resumed.has_error() and parse_decline(resumed.error.reason)["dp-assumed-rounds"] == 2
+    assert resumed.has_error() and parse_reply_error(resumed.error.reason)["detail"]["dp-assumed-rounds"] == 2
 
 
 def test_dp_settings_are_validated():

@@ -18,8 +18,9 @@ class DataError(FedxrayError):
 class ImageError(FedxrayError):
     """One image cannot be used (corrupt, too small, unsupported DICOM...). Sources exclude it and go on."""
 
-    def __init__(self, reason: str, *, path: str | None = None, too_large: bool = False):
-        self.reason, self.path, self.too_large = reason, path, too_large
+    def __init__(self, reason: str, *, path: str | None = None, too_large: bool = False,
+                 code: str = "unusable_image"):
+        self.reason, self.path, self.too_large, self.code = reason, path, too_large, code
         super().__init__(f"{path}: {reason}" if path else reason)
 
 

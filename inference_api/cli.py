@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -99,26 +99,33 @@ def _cmd_predict(a) -> int:
         for f in files[start:start + a.batch_size]:
             rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
             try:
-                ready.append((rel, svc.prepare(f.read_bytes(), f.name)))
+                ready.append((rel, svc.prepare(f.read_bytes(), f.name, keep_side=None)))
             except InputError as e:
                 failed += 1
-                rows.append({"file": rel, "status": "error", "error": e.detail})
+                rows.append({"file": rel, "status": "error", "error": f"{e.code}: {e.detail}"})
         if not ready:
             continue
         x = torch.stack([p.x for _, p in ready])
-        probs, cams = predictor.run_batch(x, want_cams=method == "fast" and a.explain != "none")
+        probs, cams, feats = predictor.run_batch(x, want_cams=method == "fast" and a.explain != "none")
         for i, (rel, prep) in enumerate(ready):
+            try:  # the input gate's out-of-distribution check, as the API runs it
+                _, ood = svc.check_features(feats[i])
+            except InputError as e:
+                failed += 1
+                rows.append({"file": rel, "status": "error", "error": f"{e.code}: {e.detail}"})
+                continue
             targets = svc.explain_targets(probs[i], list(range(len(svc.findings))) if a.explain == "all" else None)
             row = {"file": rel, "status": "ok", "error": "", "width": prep.image.width, "height": prep.image.height,
                    "format": prep.image.format, "view": prep.image.view or "",
-                   "warnings": " | ".join(svc.warnings(prep.image)),
+                   "warnings": " | ".join(w.detail for w in prep.warnings + ood),
                    "positive_findings": "|".join(r.finding for r in svc.findings_table(probs[i]) if r.positive)}
             row.update({f: f"{p:.6f}" for f, p in zip(svc.findings, probs[i])})
             if a.explain != "none" and targets:
                 maps = cams[i][targets] if cams is not None else torch.from_numpy(
                     grad_cam_maps(bundle.model, prep.x[None], targets, method)[0])
                 for j, c in enumerate(targets):
-                    ov = render_overlay(prep.image.pixels, maps[j], max_side=a.max_side)
+                    ov = render_overlay(prep.image.pixels, maps[j], max_side=a.max_side,
+                                        original_size=(prep.image.width, prep.image.height))
                     name = f"{rel.replace('/', '__')}__{svc.findings[c]}.png"
                     (out / "overlays" / name).write_bytes(ov.png)
                     row[f"peak_{svc.findings[c]}"] = f"{ov.peak_x:.0f},{ov.peak_y:.0f}"

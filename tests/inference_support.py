@@ -19,7 +19,7 @@ def trained_bundle(tmp_path_factory) -> Path:
         from common.pipeline import run_centralised
 
         root = tmp_path_factory.mktemp("inference_synth")
-        synthesize(root, hospitals=1, patients=30, size=64, seed=5, holdout_patients=0, progress=False)
+        synthesize(root, hospitals=1, patients=60, size=64, seed=5, holdout_patients=0, progress=False)
         cfg = ExperimentConfig.model_validate({
             "data": {"path": str(root / "hospital_1"), "findings": FINDINGS},
             "preprocess": {"image_size": 64}, "model": {"arch": "smallcnn", "weights": "none"},
@@ -39,6 +39,22 @@ def xray(size: int = 96, seed: int = 0, findings=("Nodule",)) -> np.ndarray:
 
     img, _ = render(size, set(findings), np.random.default_rng(seed), Acquisition())
     return img
+
+
+def narrow(arr: np.ndarray, width: int) -> np.ndarray:
+    """The image resized to `width` columns (bilinear): a non-square picture with the whole chest in it (a crop
+    that cuts the chest off-centre is, rightly, out of distribution for the test model)."""
+    img = Image.fromarray(arr.astype(np.float32), mode="F").resize((width, arr.shape[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(img, dtype=np.float64), 0, 1)
+
+
+def with_markers(arr: np.ndarray) -> np.ndarray:
+    """A black and a white corner pixel, as films carry (collimator edge, burned-in label): the image's own
+    min..max window (16-bit PNG, DICOM without VOI) then equals the bit range, so every encoding of it decodes
+    like its 8-bit PNG."""
+    out = arr.copy()
+    out[0, 0], out[0, 1] = 0.0, 1.0
+    return out
 
 
 def png(arr: np.ndarray, bits: int = 8, mode: str | None = None) -> bytes:

@@ -22,7 +22,7 @@ from common.bundle import load_bundle
 from inference_api import create_app
 from inference_api.predictor import Predictor
 from inference_api.settings import Settings
-from tests.inference_support import FINDINGS, jpeg, png, trained_bundle, xray
+from tests.inference_support import FINDINGS, jpeg, narrow, png, trained_bundle, with_markers, xray
 from tests.test_imageio import dicom_bytes, dicom_dataset, patch_png_size
 
 LIMITS = dict(min_resolution=32, max_pixels=2_000_000, max_upload_bytes=3_000_000, overlay_max_side=64)
@@ -49,8 +49,9 @@ def post(client, data: bytes, *, name="x.png", ctype="image/png", path="/v1/pred
 
 
 def image16() -> np.ndarray:
-    """A 96x96 image on the 16-bit grid (so PNG and DICOM carry exactly the same values)."""
-    return np.round(xray(96, seed=3) * 65535) / 65535
+    """A 96x96 image on the 16-bit grid (so PNG and DICOM carry exactly the same values), its own range = the
+    bit range (see with_markers)."""
+    return np.round(with_markers(xray(96, seed=3)) * 65535) / 65535
 
 
 def dcm(arr: np.ndarray, **kw) -> bytes:
@@ -79,7 +80,7 @@ def test_predict_png_returns_documented_fields(client, bundle):
 
 
 def test_predict_with_explanations_for_named_findings(client):
-    arr = xray(120, seed=4)[:, :100]  # not square: overlays must keep the original geometry
+    arr = narrow(xray(120, seed=4), 100)  # not square: overlays must keep the original geometry
     r = post(client, png(arr), params={"findings": "nodule,Pneumonia", "explain": "true"})
     assert r.status_code == 200, r.text
     ex = r.json()["explanations"]
@@ -209,7 +210,8 @@ def test_request_level_rejects(client):
     r = post(client, png(xray(64)), params={"findings": "Fracture"})
     assert r.status_code == 422 and "unknown finding" in r.json()["detail"] and "Nodule" in r.json()["detail"]
     r = post(client, png(xray(64)), params={"explain": "true", "method": "magic"})
-    assert r.status_code == 422 and "unknown CAM method" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["code"] == "invalid_parameter"
+    assert r.json()["detail"].startswith("query parameter method: Input should be 'fast'")
 
 
 def test_upload_size_capped_before_reading_everything(client):
@@ -249,7 +251,8 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
 
     for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
         monkeypatch.setattr(tempfile, name, refuse)
-    arr = np.random.default_rng(1).random((1100, 1100))  # ~1.2 MB PNG: above Starlette's 1 MB spool limit
+    grain = np.random.default_rng(1).normal(0, 0.06, (1100, 1100))  # film grain: a PNG that hardly compresses
+    arr = np.clip(xray(1100, seed=1) + grain, 0, 1)  # ~1.2 MB PNG: above Starlette's 1 MB spool limit
     data = png(arr)
     assert len(data) > 1_100_000
     r = post(client, data)
@@ -286,15 +289,16 @@ def test_batch_endpoint_mixes_results_and_errors(client):
 
 
 def test_explain_endpoint_returns_full_size_png(client):
-    arr = xray(150, seed=2)[:, :130]
-    r = post(client, png(arr), path="/v1/explain/pneumonia")
+    arr = narrow(xray(150, seed=2), 130)
+    r = post(client, png(arr), path="/v1/explain/Pneumonia")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(BytesIO(r.content)).size == (130, 150)  # original size, not overlay_max_side
     assert r.headers["x-finding"] == "Pneumonia" and 0 <= float(r.headers["x-peak-x"]) < 130
     assert 0 <= float(r.headers["x-probability"]) <= 1
     r = post(client, png(arr), path="/v1/explain/Nodule", params={"method": "gradcam", "max_side": 65})
     assert r.status_code == 200 and Image.open(BytesIO(r.content)).size == (56, 65)
-    assert post(client, png(arr), path="/v1/explain/Fracture").status_code == 422
+    assert post(client, png(arr), path="/v1/explain/Fracture").json()["code"] == "unknown_finding"
+    assert post(client, png(arr), path="/v1/explain/pneumonia").status_code == 422  # names as the card spells them
     assert post(client, b"", path="/v1/explain/Nodule").status_code == 422
 
 
@@ -446,7 +450,7 @@ def test_cli_predict_folder(bundle_dir, tmp_path):
 
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    (src / "a.png").write_bytes(png(xray(80)[:, :70]))
+    (src / "a.png").write_bytes(png(narrow(xray(80), 70)))
     (src / "sub" / "b.dcm").write_bytes(dcm(image16()))
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     (src / "notes.txt").write_text("ignored")

@@ -15,7 +15,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Other settings come from FEDXRAY_* environment variables, e.g. "
                                    "FEDXRAY_API_KEY, FEDXRAY_CORS_ORIGINS, FEDXRAY_MAX_UPLOAD_BYTES.")
     s.add_argument("--bundle", default="runs/demo/bundle", help="bundle directory (weights.safetensors + model.json); default: the one `make demo` exports")
-    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (then "
+                   "FEDXRAY_API_KEY is required, or --allow-unauthenticated)")
+    s.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback address without FEDXRAY_API_KEY (anyone who can reach it may upload "
+                        "images and read the model card); loopback never needs it")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     s.add_argument("--log-level", default="info")
@@ -59,11 +63,32 @@ def _cmd_serve(a) -> int:
     read_card(a.bundle)  # fail fast with a clear message; the weights load in the background
     overrides = {"bundle": a.bundle} | ({"threads": a.threads} if a.threads else {})
     settings = Settings(**overrides)
+    if not settings.api_key and not a.allow_unauthenticated and not is_loopback(a.host):
+        print(f"refusing to serve {a.host}:{a.port} without an API key: clients beyond this machine could upload "
+              f"X-rays unauthenticated. Set FEDXRAY_API_KEY (clients send it in the {settings.api_key_header} "
+              f"header), listen on 127.0.0.1, or pass --allow-unauthenticated to accept the risk.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)"
           + (" with API-key authentication" if settings.api_key else ""), file=sys.stderr)
     uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level=a.log_level.lower())
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only reaches this machine: every address it resolves to is loopback."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 def find_images(path: Path) -> list[Path]:

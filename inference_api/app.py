@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import threading
 import time
@@ -193,6 +194,11 @@ def _with_enums(spec: dict, findings: list[str] | None) -> dict:
     for param in spec["paths"].get("/v1/explain/{finding}", {}).get("post", {}).get("parameters", []):
         if param["name"] == "finding":
             param["schema"] = {**param.get("schema", {}), **enum}
+    name = "(" + "|".join(re.escape(f) for f in findings) + ")"
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        for param in spec["paths"].get(path, {}).get("post", {}).get("parameters", []):
+            if param["name"] == "findings":
+                param["schema"] = {"type": "string", "pattern": f"^(all|{name}(,{name})*)?$"}
     return spec
 
 
@@ -270,14 +276,14 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
         return state.runtime
 
     def options(explain: bool = Query(False, description="Add heatmap overlays (positive findings by default)"),
-                findings: str | None = Query(None, description="Findings to explain: comma-separated names "
-                                             "(case-insensitive) or 'all'; implies explain=true", max_length=2000),
+                findings: str | None = Query(None, description="Findings to explain: comma-separated names as the "
+                                             "model card spells them, or 'all'; implies explain=true"),
                 method: schemas.CamMethod = Query(FAST, description="Heatmap method"),
                 preview: bool = Query(False, description="Also return the decoded image as a PNG"),
                 rt: Runtime = Depends(runtime)) -> Options:
         return Options(explain or findings is not None, rt.service.parse_targets(findings), method, preview)
 
-    v1 = [Depends(require_key)]
+    v1 = [Depends(require_key)] if settings.api_key else []  # the schema then says what the server requires
 
     def probe(rt: Runtime, upload: UploadedFile) -> ImageHeader:
         check_content_type(upload.content_type)

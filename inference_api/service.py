@@ -192,18 +192,19 @@ class Service:
                                   ood_score=score, ood_threshold=self.gate.ood_threshold)
 
     def parse_targets(self, findings: str | None) -> list[int] | None:
-        """'all', a comma-separated list of names (case-insensitive), or None (= the positive findings)."""
-        if findings is None or not findings.strip():
+        """'all', comma-separated names exactly as the model card spells them, or None/'' (= the positive
+        findings). Exact, as the OpenAPI pattern says (targets_pattern)."""
+        if not findings:
             return None
-        if findings.strip().lower() == "all":
+        if findings == "all":
             return list(range(len(self.findings)))
-        lookup = {f.lower(): i for i, f in enumerate(self.findings)}
-        names = [n.strip() for n in findings.split(",") if n.strip()]
-        unknown = [n for n in names if n.lower() not in lookup]
+        lookup = {f: i for i, f in enumerate(self.findings)}
+        names = findings.split(",")
+        unknown = [n for n in names if n not in lookup]
         if unknown:
-            raise InputError(422, f"unknown finding(s) {unknown}: this model knows {self.findings} (or use 'all')",
-                             "unknown_finding")
-        return list(dict.fromkeys(lookup[n.lower()] for n in names))
+            raise InputError(422, f"unknown finding(s) {unknown[:5]}: this model knows {self.findings} (or use "
+                                  f"'all')", "unknown_finding")
+        return list(dict.fromkeys(lookup[n] for n in names))
 
     @staticmethod
     def parse_method(method: str) -> str:

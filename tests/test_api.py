@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import re
 import logging
 import tempfile
 import threading
@@ -83,7 +84,7 @@ def test_predict_png_returns_documented_fields(client, bundle):
 
 def test_predict_with_explanations_for_named_findings(client):
     arr = narrow(xray(120, seed=4), 100)  # not square: overlays must keep the original geometry
-    r = post(client, png(arr), params={"findings": "nodule,Pneumonia", "explain": "true"})
+    r = post(client, png(arr), params={"findings": "Nodule,Pneumonia", "explain": "true"})
     assert r.status_code == 200, r.text
     ex = r.json()["explanations"]
     assert [e["finding"] for e in ex] == ["Nodule", "Pneumonia"] and all(e["method"] == "fast" for e in ex)
@@ -211,6 +212,7 @@ def test_request_level_rejects(client):
     assert 400 <= r.status_code < 500
     r = post(client, png(xray(64)), params={"findings": "Fracture"})
     assert r.status_code == 422 and "unknown finding" in r.json()["detail"] and "Nodule" in r.json()["detail"]
+    assert post(client, png(xray(64)), params={"findings": "nodule"}).json()["code"] == "unknown_finding"
     r = post(client, png(xray(64)), params={"explain": "true", "method": "magic"})
     assert r.status_code == 422 and r.json()["code"] == "invalid_parameter"
     assert r.json()["detail"].startswith("query parameter method: Input should be 'fast'")
@@ -386,7 +388,22 @@ def test_openapi_documents_every_field(client):
     assert {"explain", "findings", "method", "preview"} <= params
     assert {"413", "415", "422", "401"} <= set(paths["/v1/predict"]["post"]["responses"])
     assert "image/png" in paths["/v1/explain/{finding}"]["post"]["responses"]["200"]["content"]
+    assert "securitySchemes" not in spec.get("components", {})  # this server requires no key: the schema says so
+
+
+def test_openapi_names_findings_and_security(bundle_dir, bundle):
+    with TestClient(create_app(Settings(bundle=str(bundle_dir), api_key="k", **LIMITS), bundle=bundle)) as c:
+        spec = c.get("/openapi.json").json()
     assert "APIKeyHeader" in spec["components"]["securitySchemes"]
+    s = spec["components"]["schemas"]
+    assert s["FindingResult"]["properties"]["finding"]["enum"] == FINDINGS
+    assert s["ErrorResponse"]["properties"]["detail"]["type"] == "string"
+    assert "out_of_distribution" in s["ErrorResponse"]["properties"]["code"]["enum"]
+    assert "gradcam++" in s["Explanation"]["properties"]["method"]["enum"]
+    path = {p["name"]: p["schema"] for p in spec["paths"]["/v1/explain/{finding}"]["post"]["parameters"]}
+    assert path["finding"]["enum"] == FINDINGS and "fast" in path["method"]["enum"]
+    q = {p["name"]: p["schema"] for p in spec["paths"]["/v1/predict"]["post"]["parameters"]}
+    assert re.fullmatch(q["findings"]["pattern"], "Nodule,Pneumonia") and not re.fullmatch(q["findings"]["pattern"], "x")
 
 
 def test_web_page_is_self_contained(client):

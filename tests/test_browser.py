@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.inference_support import FINDINGS, png, trained_bundle, xray
+from tests.inference_support import FINDINGS, png, serving, trained_bundle, xray
 from tests.test_api import dcm, image16
 
 CHROMIUM = os.environ.get("FEDXRAY_CHROMIUM", "/usr/bin/chromium")
@@ -22,45 +17,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`fedxray serve` in a subprocess; yields its base URL and always stops it."""
     bundle = trained_bundle(tmp_path_factory)
-    port = _free_port()
-    env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "32", "FEDXRAY_OVERLAY_MAX_SIDE": "256"}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle), "--port",
-                             str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}: {log.read()}")
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("server not ready within 60 s")
+    with serving(bundle, tmp_path_factory.mktemp("server"), {"FEDXRAY_OVERLAY_MAX_SIDE": "256"}) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -113,10 +113,11 @@ def latency_rows(bundle_dir: Path, iters: int, upload: bytes) -> tuple[list[list
             normalise_cams(o.cams, (s, s))
 
         def fast_overlays():
-            p = svc.prepare(upload)
+            p = svc.prepare(upload, keep_side=512)  # what the API keeps when overlays are asked for
             o = pred.submit(p.x, want_cams=True).result()
             for c in range(n):
-                render_overlay(p.image.pixels, o.cams[c], max_side=512)
+                render_overlay(p.image.pixels, o.cams[c], max_side=512,
+                               original_size=(p.image.width, p.image.height))
 
         out = interleaved({"forward": forward, "predict": predict, "predict_bytes": predict_bytes,
                            "fast": fast_maps, "fast_overlays": fast_overlays,

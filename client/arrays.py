@@ -51,7 +51,7 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
     if missing or unexpected:
         raise FedxrayError(f"global weights do not fit this model: missing {sorted(missing)[:5]}, unexpected "
                            f"{sorted(unexpected)[:5]}; do all nodes and the server use the same arch/findings?",
-                           code="model")
+                           failure="model")
     target.load_state_dict(sd, strict=True)
 
 

@@ -122,7 +122,7 @@ def failure_code(exc: BaseException) -> tuple[str, str | None]:
         keys = [k for k in exc.keys if _NAME.match(k)]
         return "run-config", ("run config " + ", ".join(keys)) if keys else None
     if isinstance(exc, FedxrayError):
-        return exc.code, None
+        return exc.failure, None
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
         return "out-of-memory", None
     return "internal", None

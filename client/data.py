@@ -66,19 +66,19 @@ def resolve_source(node_config: dict, settings: RunSettings) -> NodeSource:
         return NodeSource(str(path), source, site)
     if "partition-id" not in node_config:
         raise DataError("this SuperNode has no data: start it with --node-config \"data-path='/path/to/hospital'\"",
-                        code="data-not-found")
+                        failure="data-not-found")
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
     root = Path(settings.data_path).expanduser().resolve()
     if not root.exists():
         raise DataError(f"run config data-path does not exist (resolved from working directory {Path.cwd()}); "
                         "create the demo data with `fedxray data synth --out data/synth` or pass an absolute "
-                        "path with --run-config \"data-path='/abs/path'\"", path=str(root), code="data-not-found")
+                        "path with --run-config \"data-path='/abs/path'\"", path=str(root), failure="data-not-found")
     sites = sorted(site_folders(root), key=_natural_key)
     if sites:
         if pid >= len(sites):
             raise DataError(f"partition-id {pid} has no site folder: {root} holds {len(sites)} hospitals "
                             f"({[s.name for s in sites]}); run with num-supernodes <= {len(sites)}", path=str(root),
-                            code="data-layout")
+                            failure="data-layout")
         return NodeSource(str(sites[pid]), settings.data_source, safe_site(sites[pid].name, str(sites[pid])))
     return NodeSource(str(root), settings.data_source, f"partition-{pid}", pid, n)
 

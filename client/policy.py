@@ -100,7 +100,7 @@ class SitePolicy(_Section):
             raw = tomllib.loads(path.read_text())
             return cls.model_validate({**raw, "path": path.resolve()})
         except (OSError, tomllib.TOMLDecodeError, ValidationError) as e:
-            raise FedxrayError(f"site policy {path}: {e}", code="site-policy") from e
+            raise FedxrayError(f"site policy {path}: {e}", failure="site-policy") from e
 
     def ledger(self) -> "PrivacyLedger":
         where = Path(self.privacy.ledger)
@@ -188,7 +188,7 @@ class PrivacyLedger:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError) as e:   # never guess a spent budget: refuse until a person looks
             raise FedxrayError(f"privacy ledger {self.path} is unreadable ({e}); restore it from backup",
-                               code="site-policy") from e
+                               failure="site-policy") from e
         return data
 
     @contextmanager

@@ -90,10 +90,12 @@ def _build_and_load(model_config: ModelConfig, num_outputs: int, channels: int,
 
 def save_bundle(out_dir: str | Path, model: nn.Module, *, model_config: ModelConfig, preprocess: PreprocessConfig,
                 findings: list[str], thresholds, metrics: dict | None = None, provenance: dict | None = None,
-                multilabel: bool = True, extra: dict | None = None) -> Path:
+                multilabel: bool = True, extra: dict | None = None, validation=None, test=None) -> Path:
     """Write weights.safetensors then model.json (the card records the weights' sha256); returns the directory.
 
-    The model is checked against `model_config` first, so an unloadable bundle is never written.
+    The model is checked against `model_config` first, so an unloadable bundle is never written. With the
+    `validation` (and `test`) XrayDatasets, the input-quality gate is calibrated on them (common.quality) and
+    stored in the card: every bundle maker (centralised training, the federated server) goes through here.
     """
     from safetensors.torch import save_file
 
@@ -131,6 +133,10 @@ def save_bundle(out_dir: str | Path, model: nn.Module, *, model_config: ModelCon
         "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": weights_path.stat().st_size},
         "extra": jsonable(extra or {}),
     }
+    if validation is not None:
+        from common.quality import calibrate
+
+        card["quality_gate"] = jsonable(calibrate(model, validation, test))
     text = json.dumps(card, indent=2, allow_nan=False) + "\n"
     write_atomic(out / CARD_FILE, lambda tmp: Path(tmp).write_text(text))
     return out

@@ -1,6 +1,6 @@
 """Error types that say what was wrong and where, so the CLI and the API can report them without a traceback.
 
-Every FedxrayError also carries a `code` from FAILURES, a fixed vocabulary: the message (with paths, file
+Every FedxrayError also carries a `failure` from FAILURES, a fixed vocabulary: the message (with paths, file
 names, CSV lines) is for whoever runs the command on their own machine; the code and its `check` are what a
 hospital may tell the federation (client/boundary.py) without revealing anything about its patients.
 """
@@ -38,41 +38,44 @@ FAILURES: dict[str, tuple[str, str]] = {
 class FedxrayError(Exception):
     """Base class: its message is meant for the user and names the file (and line) at fault."""
 
-    code = "internal"
+    failure = "internal"
 
-    def __init__(self, *args, code: str | None = None):
+    def __init__(self, *args, failure: str | None = None):
         super().__init__(*args)
-        if code is not None:
-            if code not in FAILURES:
-                raise ValueError(f"unknown failure code {code!r}")
-            self.code = code
+        if failure is not None:
+            if failure not in FAILURES:
+                raise ValueError(f"unknown failure code {failure!r}")
+            self.failure = failure
 
 
 class DataError(FedxrayError):
     """A data source is unusable as a whole: missing file, wrong CSV header, unknown label, empty split."""
 
-    code = "data"
+    failure = "data"
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, code: str | None = None):
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 failure: str | None = None):
         self.path, self.line = path, line
         where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
-        super().__init__(f"{where}{message}", code=code)
+        super().__init__(f"{where}{message}", failure=failure)
 
 
 class ImageError(FedxrayError):
-    """One image cannot be used (corrupt, too small, unsupported DICOM...). Sources exclude it and go on."""
+    """One image cannot be used (corrupt, too small, unsupported DICOM...). Sources exclude it and go on.
+    `code` is the image-level reason the inference API reports (corrupt, multi_frame, too_many_pixels...)."""
 
-    code = "data"
+    failure = "data"
 
-    def __init__(self, reason: str, *, path: str | None = None, too_large: bool = False):
-        self.reason, self.path, self.too_large = reason, path, too_large
+    def __init__(self, reason: str, *, path: str | None = None, too_large: bool = False,
+                 code: str = "unusable_image"):
+        self.reason, self.path, self.too_large, self.code = reason, path, too_large, code
         super().__init__(f"{path}: {reason}" if path else reason)
 
 
 class SettingsError(FedxrayError):
     """Settings that do not validate; `keys` names the offending settings (and nothing else)."""
 
-    code = "run-config"
+    failure = "run-config"
 
     def __init__(self, message: str, *, keys: list[str] = ()):
         self.keys = list(keys)
@@ -82,10 +85,10 @@ class SettingsError(FedxrayError):
 class BundleError(FedxrayError):
     """A model bundle is missing, tampered with, or of a schema this version cannot read."""
 
-    code = "model"
+    failure = "model"
 
 
 class ModelDiverged(FedxrayError):
     """A model's outputs are NaN/inf: its weights (or BatchNorm statistics) blew up in training or aggregation."""
 
-    code = "model-diverged"
+    failure = "model-diverged"

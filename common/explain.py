@@ -236,15 +236,16 @@ class Overlay:
 
 
 def render_overlay(pixels: np.ndarray, cam: torch.Tensor, *, max_side: int | None = None,
-                   alpha: float = 0.5) -> Overlay:
-    """Overlay PNG of one map on the original image (scaled to `max_side` at most) and its peak.
+                   alpha: float = 0.5, original_size: tuple[int, int] | None = None) -> Overlay:
+    """Overlay PNG of one map on the image (scaled to `max_side` at most) and its peak.
 
     `cam` is one map at any resolution (raw or normalised): it is normalised and resized to the output size
-    here, so every overlay uses the same normalisation as the equivalence test.
+    here, so every overlay uses the same normalisation as the equivalence test. `original_size` (w, h): the
+    image's stored size when `pixels` were reduced while decoding; the peak is reported in those pixels.
     """
     height, width = pixels.shape
     w, h = fit_within(width, height, max_side)
     heat = normalise_cams(cam[None], (h, w))[0]
-    x, y = peak_xy(heat, width, height)
+    x, y = peak_xy(heat, *(original_size or (width, height)))
     png = png_bytes(blend(resize_gray(pixels, w, h), heat.numpy(), alpha))
     return Overlay(png, w, h, x, y)

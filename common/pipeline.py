@@ -51,7 +51,7 @@ def build_datasets(manifest: Manifest, splits: dict[str, list[int]], cfg: Experi
         ds.preload()
         if idx and len(ds) == 0:
             raise DataError(f"every image of the {name} split was excluded (see the data report)",
-                            path=str(manifest.root), code="data-too-small")
+                            path=str(manifest.root), failure="data-too-small")
         out[name] = ds
     return out
 
@@ -104,7 +104,7 @@ def run_centralised(cfg: ExperimentConfig, *, progress: bool = True, run_id: str
     bundle_dir = save_bundle(out / "bundle", model, model_config=cfg.model, preprocess=cfg.preprocess,
                              findings=data.findings, thresholds=res.thresholds,
                              metrics={"validation": res.val_metrics, "test": test}, provenance=provenance,
-                             multilabel=multilabel)
+                             multilabel=multilabel, validation=ds["val"], test=ds["test"])
     summary = {"run_id": run_id, "history": res.history, "best_epoch": res.best_epoch,
                "stopped_early": res.stopped_early, "validation": res.val_metrics, "test": test,
                "bundle": str(bundle_dir), "train_seconds": train_seconds, "data_report": report}

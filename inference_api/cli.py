@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Other settings come from FEDXRAY_* environment variables, e.g. "
                                    "FEDXRAY_API_KEY, FEDXRAY_CORS_ORIGINS, FEDXRAY_MAX_UPLOAD_BYTES.")
     s.add_argument("--bundle", default="runs/demo/bundle", help="bundle directory (weights.safetensors + model.json); default: the one `make demo` exports")
-    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (then "
+                   "FEDXRAY_API_KEY is required, or --allow-unauthenticated)")
+    s.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback address without FEDXRAY_API_KEY (anyone who can reach it may upload "
+                        "images and read the model card); loopback never needs it")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     s.add_argument("--log-level", default="info")
@@ -59,11 +63,32 @@ def _cmd_serve(a) -> int:
     read_card(a.bundle)  # fail fast with a clear message; the weights load in the background
     overrides = {"bundle": a.bundle} | ({"threads": a.threads} if a.threads else {})
     settings = Settings(**overrides)
+    if not settings.api_key and not a.allow_unauthenticated and not is_loopback(a.host):
+        print(f"refusing to serve {a.host}:{a.port} without an API key: clients beyond this machine could upload "
+              f"X-rays unauthenticated. Set FEDXRAY_API_KEY (clients send it in the {settings.api_key_header} "
+              f"header), listen on 127.0.0.1, or pass --allow-unauthenticated to accept the risk.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)"
           + (" with API-key authentication" if settings.api_key else ""), file=sys.stderr)
     uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level=a.log_level.lower())
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only reaches this machine: every address it resolves to is loopback."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 def find_images(path: Path) -> list[Path]:
@@ -99,26 +124,33 @@ def _cmd_predict(a) -> int:
         for f in files[start:start + a.batch_size]:
             rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
             try:
-                ready.append((rel, svc.prepare(f.read_bytes(), f.name)))
+                ready.append((rel, svc.prepare(f.read_bytes(), f.name, keep_side=None)))
             except InputError as e:
                 failed += 1
-                rows.append({"file": rel, "status": "error", "error": e.detail})
+                rows.append({"file": rel, "status": "error", "error": f"{e.code}: {e.detail}"})
         if not ready:
             continue
         x = torch.stack([p.x for _, p in ready])
-        probs, cams = predictor.run_batch(x, want_cams=method == "fast" and a.explain != "none")
+        probs, cams, feats = predictor.run_batch(x, want_cams=method == "fast" and a.explain != "none")
         for i, (rel, prep) in enumerate(ready):
+            try:  # the input gate's out-of-distribution check, as the API runs it
+                _, ood = svc.check_features(feats[i])
+            except InputError as e:
+                failed += 1
+                rows.append({"file": rel, "status": "error", "error": f"{e.code}: {e.detail}"})
+                continue
             targets = svc.explain_targets(probs[i], list(range(len(svc.findings))) if a.explain == "all" else None)
             row = {"file": rel, "status": "ok", "error": "", "width": prep.image.width, "height": prep.image.height,
                    "format": prep.image.format, "view": prep.image.view or "",
-                   "warnings": " | ".join(svc.warnings(prep.image)),
+                   "warnings": " | ".join(w.detail for w in prep.warnings + ood),
                    "positive_findings": "|".join(r.finding for r in svc.findings_table(probs[i]) if r.positive)}
             row.update({f: f"{p:.6f}" for f, p in zip(svc.findings, probs[i])})
             if a.explain != "none" and targets:
                 maps = cams[i][targets] if cams is not None else torch.from_numpy(
                     grad_cam_maps(bundle.model, prep.x[None], targets, method)[0])
                 for j, c in enumerate(targets):
-                    ov = render_overlay(prep.image.pixels, maps[j], max_side=a.max_side)
+                    ov = render_overlay(prep.image.pixels, maps[j], max_side=a.max_side,
+                                        original_size=(prep.image.width, prep.image.height))
                     name = f"{rel.replace('/', '__')}__{svc.findings[c]}.png"
                     (out / "overlays" / name).write_bytes(ov.png)
                     row[f"peak_{svc.findings[c]}"] = f"{ov.peak_x:.0f},{ov.peak_y:.0f}"

@@ -27,6 +27,7 @@ import torch
 
 from common.bundle import Bundle
 from common.explain import forward_with_cams
+from common.quality import forward_with_features
 from common.training import probabilities
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 class ItemOutput:
     probabilities: np.ndarray        # (F,)
     cams: torch.Tensor | None        # (F, h, w) raw one-pass CAMs (not normalised) when asked for
+    features: np.ndarray             # (D,) penultimate features, for the input gate's distance
     batch_size: int                  # images in the pass this one ran in
     forward_s: float                 # seconds of that pass
 
@@ -138,15 +140,19 @@ class Predictor:
         """Run fn(model) on the worker thread, alone (no pass runs beside it): for pytorch-grad-cam methods."""
         return self._put(_Job(fn=fn))
 
-    def run_batch(self, x: torch.Tensor, want_cams: bool) -> tuple[np.ndarray, torch.Tensor | None]:
-        """(B, C, S, S) -> probabilities (B, F) and raw CAMs (B, F, h, w) or None. The one forward pass."""
+    def run_batch(self, x: torch.Tensor, want_cams: bool) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray]:
+        """(B, C, S, S) -> probabilities (B, F), raw CAMs (B, F, h, w) or None, and penultimate features (B, D).
+
+        The one forward pass: the features the input gate needs are read on the way to the classifier head.
+        """
         with torch.inference_mode():
             if want_cams:
-                logits, cams = forward_with_cams(self.model, x)
+                (logits, cams), feats = forward_with_features(self.model, x, forward_with_cams)
             else:
-                logits, cams = self.model(x), None
+                logits, feats = forward_with_features(self.model, x)
+                cams = None
             probs = probabilities(logits, self.bundle.multilabel).float().numpy()
-        return probs, cams
+        return probs, cams, feats.numpy()
 
     def stats(self) -> dict:
         passes = sum(self.batch_sizes.values())
@@ -207,7 +213,7 @@ class Predictor:
             return
         try:
             t0 = time.perf_counter()
-            probs, cams = self.run_batch(torch.stack([j.x for j in batch]), any(j.want_cams for j in batch))
+            probs, cams, feats = self.run_batch(torch.stack([j.x for j in batch]), any(j.want_cams for j in batch))
             secs = time.perf_counter() - t0
         except BaseException as e:
             log.exception("inference failed for a batch of %d", len(batch))
@@ -217,7 +223,7 @@ class Predictor:
         self.batch_sizes[len(batch)] += 1
         for i, j in enumerate(batch):
             item_cams = cams[i] if (cams is not None and j.want_cams) else None
-            j.future.set_result(ItemOutput(probs[i], item_cams, len(batch), secs))
+            j.future.set_result(ItemOutput(probs[i], item_cams, feats[i], len(batch), secs))
 
     def _fail_pending(self, error: Exception) -> None:
         pending = list(self._deferred)

@@ -1,9 +1,24 @@
-"""Response models: every field has a description so the OpenAPI schema documents the whole contract."""
+"""Response models: every field has a description so the OpenAPI schema documents the whole contract.
+
+Finding names depend on the bundle: create_app puts them into the schema as enums (see app._openapi).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from common.explain import CAM_METHODS
+from common.quality import CODES as GATE_CODES
+
+CamMethod = Literal[CAM_METHODS]  # type: ignore[valid-type]
+# Every `code` an error body can carry: request-level, image-level (common.imageio) and the input gate's.
+ERROR_CODES = ("bad_request", "unauthorized", "not_found", "method_not_allowed", "upload_too_large",
+               "too_many_files", "too_many_pixels", "unsupported_media_type", "invalid_parameter",
+               "unknown_finding", "overloaded", "not_ready", "empty", "not_an_image", "corrupt", "too_small",
+               "multi_frame", "dicom_no_pixels", "dicom_unsupported", "unusable_image", *GATE_CODES)
+ErrorCode = Literal[ERROR_CODES]  # type: ignore[valid-type]
+GateCode = Literal[GATE_CODES]  # type: ignore[valid-type]
 
 
 class FindingResult(BaseModel):
@@ -20,8 +35,8 @@ class Point(BaseModel):
 
 class Explanation(BaseModel):
     finding: str = Field(description="Finding the heatmap explains")
-    method: str = Field(description="CAM method: 'fast' (one-pass CAM, equal to Grad-CAM here) or a "
-                                    "pytorch-grad-cam method such as 'gradcam++'")
+    method: CamMethod = Field(description="CAM method: 'fast' (one-pass CAM, equal to Grad-CAM here) or a "
+                                          "pytorch-grad-cam method such as 'gradcam++'")
     overlay_png_base64: str = Field(description="PNG of the heatmap (jet colours) blended over the image, base64")
     overlay_width: int = Field(description="Overlay width in pixels (the original, scaled to overlay_max_side)")
     overlay_height: int = Field(description="Overlay height in pixels")
@@ -31,7 +46,7 @@ class Explanation(BaseModel):
 class ImageInfo(BaseModel):
     width: int = Field(description="Original width in pixels")
     height: int = Field(description="Original height in pixels")
-    format: str = Field(description="Detected format: png, jpeg, dicom...")
+    format: Literal["png", "jpeg", "dicom", "tiff", "bmp", "webp", "gif"] = Field(description="Detected format")
     bit_depth: int = Field(description="Bits per sample of the stored image")
     view: str | None = Field(None, description="DICOM ViewPosition (PA, AP, LL...) when present")
 
@@ -51,6 +66,20 @@ class Timing(BaseModel):
     batch_size: int = Field(description="Images in the micro-batch this one ran in")
 
 
+class GateIssue(BaseModel):
+    code: GateCode = Field(description="Which input check flagged the image")
+    action: Literal["reject", "warn"] = Field(description="What the bundle's policy does for this check")
+    detail: str = Field(description="What was seen, in words")
+
+
+class InputCheck(BaseModel):
+    issues: list[GateIssue] = Field(description="Checks that flagged the image and only warn (a refused image "
+                                                "gets 422 with the code instead)")
+    ood_score: float | None = Field(None, description="Feature distance from the validation images (null when "
+                                                      "the bundle has no calibration)")
+    ood_threshold: float | None = Field(None, description="Distance above which the image is out of distribution")
+
+
 class PredictResponse(BaseModel):
     model: ModelRef
     image: ImageInfo
@@ -61,11 +90,13 @@ class PredictResponse(BaseModel):
     preview_png_base64: str | None = Field(
         None, description="With preview=true: the decoded image as a grayscale PNG (lets browsers show DICOM)")
     warnings: list[str] = Field(default_factory=list, description="Accepted, but read these (e.g. lateral view)")
+    input_check: InputCheck = Field(description="The input-quality gate's result for this image")
     timing: Timing
 
 
 class ErrorInfo(BaseModel):
     status: int = Field(description="HTTP status this image alone would have got")
+    code: ErrorCode = Field(description="Reason code (stable, for programs)")
     detail: str = Field(description="What was wrong and what to do")
 
 
@@ -83,7 +114,8 @@ class BatchResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    detail: str = Field(description="What was wrong and what to do next")
+    detail: str = Field(description="What was wrong and what to do next, in words")
+    code: ErrorCode = Field(description="Reason code (stable, for programs)")
 
 
 class ModelCard(BaseModel):
@@ -99,13 +131,18 @@ class ModelCard(BaseModel):
     preprocess: dict[str, Any] = Field(description="Preprocessing applied to every image (size, denoise, normalise)")
     frontal_only: bool = Field(description="Trained on frontal views only; lateral uploads get a warning")
     metrics: dict[str, Any] = Field(description="Validation/test metrics recorded at export (AUC, F1... per finding)")
-    provenance: dict[str, Any] = Field(description="How it was trained: run, data, rounds, strategy, versions")
+    provenance: dict[str, Any] = Field(description="How it was trained (no paths, no raw run config): data "
+                                                   "sizes, epochs or rounds, strategy, DP, settings, versions")
     privacy: dict[str, Any] | None = Field(None, description="Differential privacy (epsilon, delta...) when trained "
                                                              "with DP, else null")
     explanation_eval: dict[str, Any] | None = Field(
         None, description="Heatmap quality from `fedxray explain-eval` (pointing game, IoU per finding), if run")
     weights: dict[str, Any] = Field(description="Weights file, its sha256 and size")
-    cam_methods: list[str] = Field(description="Heatmap methods this server accepts in `method`")
+    cam_methods: list[CamMethod] = Field(description="Heatmap methods this server accepts in `method`")
+    input_gate: dict[str, Any] = Field(description="Input-quality gate: policy per reason code, thresholds, "
+                                                   "out-of-distribution calibration and false-rejection rates on "
+                                                   "the bundle's validation and test images")
+    limits: dict[str, Any] = Field(description="This server's upload, pixel and batch limits")
 
 
 class Health(BaseModel):

@@ -19,6 +19,16 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Images with more pixels (header) get 413, before decoding")
     min_resolution: int = Field(64, ge=1, description="Shorter side below this gets 422")
     max_batch_files: int = Field(16, ge=1, description="Images per /v1/predict/batch request")
+    max_request_pixels: int = Field(160_000_000, ge=1, description="Pixels (headers) of all images of one "
+                                    "request together; more gets 413 before anything is decoded")
+    max_side: int = Field(2048, ge=64, description="Images are decoded reduced to this longer side at most")
+    decode_slots: int = Field(2, ge=1, le=64, description="Images decoded at once, server-wide")
+    decode_budget_bytes: int = Field(768 * 2**20, ge=2**24, description="Server-wide memory for decoding and "
+                                     "for decoded images awaiting their answer; beyond it 503 + Retry-After")
+    upload_budget_bytes: int = Field(256 * 2**20, ge=2**20, description="Server-wide memory for upload bodies")
+    budget_wait_s: float = Field(10.0, ge=0, le=300, description="How long a request waits for a budget or a "
+                                 "decode slot before 503")
+    retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After sent with 503")
     api_key: SecretStr | None = Field(None, description="When set, every /v1 call needs it in the API-key header")
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Allowed browser origins")

@@ -226,7 +226,8 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
                          model_config=s.network,
                          preprocess=evaluator.cfg.preprocess, findings=findings, thresholds=state.best_thresholds,
                          metrics=state.best_metrics, provenance=summary["provenance"],
-                         multilabel=evaluator.multilabel)
+                         multilabel=evaluator.multilabel, validation=evaluator.datasets["val"],
+                         test=evaluator.datasets.get("test"))
     summary["bundle"] = str(bundle)
     contributed = _contributors(state, state.best_round)
     summary["table"] = format_headline_table(

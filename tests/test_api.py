@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
+import re
 import logging
 import tempfile
 import threading
@@ -19,10 +21,11 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000
 
 from common.bundle import load_bundle
+from common.quality import CODES as GATE_CODES
 from inference_api import create_app
 from inference_api.predictor import Predictor
 from inference_api.settings import Settings
-from tests.inference_support import FINDINGS, jpeg, png, trained_bundle, xray
+from tests.inference_support import FINDINGS, jpeg, narrow, png, trained_bundle, with_markers, xray
 from tests.test_imageio import dicom_bytes, dicom_dataset, patch_png_size
 
 LIMITS = dict(min_resolution=32, max_pixels=2_000_000, max_upload_bytes=3_000_000, overlay_max_side=64)
@@ -49,8 +52,9 @@ def post(client, data: bytes, *, name="x.png", ctype="image/png", path="/v1/pred
 
 
 def image16() -> np.ndarray:
-    """A 96x96 image on the 16-bit grid (so PNG and DICOM carry exactly the same values)."""
-    return np.round(xray(96, seed=3) * 65535) / 65535
+    """A 96x96 image on the 16-bit grid (so PNG and DICOM carry exactly the same values), its own range = the
+    bit range (see with_markers)."""
+    return np.round(with_markers(xray(96, seed=3)) * 65535) / 65535
 
 
 def dcm(arr: np.ndarray, **kw) -> bytes:
@@ -79,8 +83,8 @@ def test_predict_png_returns_documented_fields(client, bundle):
 
 
 def test_predict_with_explanations_for_named_findings(client):
-    arr = xray(120, seed=4)[:, :100]  # not square: overlays must keep the original geometry
-    r = post(client, png(arr), params={"findings": "nodule,Pneumonia", "explain": "true"})
+    arr = narrow(xray(120, seed=4), 100)  # not square: overlays must keep the original geometry
+    r = post(client, png(arr), params={"findings": "Nodule,Pneumonia", "explain": "true"})
     assert r.status_code == 200, r.text
     ex = r.json()["explanations"]
     assert [e["finding"] for e in ex] == ["Nodule", "Pneumonia"] and all(e["method"] == "fast" for e in ex)
@@ -208,8 +212,10 @@ def test_request_level_rejects(client):
     assert 400 <= r.status_code < 500
     r = post(client, png(xray(64)), params={"findings": "Fracture"})
     assert r.status_code == 422 and "unknown finding" in r.json()["detail"] and "Nodule" in r.json()["detail"]
+    assert post(client, png(xray(64)), params={"findings": "nodule"}).json()["code"] == "unknown_finding"
     r = post(client, png(xray(64)), params={"explain": "true", "method": "magic"})
-    assert r.status_code == 422 and "unknown CAM method" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["code"] == "invalid_parameter"
+    assert r.json()["detail"].startswith("query parameter method: Input should be 'fast'")
 
 
 def test_upload_size_capped_before_reading_everything(client):
@@ -249,7 +255,8 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
 
     for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp"):
         monkeypatch.setattr(tempfile, name, refuse)
-    arr = np.random.default_rng(1).random((1100, 1100))  # ~1.2 MB PNG: above Starlette's 1 MB spool limit
+    grain = np.random.default_rng(1).normal(0, 0.06, (1200, 1200))  # film grain: a PNG that hardly compresses
+    arr = np.clip(xray(1200, seed=1) + grain, 0, 1)  # ~1.2 MB PNG: above Starlette's 1 MB spool limit
     data = png(arr)
     assert len(data) > 1_100_000
     r = post(client, data)
@@ -286,15 +293,16 @@ def test_batch_endpoint_mixes_results_and_errors(client):
 
 
 def test_explain_endpoint_returns_full_size_png(client):
-    arr = xray(150, seed=2)[:, :130]
-    r = post(client, png(arr), path="/v1/explain/pneumonia")
+    arr = narrow(xray(150, seed=2), 130)
+    r = post(client, png(arr), path="/v1/explain/Pneumonia")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(BytesIO(r.content)).size == (130, 150)  # original size, not overlay_max_side
     assert r.headers["x-finding"] == "Pneumonia" and 0 <= float(r.headers["x-peak-x"]) < 130
     assert 0 <= float(r.headers["x-probability"]) <= 1
     r = post(client, png(arr), path="/v1/explain/Nodule", params={"method": "gradcam", "max_side": 65})
     assert r.status_code == 200 and Image.open(BytesIO(r.content)).size == (56, 65)
-    assert post(client, png(arr), path="/v1/explain/Fracture").status_code == 422
+    assert post(client, png(arr), path="/v1/explain/Fracture").json()["code"] == "unknown_finding"
+    assert post(client, png(arr), path="/v1/explain/pneumonia").status_code == 422  # names as the card spells them
     assert post(client, b"", path="/v1/explain/Nodule").status_code == 422
 
 
@@ -380,7 +388,22 @@ def test_openapi_documents_every_field(client):
     assert {"explain", "findings", "method", "preview"} <= params
     assert {"413", "415", "422", "401"} <= set(paths["/v1/predict"]["post"]["responses"])
     assert "image/png" in paths["/v1/explain/{finding}"]["post"]["responses"]["200"]["content"]
+    assert "securitySchemes" not in spec.get("components", {})  # this server requires no key: the schema says so
+
+
+def test_openapi_names_findings_and_security(bundle_dir, bundle):
+    with TestClient(create_app(Settings(bundle=str(bundle_dir), api_key="k", **LIMITS), bundle=bundle)) as c:
+        spec = c.get("/openapi.json").json()
     assert "APIKeyHeader" in spec["components"]["securitySchemes"]
+    s = spec["components"]["schemas"]
+    assert s["FindingResult"]["properties"]["finding"]["enum"] == FINDINGS
+    assert s["ErrorResponse"]["properties"]["detail"]["type"] == "string"
+    assert "out_of_distribution" in s["ErrorResponse"]["properties"]["code"]["enum"]
+    assert "gradcam++" in s["Explanation"]["properties"]["method"]["enum"]
+    path = {p["name"]: p["schema"] for p in spec["paths"]["/v1/explain/{finding}"]["post"]["parameters"]}
+    assert path["finding"]["enum"] == FINDINGS and "fast" in path["method"]["enum"]
+    q = {p["name"]: p["schema"] for p in spec["paths"]["/v1/predict"]["post"]["parameters"]}
+    assert re.fullmatch(q["findings"]["pattern"], "Nodule,Pneumonia") and not re.fullmatch(q["findings"]["pattern"], "x")
 
 
 def test_web_page_is_self_contained(client):
@@ -446,7 +469,7 @@ def test_cli_predict_folder(bundle_dir, tmp_path):
 
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    (src / "a.png").write_bytes(png(xray(80)[:, :70]))
+    (src / "a.png").write_bytes(png(narrow(xray(80), 70)))
     (src / "sub" / "b.dcm").write_bytes(dcm(image16()))
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     (src / "notes.txt").write_text("ignored")
@@ -461,3 +484,228 @@ def test_cli_predict_folder(bundle_dir, tmp_path):
     assert Image.open(overlay).size == (70, 80)  # original size
     assert (out / "overlays" / "sub__b.dcm__Pneumonia.png").is_file()
     assert main(["predict", str(src / "broken.png"), "--bundle", str(bundle_dir), "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------- the same picture, the same answer (issue 11)
+
+
+def _probs(r) -> dict:
+    assert r.status_code == 200, r.text
+    return {f["finding"]: f["probability"] for f in r.json()["findings"]}
+
+
+def test_dicom_rescale_slope_with_halved_pixels_predicts_like_the_original(client):
+    """RescaleSlope=2 with the stored values halved, no VOI, BitsStored=12: once half as bright, a call flipped."""
+    values = (np.round(with_markers(xray(96, seed=3)) * 2047) * 2).astype(np.uint16)  # even, 0..4094
+    a = _probs(post(client, dicom_bytes(values, bits_stored=12), name="a.dcm", ctype="application/dicom"))
+    b = _probs(post(client, dicom_bytes(values // 2, bits_stored=12, RescaleSlope=2, RescaleIntercept=0),
+                    name="b.dcm", ctype="application/dicom"))
+    c = _probs(post(client, png(values / 4094.0, 16)))  # a 16-bit PNG of the same values
+    for f in FINDINGS:
+        assert abs(a[f] - b[f]) < 1e-6 and abs(a[f] - c[f]) < 1e-4, (f, a[f], b[f], c[f])
+
+
+# ------------------------------------------------------------------------------ input-quality gate
+
+
+def _colour_gradient(n=96) -> bytes:
+    g = np.zeros((n, n, 3), np.uint8)
+    g[..., 0], g[..., 2] = np.linspace(0, 255, n)[None], np.linspace(255, 0, n)[:, None]
+    buf = BytesIO()
+    Image.fromarray(g).save(buf, "PNG")
+    return buf.getvalue()
+
+
+GATE_CASES = {
+    "noise": (lambda: png(np.random.default_rng(0).random((96, 96))), "out_of_distribution"),
+    "colour_gradient": (_colour_gradient, "not_grayscale"),
+    "all_white": (lambda: png(np.ones((96, 96))), "near_constant"),
+    "all_black_dicom": (lambda: dcm(np.zeros((96, 96))), "near_constant"),
+    "inverted": (lambda: png(1 - xray(96, seed=3)), "inverted"),
+    "inverted_dicom_monochrome": (lambda: dcm(image16(), pi="MONOCHROME1"), "inverted"),
+    "strip_64x400": (lambda: png(narrow(xray(96, seed=3), 400)[:64]), "extreme_aspect_ratio"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_gate_refuses_non_xrays_with_a_reason_code(client, case):
+    make, code = GATE_CASES[case]
+    r = post(client, make())
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == code and body["detail"].startswith("refused: ") and "findings" not in body
+    b = client.post("/v1/predict/batch", files=[("files", ("x.png", make(), "image/png"))]).json()
+    assert b["items"][0]["error"]["code"] == code and b["items"][0]["result"] is None
+
+
+def test_gate_passes_xrays_and_reports_its_score(client, bundle):
+    gate = bundle.card["quality_gate"]
+    for seed in range(4):
+        r = post(client, png(xray(96, seed=seed)))
+        assert r.status_code == 200, r.text
+        check = r.json()["input_check"]
+        assert check["issues"] == [] and 0 < check["ood_score"] <= check["ood_threshold"]
+        assert check["ood_threshold"] == pytest.approx(gate["ood"]["threshold"])
+
+
+def test_lateral_view_warns_per_policy_and_policy_can_refuse(bundle_dir, bundle):
+    lateral = dcm(image16(), ViewPosition="LL")
+    card = {**bundle.card, "quality_gate": {**bundle.card["quality_gate"],
+                                            "policy": {"lateral_view": "reject", "inverted": "warn"}}}
+    strict = dataclasses.replace(bundle, card=card)
+    with TestClient(create_app(Settings(bundle=str(bundle_dir), **LIMITS), bundle=strict)) as c:
+        r = post(c, lateral, ctype="application/dicom")
+        assert r.status_code == 422 and r.json()["code"] == "lateral_view"
+        r = post(c, png(1 - xray(96, seed=3)))  # inverted: only a warning under this policy (then the OOD check)
+        assert r.json().get("code") == "out_of_distribution" or "inverted" in r.json()["warnings"][0]
+        assert c.get("/v1/model").json()["input_gate"]["policy"]["lateral_view"] == "reject"
+
+
+def test_model_card_states_gate_thresholds_and_false_rejection(client, bundle):
+    gate = client.get("/v1/model").json()["input_gate"]
+    assert set(gate["policy"]) == set(GATE_CODES) and gate["thresholds"]["aspect_ratio_max"] == 3.0
+    assert gate["ood"]["fitted_on"] >= 8 and gate["ood"]["threshold"] > 0 and "feature_mean" not in gate["ood"]
+    for split in ("validation", "test"):
+        rates = gate["false_rejection"][split]
+        assert rates["images"] > 0 and 0 <= rates["refused"] <= 0.25, rates
+        assert set(rates["by_check"]) == set(GATE_CODES)
+    assert len(bundle.card["quality_gate"]["ood"]["feature_mean"]) == gate["ood"]["features"]
+
+
+def test_model_card_has_no_paths_and_no_raw_run_config(client, bundle_dir):
+    text = client.get("/v1/model").text
+    card = client.get("/v1/model").json()
+    root = str(bundle_dir.parent.parent)
+    assert root not in text and str(bundle_dir) not in text and '"/' not in text
+    prov = card["provenance"]
+    assert "config" not in prov and "run_config" not in prov and "root" not in prov["data"]
+    assert prov["settings"]["model"]["arch"] == "smallcnn" and prov["settings"]["preprocess"]["image_size"] == 64
+    assert "path" not in prov["settings"]["data"] and "output_dir" not in prov["settings"]
+    assert set(card["weights"]) == {"sha256", "bytes"} and card["limits"]["max_request_pixels"] > 0
+
+
+def test_public_provenance_of_a_federated_card():
+    from inference_api.service import public_provenance
+
+    prov = {"run_id": "fed-1", "training": "federated", "seconds": 3.0,
+            "server_data": {"root": "/srv/data/holdout", "splits": {"val": {"images": 10}}},
+            "federation": {"strategy": "fedavg", "nodes": {"st-mary": {"node_id": 7}, "st-john": {}},
+                           "examples_per_node": {"st-mary": 40, "st-john": 50}, "dp": {"enabled": True}},
+            "run_config": {"data-path": "/data/x", "server-data-path": "/srv", "output-dir": "runs/demo",
+                           "num-server-rounds": 8, "strategy": "fedavg", "dp-target-epsilon": 3.0, "arch": "resnet50",
+                           "image-size": 224, "weights": "/home/me/w.pt", "seed": 42}}
+    out = public_provenance(prov)
+    assert out["settings"] == {"num-server-rounds": 8, "strategy": "fedavg", "dp-target-epsilon": 3.0,
+                               "arch": "resnet50", "image-size": 224, "weights": "state-dict file", "seed": 42}
+    assert out["server_data"] == {"splits": {"val": {"images": 10}}} and out["federation"]["hospitals"] == 2
+    assert "nodes" not in out["federation"] and "/" not in str(out).replace("/v1", "")
+
+
+# -------------------------------------------------------------------------------------- formats
+
+
+def _encode(fmt: str, n: int = 1, **kw) -> bytes:
+    frames = [Image.fromarray((xray(96, seed=3 + i) * 255).round().astype(np.uint8), mode="L") for i in range(n)]
+    buf = BytesIO()
+    frames[0].save(buf, fmt, save_all=n > 1, append_images=frames[1:], **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, ctype, kw", [("TIFF", "image/tiff", {}), ("BMP", "image/bmp", {}),
+                                            ("WEBP", "image/webp", {"lossless": True}), ("GIF", "image/gif", {})])
+def test_single_frame_formats_accepted_like_png(client, fmt, ctype, kw):
+    ref = _probs(post(client, _encode("PNG")))
+    got = post(client, _encode(fmt, **kw), name=f"x.{fmt.lower()}", ctype=ctype)
+    assert got.json()["image"]["format"] == fmt.lower()
+    for f, p in _probs(got).items():
+        assert abs(p - ref[f]) < 0.02  # GIF's palette is 256 grays: the same picture, nearly the same numbers
+
+
+@pytest.mark.parametrize("fmt, ctype, kw", [("GIF", "image/gif", {}), ("PNG", "image/png", {}),
+                                            ("TIFF", "image/tiff", {}), ("WEBP", "image/webp", {"lossless": True})])
+def test_multi_frame_uploads_refused(client, fmt, ctype, kw):
+    r = post(client, _encode(fmt, 3, **kw), ctype=ctype)
+    assert r.status_code == 422 and r.json()["code"] == "multi_frame" and "3 frames" in r.json()["detail"]
+
+
+# ------------------------------------------------------------------------------- headers and logs
+
+
+def test_security_headers(client):
+    data = png(xray(96))
+    answers = {"predict": post(client, data), "refused": post(client, b"junk"),
+               "batch": client.post("/v1/predict/batch", files=[("files", ("a.png", data, "image/png"))]),
+               "explain": post(client, data, path="/v1/explain/Nodule"), "model": client.get("/v1/model"),
+               "validation": post(client, data, params={"explain": "maybe"})}
+    for name, r in answers.items():
+        assert r.headers["cache-control"] == "no-store", name
+        assert r.headers["x-content-type-options"] == "nosniff", name
+    assert answers["validation"].json() == {"code": "invalid_parameter", "detail": answers["validation"].json()["detail"]}
+    assert isinstance(answers["validation"].json()["detail"], str)
+    page = client.get("/")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and page.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/health").headers["x-content-type-options"] == "nosniff"
+
+
+def test_undecodable_jpeg2000_logs_one_line_without_traceback(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    r = post(client, compressed_dicom(), ctype="application/dicom")
+    assert r.status_code == 422 and r.json()["code"] == "dicom_unsupported"
+    assert not [rec for rec in caplog.records if rec.exc_info]
+    ours = [rec.getMessage() for rec in caplog.records if rec.name.startswith("inference_api")]
+    assert len(ours) == 1 and "dicom_unsupported" in ours[0] and "JPEG 2000" in ours[0] and "\n" not in ours[0]
+
+
+# ------------------------------------------------------------------------------------ memory budget
+
+
+def test_request_pixel_budget_refuses_an_oversized_batch_before_decoding(bundle_dir, bundle, monkeypatch):
+    settings = Settings(bundle=str(bundle_dir), **{**LIMITS, "max_pixels": 40_000_000}, max_request_pixels=50_000_000)
+    zeros = patch_png_size(png(np.zeros((64, 64))), 6300, 6300)  # headers of 40 Mpx images: nothing decoded
+    decoded = []
+    import inference_api.service as service_module
+
+    monkeypatch.setattr(service_module, "decode_image", lambda *a, **k: decoded.append(1) / 0)
+    with TestClient(create_app(settings, bundle=bundle)) as c:
+        r = c.post("/v1/predict/batch", files=[("files", (f"{i}.png", zeros, "image/png")) for i in range(2)])
+    assert r.status_code == 413 and r.json()["code"] == "too_many_pixels" and "79,380,000" in r.json()["detail"]
+    assert decoded == []
+
+
+def test_decode_budget_full_gives_503_with_retry_after(bundle_dir, bundle):
+    settings = Settings(bundle=str(bundle_dir), **LIMITS, budget_wait_s=0.2, retry_after_s=7)
+    with TestClient(create_app(settings, bundle=bundle)) as c:
+        budget = c.app.state.fedxray.decodes
+        budget.used = budget.capacity  # as if other requests held all of it
+        r = post(c, png(xray(96)))
+        assert r.status_code == 503 and r.headers["retry-after"] == "7" and r.json()["code"] == "overloaded"
+        budget.used = 0
+        assert post(c, png(xray(96))).status_code == 200
+
+
+def test_image_above_the_whole_decode_budget_is_413(bundle_dir, bundle):
+    settings = Settings(bundle=str(bundle_dir), **{**LIMITS, "max_pixels": 40_000_000},
+                        decode_budget_bytes=2**24)
+    with TestClient(create_app(settings, bundle=bundle)) as c:
+        r = post(c, png(np.zeros((3000, 3000))))
+        assert r.status_code == 413 and r.json()["code"] == "too_many_pixels", r.text
+
+
+def test_serve_refuses_non_loopback_without_a_key(bundle_dir, monkeypatch, capsys):
+    from common.cli import main
+    from inference_api.cli import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.0.2.10")
+    monkeypatch.delenv("FEDXRAY_API_KEY", raising=False)
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.append(kw))
+    assert main(["serve", "--bundle", str(bundle_dir), "--host", "0.0.0.0"]) == 2
+    assert "FEDXRAY_API_KEY" in capsys.readouterr().err and started == []
+    assert main(["serve", "--bundle", str(bundle_dir), "--host", "0.0.0.0", "--allow-unauthenticated"]) == 0
+    assert main(["serve", "--bundle", str(bundle_dir)]) == 0  # loopback: the demo needs no key
+    monkeypatch.setenv("FEDXRAY_API_KEY", "k")
+    assert main(["serve", "--bundle", str(bundle_dir), "--host", "0.0.0.0"]) == 0
+    assert [kw["host"] for kw in started] == ["0.0.0.0", "127.0.0.1", "0.0.0.0"]

@@ -3,17 +3,17 @@ against `fedxray serve` running in a subprocess on a free local port."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.inference_support import FINDINGS, png, trained_bundle, xray
+from tests.inference_support import FINDINGS, png, serving, trained_bundle, xray
+
+expect = pytest.importorskip("playwright.sync_api").expect
 from tests.test_api import dcm, image16
 
 CHROMIUM = os.environ.get("FEDXRAY_CHROMIUM", "/usr/bin/chromium")
@@ -22,45 +22,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`fedxray serve` in a subprocess; yields its base URL and always stops it."""
     bundle = trained_bundle(tmp_path_factory)
-    port = _free_port()
-    env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "32", "FEDXRAY_OVERLAY_MAX_SIDE": "256"}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle), "--port",
-                             str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}: {log.read()}")
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("server not ready within 60 s")
+    with serving(bundle, tmp_path_factory.mktemp("server"), {"FEDXRAY_OVERLAY_MAX_SIDE": "256"}) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +58,7 @@ def _screenshot(pg, tmp_path: Path, name: str) -> Path:
 
 def test_upload_shows_findings_and_toggles_heatmaps(page, server, tmp_path):
     page.goto(server + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model fx-')")
+    expect(page.locator("#model-info")).to_have_text(re.compile("^Model fx-"))
     img = tmp_path / "chest.png"
     img.write_bytes(png(xray(256, seed=11, findings=("Nodule", "Cardiomegaly"))))
     page.set_input_files("#file", str(img))
@@ -103,7 +70,7 @@ def test_upload_shows_findings_and_toggles_heatmaps(page, server, tmp_path):
     probs = [float(rows.nth(i).locator("td").nth(1).inner_text().rstrip("%")) for i in range(rows.count())]
     assert probs == sorted(probs, reverse=True)
     assert page.locator("#view").get_attribute("src").startswith("data:image/png;base64,")
-    assert page.evaluate("document.getElementById('view').naturalWidth") == 256
+    assert page.locator("#view").evaluate("el => el.naturalWidth") == 256
 
     pressed = {n: page.locator(f"button.toggle[data-finding='{n}']").get_attribute("aria-pressed") for n in names}
     shown = [n for n, p in pressed.items() if p == "true"]
@@ -129,15 +96,42 @@ def test_dicom_upload_and_rejection_message(page, server, tmp_path):
     lateral = tmp_path / "lateral.dcm"
     lateral.write_bytes(dcm(image16(), ViewPosition="LL"))
     page.set_input_files("#file", str(lateral))
-    page.wait_for_function("document.getElementById('status').textContent === 'Done: lateral.dcm'", timeout=20000)
+    expect(page.locator("#status")).to_have_text("Done: lateral.dcm", timeout=20000)
     assert "lateral view" in page.locator("#warnings").inner_text()
+    assert page.locator("#warnings").is_visible()  # the warning box sits right above the findings it qualifies
+    box, table = page.locator("#warnings").bounding_box(), page.locator("#findings").bounding_box()
+    assert box["y"] + box["height"] <= table["y"] + 1 and abs(box["x"] - table["x"]) < 2
     assert page.locator("#caption").inner_text().startswith(("Heatmap", "Original image · 96×96 dicom"))
 
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is not an image")
     page.set_input_files("#file", str(bad))
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('Rejected')", timeout=20000)
+    expect(page.locator("#status")).to_have_text(re.compile("^Rejected"), timeout=20000)
     assert "Rejected (422)" in page.locator("#status").inner_text()
     assert "not a PNG, JPEG or DICOM" in page.locator("#status").inner_text()
     assert page.locator("#result").is_hidden()  # no stale findings from the previous image
     _screenshot(page, tmp_path, "browser_rejected.png")
+
+    colour = tmp_path / "photo.png"
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[..., 0], rgb[..., 2] = np.linspace(0, 255, 96)[None], np.linspace(255, 0, 96)[:, None]
+    Image.fromarray(rgb).save(colour)
+    page.set_input_files("#file", str(colour))
+    expect(page.locator("#status")).to_have_text(re.compile("^Rejected"), timeout=20000)
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Rejected (422): Not an X-ray: this is a colour image. refused: the image is in colour")
+    assert "object Object" not in status and "not_grayscale" not in status
+
+
+def test_page_runs_under_its_content_security_policy(server, tmp_path, page):
+    violations = []
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    page.goto(server + "/")
+    expect(page.locator("#model-info")).to_have_text(re.compile("^Model fx-"))
+    img = tmp_path / "chest.png"
+    img.write_bytes(png(xray(128, seed=2)))
+    page.set_input_files("#file", str(img))
+    page.wait_for_selector("#findings tbody tr >> nth=3", timeout=20000)
+    width = page.locator("#findings tbody tr .bar i").first.evaluate("el => el.style.width")
+    assert width.endswith("%") and float(width[:-1]) > 0  # the probability bars, drawn without inline styles
+    assert violations == []

@@ -19,7 +19,15 @@ from pydicom.uid import (
 )
 
 from common.errors import ImageError
-from common.imageio import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, is_dicom, read_image
+from common.imageio import (
+    DEFAULT_MAX_PIXELS,
+    NOT_AN_IMAGE,
+    DecodedImage,
+    decode_image,
+    is_dicom,
+    probe_image,
+    read_image,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -177,11 +185,30 @@ def test_dicom_monochrome1_is_inverted():
     assert np.allclose(m1, 1.0 - m2, atol=1e-6)
 
 
-def test_dicom_12bit_scaled_by_4095():
-    arr = np.array([[0, 1024], [2048, 4095]], dtype=np.uint16)
+def test_dicom_without_voi_windowed_by_its_own_values():
+    arr = np.array([[100, 1100], [2100, 3100]], dtype=np.uint16)  # 12-bit data using part of the range
     d = decode_image(dicom_bytes(arr, bits_stored=12))
     assert d.bit_depth == 12
-    np.testing.assert_allclose(d.pixels, arr / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(d.pixels, (arr - 100) / 3000.0, atol=1e-6)  # min..max, not 0..4095
+
+
+def test_dicom_rescale_slope_with_halved_pixels_decodes_like_the_original():
+    """The issue's case: the same picture stored halved with RescaleSlope=2 (no VOI) must not be darker."""
+    arr = (RNG.integers(200, 1800, size=(40, 56)) * 2).astype(np.uint16)  # even values: halving is exact
+    original = decode_image(dicom_bytes(arr, bits_stored=12)).pixels
+    halved = decode_image(dicom_bytes(arr // 2, bits_stored=12, RescaleSlope=2, RescaleIntercept=0)).pixels
+    np.testing.assert_allclose(halved, original, atol=1e-6)
+    assert original.max() == pytest.approx(1.0) and original.min() == pytest.approx(0.0)
+
+
+def test_16bit_png_and_dicom_of_partial_range_values_agree():
+    arr = RNG.integers(5000, 30000, size=(32, 48), dtype=np.uint16)
+    np.testing.assert_allclose(decode_image(png16(arr)).pixels, decode_image(dicom_bytes(arr)).pixels, atol=1e-6)
+
+
+def test_constant_dicom_keeps_its_level_in_the_bit_range():
+    d = decode_image(dicom_bytes(np.full((8, 8), 1000, np.uint16), bits_stored=12))
+    np.testing.assert_allclose(d.pixels, 1000 / 4095, atol=1e-6)
 
 
 def test_dicom_rescale_then_window():
@@ -200,10 +227,10 @@ def test_dicom_multi_valued_window_uses_first():
     np.testing.assert_allclose(d.pixels, [[0, 0.25], [0.5, 1]], atol=1e-6)
 
 
-def test_dicom_rescale_without_window_uses_bit_range():
-    arr = np.array([[0, 2048], [4095, 1000]], dtype=np.uint16)
+def test_dicom_rescale_intercept_without_window_changes_nothing():
+    arr = np.array([[10, 2048], [4000, 1000]], dtype=np.uint16)
     d = decode_image(dicom_bytes(arr, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024))
-    np.testing.assert_allclose(d.pixels, arr / 4095.0, atol=1e-6)  # the range shifts along with the pixels
+    np.testing.assert_allclose(d.pixels, (arr - 10) / 3990.0, atol=1e-6)  # the window moves with the values
 
 
 def test_dicom_voi_lut_sequence():
@@ -216,7 +243,7 @@ def test_dicom_voi_lut_sequence():
 
 
 def test_dicom_signed_pixels():
-    arr = np.array([[-32768, -1], [0, 32767]], dtype=np.int16)
+    arr = np.array([[-32768, -1], [0, 32767]], dtype=np.int16)  # spans the whole range: min..max = bit range
     d = decode_image(dicom_bytes(arr, signed=True))
     np.testing.assert_allclose(d.pixels, (arr.astype(float) + 32768) / 65535, atol=1e-6)
 
@@ -314,7 +341,7 @@ def test_random_bytes_and_text_rejected(tmp_path):
     p.write_text("patient looked fine\n" * 20)
     with pytest.raises(ImageError) as info:
         read_image(p)
-    assert info.value.reason == "not a PNG, JPEG or DICOM image" and info.value.path == str(p)
+    assert info.value.reason == NOT_AN_IMAGE and info.value.path == str(p) and info.value.code == "not_an_image"
     assert str(p) in str(info.value)
 
 
@@ -355,3 +382,112 @@ def test_header_claims_huge_size_is_too_large():
 def test_max_pixels_on_real_image():
     err = raises(pil_bytes(Image.new("L", (100, 100))), "above the limit of 5,000", max_pixels=5000)
     assert err.too_large
+
+
+# ------------------------------------------------------------------------------ large images, memory
+
+
+def test_large_png_reduced_by_block_mean_keeps_original_size():
+    arr = RNG.integers(0, 256, size=(3000, 5000), dtype=np.uint8)  # longer side 5000 -> factor 3
+    d = decode_image(pil_bytes(Image.fromarray(arr)), max_side=2048)
+    assert (d.width, d.height) == (5000, 3000) and d.pixels.shape == (1000, 1666)
+    expected = arr[:3000, :4998].reshape(1000, 3, 1666, 3).mean(axis=(1, 3)) / 255
+    np.testing.assert_allclose(d.pixels, expected, atol=1e-6)
+    assert d.scale == pytest.approx(1666 / 5000)
+    assert decode_image(pil_bytes(Image.fromarray(arr[:64, :64])), max_side=2048).pixels.shape == (64, 64)
+
+
+def test_large_jpeg_decoded_at_a_dct_scale():
+    y, x = np.mgrid[0:4200, 0:4100]
+    arr = ((np.sin(x / 300) * np.cos(y / 400) + 1) * 120).astype(np.uint8)
+    d = decode_image(pil_bytes(Image.fromarray(arr), "JPEG", quality=95), max_side=2048)
+    assert (d.width, d.height) == (4100, 4200) and max(d.pixels.shape) <= 2048
+    full = decode_image(pil_bytes(Image.fromarray(arr), "JPEG", quality=95), max_side=None)
+    assert full.pixels.shape == (4200, 4100)
+    h, w = d.pixels.shape
+    f = 4200 // h
+    coarse = full.pixels[:h * f, :w * f].reshape(h, f, w, f).mean(axis=(1, 3))
+    assert np.abs(coarse - d.pixels).mean() < 2 / 255  # libjpeg's scaling ~ a block mean of the full decode
+
+
+def test_large_dicom_and_16bit_png_reduce_alike():
+    arr = RNG.integers(1000, 20000, size=(2100, 2500), dtype=np.uint16)
+    a = decode_image(png16(arr), max_side=2048)
+    b = decode_image(dicom_bytes(arr, RescaleSlope=2, RescaleIntercept=-7), max_side=2048)
+    assert a.pixels.shape == b.pixels.shape == (1050, 1250)
+    np.testing.assert_allclose(a.pixels, b.pixels, atol=1e-6)
+
+
+def test_probe_reads_the_header_only():
+    h = probe_image(png16(np.zeros((30, 40), np.uint16)))
+    assert (h.width, h.height, h.format, h.bytes_per_pixel, h.pixels) == (40, 30, "png", 2, 1200)
+    h = probe_image(dicom_bytes(np.zeros((20, 10), np.uint16)))
+    assert (h.width, h.height, h.format, h.bytes_per_pixel) == (10, 20, "dicom", 2)
+    err = pytest.raises(ImageError, probe_image, patch_png_size(pil_bytes(Image.new("L", (1, 1))), 9000, 9000))
+    assert err.value.too_large and err.value.code == "too_many_pixels"
+
+
+# ------------------------------------------------------------------------ format decisions, colour
+
+
+def _frames(fmt: str, n: int, **kw) -> bytes:
+    frames = [Image.fromarray(np.full((32, 32), 40 * i, np.uint8)) for i in range(n)]
+    buf = BytesIO()
+    frames[0].save(buf, fmt, save_all=n > 1, append_images=frames[1:], **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, kw, name", [("TIFF", {}, "tiff"), ("BMP", {}, "bmp"), ("WEBP", {"lossless": True}, "webp"),
+                                           ("GIF", {}, "gif")])
+def test_single_frame_formats_accepted(fmt, kw, name):
+    d = decode_image(_frames(fmt, 1, **kw))
+    assert d.format == name and d.pixels.shape == (32, 32)
+    np.testing.assert_allclose(d.pixels, 0, atol=1 / 255)
+
+
+def test_16bit_tiff_accepted_like_16bit_png():
+    arr = RNG.integers(100, 4000, size=(16, 24), dtype=np.uint16)
+    np.testing.assert_allclose(decode_image(pil_bytes(Image.fromarray(arr), "TIFF")).pixels,
+                               decode_image(png16(arr)).pixels, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt, kw", [("GIF", {}), ("PNG", {}), ("TIFF", {}), ("WEBP", {"lossless": True})])
+def test_multi_frame_files_refused(fmt, kw):
+    """Animated GIF, APNG, multi-page TIFF and animated WebP: which frame is the X-ray is not ours to guess."""
+    err = raises(_frames(fmt, 3, **kw), "3 frames", "not supported")
+    assert err.code == "multi_frame"
+    assert pytest.raises(ImageError, probe_image, _frames(fmt, 3, **kw)).value.code == "multi_frame"
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX"])
+def test_other_pillow_formats_refused(fmt):
+    img = Image.new("L" if fmt != "ICO" else "RGB", (32, 32))
+    assert raises(pil_bytes(img, fmt), "not a PNG, JPEG or DICOM").code == "not_an_image"
+
+
+def test_colourfulness_measured_before_the_luma_conversion():
+    gray = Image.fromarray(RNG.integers(0, 256, size=(40, 40), dtype=np.uint8)).convert("RGB")
+    assert decode_image(pil_bytes(gray)).colourfulness == pytest.approx(0, abs=1e-9)
+    assert decode_image(pil_bytes(Image.fromarray(RNG.integers(0, 256, (40, 40), np.uint8)))).colourfulness == 0
+    grad = np.zeros((40, 40, 3), np.uint8)
+    grad[..., 0] = np.linspace(0, 255, 40)[None]
+    grad[..., 2] = np.linspace(255, 0, 40)[:, None]
+    assert decode_image(pil_bytes(Image.fromarray(grad))).colourfulness > 50
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 255
+    assert decode_image(dicom_bytes(rgb, pi="RGB")).colourfulness > 50
+
+
+def test_undecodable_jpeg2000_logs_no_traceback(caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    ds = dicom_dataset(np.zeros((8, 8), dtype=np.uint16))
+    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
+    ds["PixelData"].VR = "OB"
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = JPEG2000
+    buf = BytesIO()
+    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
+    assert raises(buf.getvalue(), "JPEG 2000").code == "dicom_unsupported"
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

@@ -26,6 +26,7 @@ class XrayDataset(Dataset):
         self.cache_enabled, self.min_resolution = cache, min_resolution
         self.name, self.progress = name, progress
         self._cache: dict[int, torch.Tensor] = {}
+        self._facts: dict[int, dict] = {}  # per image: original size, colourfulness, view (input-quality gate)
         y = manifest.label_matrix(self.indices)
         self._mask = ~np.isnan(y)
         self._labels = np.nan_to_num(y)
@@ -50,8 +51,24 @@ class XrayDataset(Dataset):
         return excluded
 
     def _prepare(self, i: int) -> torch.Tensor:
-        decoded = self.manifest.load(self.manifest.samples[i], self.min_resolution)
+        sample = self.manifest.samples[i]
+        decoded = self.manifest.load(sample, self.min_resolution)
+        self._facts[i] = {"width": decoded.width, "height": decoded.height,
+                          "colourfulness": decoded.colourfulness, "view": decoded.view or sample.view}
         return self.pre.prepare(decoded.pixels)
+
+    def prepared(self, pos: int) -> torch.Tensor:
+        """Item `pos` as the model-size uint8 image (1, S, S), without augmentation."""
+        i = self.indices[pos]
+        img = self._cache.get(i)
+        return img if img is not None else self._prepare(i)
+
+    def decode_facts(self, pos: int) -> dict:
+        """Original width/height, colourfulness and view of item `pos` (what the input-quality gate reads)."""
+        i = self.indices[pos]
+        if i not in self._facts:
+            self._prepare(i)
+        return self._facts[i]
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -30,14 +30,14 @@ NORMAL_CLASS_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, row) pairs; line numbers are 1-based file lines as an editor shows them."""
     if not path.is_file():
-        raise DataError("file not found", path=str(path), code="data-not-found")
+        raise DataError("file not found", path=str(path), failure="data-not-found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
     except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"not a readable CSV file: {e}", path=str(path), code="data-csv") from e
+        raise DataError(f"not a readable CSV file: {e}", path=str(path), failure="data-csv") from e
     if not rows:
-        raise DataError("CSV file is empty", path=str(path), code="data-csv")
+        raise DataError("CSV file is empty", path=str(path), failure="data-csv")
     return [h.strip() for h in rows[0]], [(i + 2, r) for i, r in enumerate(rows[1:]) if any(c.strip() for c in r)]
 
 
@@ -45,7 +45,7 @@ def _check_header(path: Path, header: list[str], expected: tuple[str, ...], *, p
     got = tuple(header[: len(expected)]) if prefix else tuple(h for h in expected if h in header)
     if got != expected:
         raise DataError(f"unexpected CSV header: expected columns {list(expected)}, found {header[:len(expected) + 2]}",
-                        path=str(path), line=1, code="data-csv")
+                        path=str(path), line=1, failure="data-csv")
 
 
 def _select_findings(available: list[str], wanted: list[str] | None, where: str) -> list[str]:
@@ -55,7 +55,7 @@ def _select_findings(available: list[str], wanted: list[str] | None, where: str)
     unknown = [f for f in chosen if f not in available]
     if unknown:
         raise DataError(f"findings {unknown} are not labelled by this source (it has {available})",
-                        path=where, code="data-labels")
+                        path=where, failure="data-labels")
     return chosen
 
 
@@ -75,7 +75,7 @@ def _missing_error(missing: list[tuple[int, str]], csv_path: Path, total: int) -
     first = ", ".join(f"line {ln}: {name}" for ln, name in missing[:5])
     return DataError(f"{len(missing)} of {total} images listed are missing on disk (first: {first}); "
                      "restore them or remove their rows", path=str(csv_path), line=missing[0][0],
-                     code="data-missing-images")
+                     failure="data-missing-images")
 
 
 # --------------------------------------------------------------------------------------------- ChestX-ray14
@@ -85,7 +85,7 @@ def load_chestxray14(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
     csv_path = next((root / n for n in NIH_CSV_NAMES if (root / n).is_file()), None)
     if csv_path is None:
         raise DataError(f"no {' or '.join(NIH_CSV_NAMES)} found: is this a ChestX-ray14 folder?",
-                        path=str(root), code="data-layout")
+                        path=str(root), failure="data-layout")
     header, rows = _read_csv(csv_path)
     _check_header(csv_path, header, NIH_HEADER)
     view_col = header.index("View Position") if "View Position" in header else None
@@ -103,7 +103,7 @@ def load_chestxray14(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
     for line, row in rows:
         if len(row) < len(NIH_HEADER):
             raise DataError(f"row has {len(row)} columns, expected at least {len(NIH_HEADER)}",
-                            path=str(csv_path), line=line, code="data-csv")
+                            path=str(csv_path), line=line, failure="data-csv")
         name, labels_text, pid = row[0].strip(), row[1].strip(), row[3].strip()
         y = np.zeros(len(findings), np.float32)
         for lab in filter(None, (s.strip() for s in labels_text.split("|"))):
@@ -112,11 +112,11 @@ def load_chestxray14(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
             lab_c = canonical(lab)
             if lab_c not in known:
                 raise DataError(f"unknown finding label {lab!r} (known: {sorted(known)} and {CHESTXRAY14_NO_FINDING!r})",
-                                path=str(csv_path), line=line, code="data-labels")
+                                path=str(csv_path), line=line, failure="data-labels")
             if lab_c in col:
                 y[col[lab_c]] = 1.0
         if not pid:
-            raise DataError("empty Patient ID", path=str(csv_path), line=line, code="data-csv")
+            raise DataError("empty Patient ID", path=str(csv_path), line=line, failure="data-csv")
         rel = index.get(name)
         if rel is None:
             missing.append((line, name))
@@ -146,10 +146,10 @@ def _read_nih_boxes(path: Path, known: set[str]) -> dict[str, list[Box]]:
             x, y, w, h = (float(v) for v in row[2:6])
         except (ValueError, IndexError):
             raise DataError("box needs four numbers x,y,w,h in columns 3-6",
-                            path=str(path), line=line, code="data-csv") from None
+                            path=str(path), line=line, failure="data-csv") from None
         finding = canonical(row[1])
         if finding not in known:
-            raise DataError(f"unknown finding label {row[1]!r}", path=str(path), line=line, code="data-labels")
+            raise DataError(f"unknown finding label {row[1]!r}", path=str(path), line=line, failure="data-labels")
         out.setdefault(row[0].strip(), []).append(Box(finding, x, y, w, h))
     return out
 
@@ -164,7 +164,7 @@ def load_chexpert(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
     files = [(root / "train.csv", None), (root / "valid.csv", "test")]
     if not any(p.is_file() for p, _ in files):
         raise DataError("no train.csv or valid.csv found: is this a CheXpert folder?",
-                        path=str(root), code="data-layout")
+                        path=str(root), failure="data-layout")
     findings_src = [c for c in CHEXPERT_COLUMNS if c != "No Finding"]
     available = [canonical(c) for c in findings_src]
     findings = _select_findings(available, cfg.findings, str(root))
@@ -177,7 +177,7 @@ def load_chexpert(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
         _check_header(csv_path, header, CHEXPERT_REQUIRED)
         absent = [c for c in findings_src if c not in header]
         if absent:
-            raise DataError(f"CheXpert columns missing: {absent}", path=str(csv_path), line=1, code="data-csv")
+            raise DataError(f"CheXpert columns missing: {absent}", path=str(csv_path), line=1, failure="data-csv")
         pos = {f: header.index(src) for src, f in zip(findings_src, available) if f in findings}
         i_path, i_fl, i_ap = header.index("Path"), header.index("Frontal/Lateral"), header.index("AP/PA")
         for line, row in rows:
@@ -195,7 +195,7 @@ def load_chexpert(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
                     y[j] = policy
                 else:
                     raise DataError(f"column {header[pos[f]]!r} has value {v!r}; expected 1.0, 0.0, -1.0 or blank",
-                                    path=str(csv_path), line=line, code="data-labels")
+                                    path=str(csv_path), line=line, failure="data-labels")
             rel = _resolve_chexpert_path(root, row[i_path].strip())
             if rel is None:
                 missing.append((line, row[i_path].strip()))
@@ -203,7 +203,7 @@ def load_chexpert(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
             m = _PATIENT_RE.search(row[i_path])
             if not m:
                 raise DataError(f"cannot find the patient id (patientNNNNN) in path {row[i_path]!r}",
-                                path=str(csv_path), line=line, code="data-csv")
+                                path=str(csv_path), line=line, failure="data-csv")
             view = "LATERAL" if row[i_fl].strip() == "Lateral" else (row[i_ap].strip().upper() or None)
             samples.append(Sample(rel, m.group(1), y, split, site, view))
         if missing:
@@ -228,19 +228,19 @@ def load_medmnist(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
         npz = sorted(path.glob("*.npz"))
         if len(npz) != 1:
             raise DataError(f"expected exactly one .npz file in the folder, found {len(npz)}",
-                            path=str(path), code="data-layout")
+                            path=str(path), failure="data-layout")
         path = npz[0]
     if not path.is_file():
-        raise DataError("file not found", path=str(path), code="data-not-found")
+        raise DataError("file not found", path=str(path), failure="data-not-found")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001 - any decode failure is a bad file
-        raise DataError(f"not a readable .npz file: {e}", path=str(path), code="data-layout") from e
+        raise DataError(f"not a readable .npz file: {e}", path=str(path), failure="data-layout") from e
     need = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
     absent = [k for k in need if k not in arrays]
     if absent:
-        raise DataError(f"missing arrays {absent} (MedMNIST layout has {need})", path=str(path), code="data-layout")
+        raise DataError(f"missing arrays {absent} (MedMNIST layout has {need})", path=str(path), failure="data-layout")
     labels0 = arrays["train_labels"]
     stem = path.stem.split("_")[0].lower()
     multilabel = labels0.shape[1] > 1
@@ -257,7 +257,7 @@ def load_medmnist(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
         imgs, labs = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if len(imgs) != len(labs):
             raise DataError(f"{split}_images has {len(imgs)} entries but {split}_labels has {len(labs)}",
-                            path=str(path), code="data-labels")
+                            path=str(path), failure="data-labels")
         if multilabel:
             y_all = labs.astype(np.float32)
         else:  # class index -> one-hot over the positive classes (class 0 = normal)
@@ -279,7 +279,7 @@ def load_folder(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
     if not classes:
         raise DataError("no class sub-folders found (expected root/<class>/<image files>)",
-                        path=str(root), code="data-layout")
+                        path=str(root), failure="data-layout")
     positives = [c for c in classes if c.lower() not in NORMAL_CLASS_NAMES]
     findings = _select_findings([canonical(c) for c in positives], cfg.findings, str(root))
     samples = []
@@ -304,15 +304,17 @@ def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
         cands = sorted(path.glob("*.csv"))
         if len(cands) != 1:
             raise DataError(f"expected exactly one .csv file in the folder, found {len(cands)}",
-                            path=str(path), code="data-layout")
+                            path=str(path), failure="data-layout")
         path = cands[0]
     header, rows = _read_csv(path)
     if "path" not in header:
-        raise DataError(f"generic CSV needs a 'path' column; found {header}", path=str(path), line=1, code="data-csv")
+        raise DataError(f"generic CSV needs a 'path' column; found {header}",
+                        path=str(path), line=1, failure="data-csv")
     meta = {"path", "patient_id", "split", "view", "site"}
     available = [canonical(h) for h in header if h not in meta]
     if not available:
-        raise DataError("no label columns besides path/patient_id/split/view", path=str(path), line=1, code="data-csv")
+        raise DataError("no label columns besides path/patient_id/split/view",
+                        path=str(path), line=1, failure="data-csv")
     findings = _select_findings(available, cfg.findings, str(path))
     col = {canonical(h): k for k, h in enumerate(header)}
     policy = {"u-ones": 1.0, "u-zeros": 0.0, "u-ignore": np.nan}[cfg.uncertainty]
@@ -327,10 +329,10 @@ def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
                 num = float(v) if v else 0.0
             except ValueError:
                 raise DataError(f"column {header[col[f]]!r} has value {v!r}; expected 1, 0, -1 or blank",
-                                path=str(path), line=line, code="data-labels") from None
+                                path=str(path), line=line, failure="data-labels") from None
             if num not in (0.0, 1.0, -1.0):
                 raise DataError(f"column {header[col[f]]!r} has value {v!r}; expected 1, 0, -1 or blank",
-                                path=str(path), line=line, code="data-labels")
+                                path=str(path), line=line, failure="data-labels")
             y[j] = policy if num == -1.0 else num
         rel = get("path")
         if not (root / rel).is_file():
@@ -339,7 +341,7 @@ def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
         split = get("split").lower() or None
         if split not in (None, "train", "val", "test"):
             raise DataError(f"split must be train, val or test, got {split!r}",
-                            path=str(path), line=line, code="data-csv")
+                            path=str(path), line=line, failure="data-csv")
         samples.append(Sample(rel, get("patient_id") or rel, y, split, site, get("view").upper() or None))
     if missing:
         raise _missing_error(missing, path, len(rows))
@@ -355,7 +357,7 @@ def detect_source(path: Path) -> str:
     if path.is_file():
         return {".npz": "medmnist", ".csv": "csv"}.get(path.suffix.lower()) or _unknown(path)
     if not path.is_dir():
-        raise DataError("no such file or folder", path=str(path), code="data-not-found")
+        raise DataError("no such file or folder", path=str(path), failure="data-not-found")
     if any((path / n).is_file() for n in NIH_CSV_NAMES):
         return "chestxray14"
     if (path / "train.csv").is_file() or (path / "valid.csv").is_file():
@@ -374,7 +376,7 @@ def detect_source(path: Path) -> str:
 
 def _unknown(path: Path) -> str:
     raise DataError("cannot tell the data layout: expected a ChestX-ray14 or CheXpert folder, a MedMNIST .npz, "
-                    "a generic CSV or class sub-folders", path=str(path), code="data-layout")
+                    "a generic CSV or class sub-folders", path=str(path), failure="data-layout")
 
 
 def site_folders(root: Path) -> list[Path]:
@@ -400,12 +402,12 @@ def load_multisite(root: Path, cfg: DataConfig) -> Manifest:
             s.key = f"{d.name}/{s.key}"
         parts.append(m)
     if not parts:
-        raise DataError("no site folders found", path=str(root), code="data-layout")
+        raise DataError("no site folders found", path=str(root), failure="data-layout")
     findings = parts[0].findings
     for m in parts[1:]:
         if m.findings != findings:
             raise DataError(f"site {m.root.name} labels {m.findings}, site {parts[0].root.name} labels {findings}: "
-                            "pass data.findings to choose the shared ones", path=str(root), code="data-labels")
+                            "pass data.findings to choose the shared ones", path=str(root), failure="data-labels")
     merged = Manifest(cfg.source, root, findings, [s for m in parts for s in m.samples])
     merged.notes.append(f"pooled {len(parts)} sites: {', '.join(m.root.name for m in parts)}")
     return merged
@@ -414,10 +416,10 @@ def load_multisite(root: Path, cfg: DataConfig) -> Manifest:
 def load_manifest(cfg: DataConfig, site: str = "") -> Manifest:
     """Read the source named in the config (or detected from the path) and drop non-frontal views if asked."""
     if not cfg.path:
-        raise DataError("no data path given (data.path / --data)", code="data-not-found")
+        raise DataError("no data path given (data.path / --data)", failure="data-not-found")
     path = Path(cfg.path).expanduser()
     if not path.exists():
-        raise DataError("no such file or folder", path=str(path), code="data-not-found")
+        raise DataError("no such file or folder", path=str(path), failure="data-not-found")
     manifest = (load_multisite(path, cfg) if cfg.source in ("chestxray14", "chexpert") and site_folders(path)
                 else LOADERS[cfg.source](path, cfg, site))
     if cfg.frontal_only:
@@ -426,5 +428,5 @@ def load_manifest(cfg: DataConfig, site: str = "") -> Manifest:
             manifest.notes.append(f"{len(manifest.samples) - len(frontal)} lateral views left out (frontal_only).")
             manifest.samples = frontal
     if not manifest.samples:
-        raise DataError("the data source lists no usable images", path=str(path), code="data-too-small")
+        raise DataError("the data source lists no usable images", path=str(path), failure="data-too-small")
     return manifest

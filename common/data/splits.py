@@ -81,7 +81,7 @@ def patient_split(manifest: Manifest, cfg: DataConfig) -> dict[str, list[int]]:
         if wanted and not splits[name]:
             raise DataError(f"the {name} split is empty ({len(manifest.samples)} images from "
                             f"{manifest.patients()} patients): add data or change data.split_fractions",
-                            path=str(manifest.root), code="data-too-small")
+                            path=str(manifest.root), failure="data-too-small")
     return splits
 
 
@@ -153,4 +153,4 @@ def partition(manifest: Manifest, indices: list[int], num_partitions: int, metho
             return [sorted(p) for p in parts]
     raise DataError(f"could not make {num_partitions} {method} partitions with at least {min_size} images and "
                     f"{min_patients} patients each from {len(indices)} images of {len(groups)} patients "
-                    f"(alpha={alpha}); use fewer hospitals or a larger alpha", code="data-too-small")
+                    f"(alpha={alpha}); use fewer hospitals or a larger alpha", failure="data-too-small")

@@ -13,8 +13,35 @@ function setStatus(text, isError = false) {
   $("status").className = isError ? "error" : "";
 }
 
+// What a refusal means, in words; the server's detail follows (what was seen, what to do).
+const REASONS = {
+  not_grayscale: "Not an X-ray: this is a colour image",
+  near_constant: "Not an X-ray: the image is blank",
+  extreme_aspect_ratio: "Not a whole chest film: the image is a thin strip",
+  inverted: "The image looks inverted (negative)",
+  lateral_view: "Lateral view",
+  out_of_distribution: "This does not look like the chest X-rays the model knows",
+  upload_too_large: "The file is too large",
+  too_many_pixels: "The image has too many pixels",
+  too_small: "The image is too small",
+  multi_frame: "The file holds several images",
+  not_an_image: "Not an image this service reads",
+  corrupt: "The file is damaged",
+  empty: "The file is empty",
+  dicom_unsupported: "This DICOM cannot be read here",
+  dicom_no_pixels: "This DICOM holds no image",
+  unsupported_media_type: "Unsupported file type",
+  overloaded: "The server is busy",
+  not_ready: "The model is not loaded yet",
+};
+
 async function errorText(resp) {
-  try { const body = await resp.json(); return body.detail || resp.statusText; } catch { return resp.statusText; }
+  let body;
+  try { body = await resp.json(); } catch { return resp.statusText; }
+  const detail = typeof body.detail === "string" ? body.detail : resp.statusText;
+  const reason = REASONS[body.code];
+  const retry = resp.headers.get("Retry-After");
+  return (reason ? `${reason}. ` : "") + detail + (retry ? ` (try again in ${retry} s)` : "");
 }
 
 async function loadModel() {
@@ -52,21 +79,30 @@ function render(r) {
     const tr = document.createElement("tr");
     tr.dataset.finding = f.finding;
     const pct = (100 * f.probability).toFixed(1);
-    tr.innerHTML = `<td></td><td><span class="bar"><i style="width:${pct}%"></i>` +
-      `<b style="left:${(100 * f.threshold).toFixed(1)}%"></b></span>${pct}%</td>` +
-      `<td>${(100 * f.threshold).toFixed(1)}%</td>` +
-      `<td class="call ${f.positive ? "pos" : "neg"}">${f.positive ? "positive" : "negative"}</td><td></td>`;
-    tr.cells[0].textContent = f.finding;
+    const cells = [0, 1, 2, 3, 4].map(() => tr.appendChild(document.createElement("td")));
+    cells[0].textContent = f.finding;
+    const bar = cells[1].appendChild(document.createElement("span"));
+    bar.className = "bar";
+    const fill = bar.appendChild(document.createElement("i"));
+    fill.style.width = `${pct}%`;  // CSSOM, not a style attribute: allowed by the page's CSP
+    const mark = bar.appendChild(document.createElement("b"));
+    mark.style.left = `${(100 * f.threshold).toFixed(1)}%`;
+    cells[1].appendChild(document.createTextNode(`${pct}%`));
+    cells[2].textContent = `${(100 * f.threshold).toFixed(1)}%`;
+    cells[3].className = `call ${f.positive ? "pos" : "neg"}`;
+    cells[3].textContent = f.positive ? "positive" : "negative";
     const b = document.createElement("button");
     b.className = "toggle"; b.type = "button"; b.dataset.finding = f.finding;
     b.setAttribute("aria-pressed", "false"); b.textContent = "show";
     b.addEventListener("click", () => showImage(state.shown === f.finding ? null : f.finding));
-    tr.cells[4].appendChild(b);
+    cells[4].appendChild(b);
     body.appendChild(tr);
   }
-  $("warnings").replaceChildren(...(r.warnings || []).map((w) => {
+  const warnings = r.warnings || [];
+  $("warning-list").replaceChildren(...warnings.map((w) => {
     const li = document.createElement("li"); li.textContent = w; return li;
   }));
+  $("warnings").hidden = warnings.length === 0;  // shown right above the findings it qualifies
   $("timing").textContent = `${r.model.model_id} · ${r.timing.total_ms.toFixed(0)} ms on the server ` +
     `(inference ${r.timing.inference_ms.toFixed(0)} ms, heatmaps ${r.timing.explain_ms.toFixed(0)} ms)`;
   $("result").hidden = false;

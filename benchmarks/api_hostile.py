@@ -1,0 +1,296 @@
+"""The inference API as a hostile outside tester meets it: a malformed-upload corpus, non-X-rays, every format,
+the oversized batch (16 all-zero 6300x6300 PNGs), and load at 8 and 32 clients, against `fedxray serve` in a
+subprocess with an API key (the product's own code path: uvicorn, the upload parser, the decoders, the gate).
+
+    .venv/bin/python benchmarks/api_hostile.py [--bundle runs/demo/bundle] [--seconds 15] [--clients 8 32]
+
+Prints: per group of cases, cases sent and 2xx/4xx/5xx/connection errors; the server's RSS (idle, after,
+and its peak VmHWM) around the corpus and the oversized batches; then req/s, p50/p95/p99 and errors per
+client count. Goal: zero 5xx and zero connection errors; the peak under idle + 1 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._util import REPO, table  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, key: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "FEDXRAY_API_KEY": key}
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle), "--port", str(port),
+                             "--log-level", "warning"], env=env, cwd=REPO, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"the server was not ready within 180 s (log: {log_path})")
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return psutil.Process(pid).memory_info().rss
+
+
+# ------------------------------------------------------------------------------------------- the corpus
+
+
+def _png(arr: np.ndarray, bits: int = 8) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray((arr * 65535).round().astype(np.uint16)) if bits == 16 else \
+        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    buf = BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _pil(arr: np.ndarray, fmt: str, frames: int = 1, **kw) -> bytes:
+    from PIL import Image
+
+    imgs = [Image.fromarray((np.clip(np.roll(arr, 7 * i, axis=1), 0, 1) * 255).astype(np.uint8), mode="L")
+            for i in range(frames)]
+    buf = BytesIO()
+    imgs[0].save(buf, fmt, save_all=frames > 1, append_images=imgs[1:], **kw)
+    return buf.getvalue()
+
+
+def _dicom(arr16: np.ndarray, **attrs) -> bytes:
+    from tests.test_imageio import dicom_bytes
+
+    return dicom_bytes(arr16, **attrs)
+
+
+def corpus(size: int, seed: int = 0) -> dict[str, list[tuple[str, dict]]]:
+    """group -> [(case name, httpx request kwargs)]; every request goes to POST /v1/predict unless it says."""
+    from PIL import Image
+
+    from common.data.synthetic import Acquisition, render
+    from tests.test_api import compressed_dicom
+    from tests.test_imageio import patch_png_size
+
+    rng = np.random.default_rng(seed)
+    chest, _ = render(size, {"Nodule", "Effusion"}, rng, Acquisition())
+    chest[0, 0], chest[0, 1] = 0.0, 1.0  # its own range = the bit range, as a film's labels/collimation give
+    good = _png(chest)
+    v12 = (np.round(chest * 2047) * 2).astype(np.uint16)
+
+    def f(data: bytes, name="x.png", ctype="image/png", **kw):
+        return {"files": {"file": (name, data, ctype)}, **kw}
+
+    g: dict[str, list] = {}
+    g["valid X-rays"] = [("png8", f(good)), ("png16", f(_png(chest, 16))),
+                         ("jpeg", f(_pil(chest, "JPEG", quality=92), "x.jpg", "image/jpeg")),
+                         ("dicom", f(_dicom(v12, bits_stored=12), "x.dcm", "application/dicom")),
+                         ("dicom slope 2, halved", f(_dicom(v12 // 2, bits_stored=12, RescaleSlope=2,
+                                                            RescaleIntercept=0), "y.dcm", "application/dicom")),
+                         ("dicom MONOCHROME1", f(_dicom(4094 - v12, bits_stored=12, pi="MONOCHROME1"), "z.dcm",
+                                                 "application/dicom")),
+                         ("explain all", f(good, params={"findings": "all"})),
+                         ("lateral (warns)", f(_dicom(v12, bits_stored=12, ViewPosition="LL"), "l.dcm"))]
+    gradient = np.zeros((size, size, 3), np.uint8)
+    gradient[..., 0], gradient[..., 2] = np.linspace(0, 255, size)[None], np.linspace(255, 0, size)[:, None]
+    buf = BytesIO()
+    Image.fromarray(gradient).save(buf, "PNG")
+    strip = np.tile(chest[:, : size // 2].mean(axis=1, keepdims=True), (1, 4000))[:64]
+    g["non-X-rays (gate)"] = [("uniform noise", f(_png(rng.random((size, size))))),
+                              ("colour gradient", f(buf.getvalue())), ("all white", f(_png(np.ones((size, size))))),
+                              ("all black", f(_png(np.zeros((size, size))))), ("inverted", f(_png(1 - chest))),
+                              ("strip 64x4000", f(_png(strip))),
+                              ("gray gradient", f(_png(np.tile(np.linspace(0, 1, size), (size, 1)))))]
+    g["formats"] = [(fmt, f(_pil(chest, fmt, **kw), f"x.{fmt.lower()}", f"image/{fmt.lower()}"))
+                    for fmt, kw in (("TIFF", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("GIF", {}))]
+    g["formats"] += [(f"{fmt} 3 frames", f(_pil(chest, fmt, 3, **kw), f"x.{fmt.lower()}", f"image/{fmt.lower()}"))
+                     for fmt, kw in (("GIF", {}), ("PNG", {}), ("TIFF", {}), ("WEBP", {"lossless": True}))]
+    multi = _dicom(np.stack([v12, v12]), bits_stored=12, NumberOfFrames=2)
+    g["malformed uploads"] = [
+        ("zero bytes", f(b"")), ("text", f(b"not an image " * 20, "a.txt", "application/octet-stream")),
+        ("truncated png", f(good[: len(good) // 2])), ("truncated jpeg", f(_pil(chest, "JPEG")[:400], "x.jpg")),
+        ("png header 60000x60000", f(patch_png_size(good, 60000, 60000))),
+        ("png header 9000x9000", f(patch_png_size(good, 9000, 9000))),
+        ("jpeg 2000 dicom, garbage", f(compressed_dicom(), "j.dcm", "application/dicom")),
+        ("multi-frame dicom", f(multi, "m.dcm", "application/dicom")),
+        ("10,000-char filename", f(good, "x" * 10_000 + ".png")),
+        ("pdf content type", f(good, "x.pdf", "application/pdf")),
+        ("text part, no filename", {"data": {"file": "hello"}, "files": {"other": ("o.png", good, "image/png")}}),
+        ("no file field", {"files": {"other": ("x.png", good, "image/png")}}),
+        ("json body", {"json": {"image": "x"}}),
+        ("broken multipart", {"content": b"--xx\r\nbroken", "headers": {"content-type": "multipart/form-data; "
+                                                                                          "boundary=xx"}}),
+        ("300 parts", {"files": [("files", (f"{i}.png", b"x", "image/png")) for i in range(300)],
+                       "path": "/v1/predict/batch"}),
+        ("17 files", {"files": [("files", (f"{i}.png", good, "image/png")) for i in range(17)],
+                      "path": "/v1/predict/batch"}),
+        ("bad method", f(good, params={"method": "magic"})), ("bad finding", f(good, params={"findings": "Fracture"})),
+        ("bad bool", f(good, params={"explain": "maybe"})),
+        ("no key", f(good, headers={"X-API-Key": ""})), ("wrong key", f(good, headers={"X-API-Key": "nope"})),
+        ("GET on POST route", {"method": "GET"}), ("unknown path", {"method": "GET", "path": "/v2/x"}),
+        ("explain unknown finding", f(good, path="/v1/explain/Fracture")),
+    ]
+    seeds = [good, _png(chest, 16), _pil(chest, "JPEG"), _dicom(v12, bits_stored=12)]
+    fuzzed = []
+    pyrng = random.Random(seed)
+    for k in range(200):
+        data = bytearray(seeds[k % len(seeds)])
+        for _ in range(pyrng.randint(1, 30)):
+            data[pyrng.randrange(len(data))] = pyrng.randrange(256)
+        if k % 3 == 0:
+            data = data[: pyrng.randint(1, len(data))]
+        fuzzed.append((f"mutation {k}", f(bytes(data), ctype="application/octet-stream")))
+    g["random corruptions"] = fuzzed
+    return g
+
+
+async def send_all(url: str, key: str, groups: dict) -> tuple[list[list], list[str]]:
+    rows, notes = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        for group, cases in groups.items():
+            counts: Counter = Counter()
+            for name, kw in cases:
+                kw = dict(kw)
+                method, path = kw.pop("method", "POST"), kw.pop("path", "/v1/predict")
+                kw["headers"] = {"X-API-Key": key, **kw.get("headers", {})}
+                try:
+                    r = await c.request(method, path, **kw)
+                    counts[f"{r.status_code // 100}xx"] += 1
+                    if r.status_code >= 500:
+                        notes.append(f"5xx: {group} / {name}: {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    counts["conn"] += 1
+                    notes.append(f"connection error: {group} / {name}: {type(e).__name__}")
+            rows.append([group, len(cases), counts["2xx"], counts["4xx"], counts["5xx"], counts["conn"]])
+    return rows, notes
+
+
+async def oversized(url: str, key: str, n_batches: int, files: int) -> list[tuple[int, str, float]]:
+    zero = _png(np.zeros((6300, 6300)))
+
+    async def one():
+        async with httpx.AsyncClient(base_url=url, timeout=300, headers={"X-API-Key": key}) as c:
+            t0 = time.perf_counter()
+            r = await c.post("/v1/predict/batch", files=[("files", (f"{i}.png", zero, "image/png"))
+                                                         for i in range(files)])
+            body = r.json()
+            code = body.get("code") or ",".join(sorted({it["error"]["code"] for it in body.get("items", [])
+                                                        if it.get("error")}))
+            return r.status_code, code, time.perf_counter() - t0
+
+    return await asyncio.gather(*(one() for _ in range(n_batches)))
+
+
+async def load(url: str, key: str, upload: bytes, clients: int, seconds: float) -> list:
+    lat, errors, statuses = [], Counter(), Counter()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers={"X-API-Key": key}) as c:
+        stop = time.monotonic() + seconds
+
+        async def client():
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/v1/predict", files={"file": ("x.png", upload, "image/png")})
+                    statuses[r.status_code] += 1
+                    if r.status_code == 200:
+                        lat.append((time.perf_counter() - t0) * 1000)
+                    else:
+                        errors[f"http {r.status_code}"] += 1
+                except httpx.HTTPError as e:
+                    errors[type(e).__name__] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    p = np.percentile(lat, [50, 95, 99]) if lat else [float("nan")] * 3
+    return [clients, len(lat), round(len(lat) / wall, 1), round(p[0]), round(p[1]), round(p[2]),
+            sum(errors.values()), ", ".join(f"{k}: {v}" for k, v in errors.items()) or "-"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default=str(REPO / "runs" / "demo" / "bundle"))
+    ap.add_argument("--seconds", type=float, default=15.0, help="per load phase")
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--size", type=int, default=512, help="side of the valid uploads")
+    a = ap.parse_args()
+    bundle = Path(a.bundle)
+    if not (bundle / "model.json").is_file():
+        raise SystemExit(f"no bundle at {bundle}: run `.venv/bin/fedxray demo` first (or pass --bundle)")
+    key = secrets.token_urlsafe(16)
+    log = Path(tempfile.mkdtemp(prefix="fedxray-hostile-")) / "server.log"
+    proc, url = start_server(bundle, key, log)
+    ps = psutil.Process(proc.pid)
+    try:
+        groups = corpus(a.size)
+        idle = ps.memory_info().rss
+        rows, notes = asyncio.run(send_all(url, key, groups))
+        after_corpus, peak_corpus = ps.memory_info().rss, peak_rss(proc.pid)
+        batch_rows = []
+        for label, n, files in (("16 x 6300x6300 zeros (603 KB)", 1, 16), ("two such batches at once", 2, 16),
+                                ("4 x 6300x6300 (within the request budget)", 1, 4),
+                                ("two such at once", 2, 4)):
+            t0 = time.perf_counter()
+            res = asyncio.run(oversized(url, key, n, files))
+            batch_rows.append([label, " ".join(str(s) for s, _, _ in res), " ".join(sorted({c for _, c, _ in res})),
+                               round(time.perf_counter() - t0, 1), round(ps.memory_info().rss / 2**20),
+                               round(peak_rss(proc.pid) / 2**20)])
+        upload = groups["valid X-rays"][0][1]["files"]["file"][1]
+        load_rows = [asyncio.run(load(url, key, upload, n, a.seconds)) for n in a.clients]
+        final, peak = ps.memory_info().rss, peak_rss(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    total = [sum(r[i] for r in rows) for i in range(1, 6)]
+    print(table(["cases", "sent", "2xx", "4xx", "5xx", "connection errors"], rows + [["all", *total]],
+                title=f"fedxray serve {bundle} (pid {proc.pid}): hostile corpus"))
+    for n in notes:
+        print("  " + n)
+    print()
+    print(table(["batch", "status", "code", "seconds", "RSS after MiB", "peak RSS MiB"], batch_rows,
+                title="oversized batches (POST /v1/predict/batch)"))
+    print()
+    print(table(["clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "which"], load_rows,
+                title=f"load: POST /v1/predict, {a.size} px PNG, {a.seconds:.0f} s per row"))
+    print()
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    print(f"server RSS: idle {mib(idle)} (model loaded), after the corpus {mib(after_corpus)} (peak "
+          f"{mib(peak_corpus)}), at the end {mib(final)}; peak over the whole run {mib(peak)} = idle + "
+          f"{mib(peak - idle)} (bound: idle + 1024 MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,14 +55,17 @@ def _plain(value: Any) -> Any:
     raise ValueError(f"not a plain value: {type(value).__name__}")
 
 
-def reason(code: str, *, site: str, exc_type: str = "", check: str | None = None, incident: str = "",
+def reason(code: str, *, site: str, exc_type: str = "", keys: list[str] = (), incident: str = "",
            detail: dict | None = None) -> str:
-    """A reply-error reason in the fixed vocabulary. Raises ValueError on anything outside it."""
+    """A reply-error reason in the fixed vocabulary: what to check is FAILURES' text for the code, plus the
+    setting names in `keys` (identifier-like only). Raises ValueError on a code outside the vocabulary."""
     if code not in FAILURES:
         raise ValueError(f"unknown failure code {code!r}")
     if exc_type and not _NAME.match(exc_type):
         exc_type = "Exception"
-    info = {"code": code, "type": exc_type, "check": check or FAILURES[code][1], "site": safe_site(site),
+    names = [k for k in keys if _NAME.match(k)]
+    check = FAILURES[code][1] + (f": {', '.join(names)}" if names else "")
+    info = {"code": code, "type": exc_type, "check": check, "site": safe_site(site),
             "incident": incident, "detail": {k: _plain(v) for k, v in (detail or {}).items() if _NAME.match(k)}}
     return PREFIX + json.dumps(info, sort_keys=True)
 
@@ -116,16 +119,15 @@ def hospital_log(node_config: dict) -> logging.Logger:
     return log
 
 
-def failure_code(exc: BaseException) -> tuple[str, str | None]:
-    """(code, what to check) for an exception; the exception's text is never part of either."""
+def failure_code(exc: BaseException) -> tuple[str, list[str]]:
+    """(code, setting names to check) for an exception; the exception's text is never part of either."""
     if isinstance(exc, SettingsError):
-        keys = [k for k in exc.keys if _NAME.match(k)]
-        return "run-config", ("run config " + ", ".join(keys)) if keys else None
+        return "run-config", exc.keys
     if isinstance(exc, FedxrayError):
-        return exc.failure, None
+        return exc.failure, []
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
-        return "out-of-memory", None
-    return "internal", None
+        return "out-of-memory", []
+    return "internal", []
 
 
 def node_site(ctx, overrides: dict | None = None) -> str:
@@ -167,11 +169,11 @@ def make_boundary_mod(overrides: dict | None = None):
             reply = call_next(msg, ctx)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing may escape as text
             incident = secrets.token_hex(4)
-            code, check = failure_code(exc)
+            code, keys = failure_code(exc)
             node_log.error("incident %s: %s message of run %s failed (%s): %s", incident,
                            msg.metadata.message_type, ctx.run_id, code, exc, exc_info=exc)
             return Message(Error(FAILED, reason(code, site=node_site(ctx, overrides), exc_type=type(exc).__name__,
-                                                check=check, incident=incident)), reply_to=msg)
+                                                keys=keys, incident=incident)), reply_to=msg)
         problem = _leak(reply)
         if problem is None:
             return reply

@@ -91,6 +91,17 @@ def test_any_exception_and_any_text_that_would_leak_become_internal(synth_root, 
     assert not ok.has_error()
 
 
+def test_an_invalid_run_config_is_named_by_its_keys_only(synth_root, task_identity):
+    from client.app import make_client_app
+    from client.boundary import parse_reply_error
+
+    ctx = _ctx({"partition-id": 0, "num-partitions": 3},
+               {**RunSettings(data_path=str(synth_root)).to_run_config(), "num-server-round": 3, "lr": "fast"})
+    info = parse_reply_error(make_client_app()(_msg(), ctx).error.reason)
+    assert info["code"] == "run-config" and info["type"] == "SettingsError"
+    assert info["check"].endswith(": lr, num-server-round") and "fast" not in json.dumps(info)
+
+
 def test_site_names_that_could_identify_are_replaced():
     from client.boundary import safe_site
 

@@ -57,10 +57,10 @@ class RunSettings(BaseModel):
     guard_examples_growth: float = Field(1.0, ge=0, description="cap a claim at this x what the hospital "
                                          "claimed in its first accepted round; 0 = off")
     guard_norm_ratio: float = Field(5.0, ge=0, description="reject an update with ||w - w_global|| above this x "
-                                    "the round's median; 0 = off (honest hospitals measured up to 2.2)")
+                                    "the round's median; 0 = off (honest hospitals measured up to 3.2)")
     guard_min_cosine: float = Field(-1.0, ge=-1, le=1, description="reject an update whose cosine to the "
                                     "coordinate-wise median update is below this; -1 = off (the default: honest "
-                                    "Dirichlet-0.3 hospitals measured down to -0.46)")
+                                    "Dirichlet-0.3 hospitals measured down to -0.43)")
     # local training
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)

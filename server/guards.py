@@ -20,9 +20,9 @@ are on by default:
   skipped, and a warning says so once per run. Both assume most hospitals in a round are honest.
   The direction check is off by default (-1): with labels skewed across hospitals (Dirichlet alpha 0.3 on
   PneumoniaMNIST, 5 hospitals) an honest hospital holding most of the minority class measured cosines down to
-  -0.46 round after round, so any threshold that catches a sign flip (about -0.6 to -0.9) would sometimes
+  -0.43 round after round, so any threshold that catches a sign flip (about -0.6 to -0.9) would sometimes
   exclude exactly the hospital the others need. Turn it on (e.g. 0) where hospitals agree in direction
-  (synthetic hospitals measured 0.52 and above).
+  (the synthetic hospitals of benchmarks/byzantine.py measured 0.66 and above).
 
 Norms and directions are over every floating-point array, BatchNorm running statistics included (a hostile
 running_var breaks the model as surely as a hostile weight); integer buffers do not count. Arithmetic is in

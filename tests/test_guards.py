@@ -176,7 +176,7 @@ def test_one_hostile_hospital_is_excluded_or_capped_by_default_and_wins_without_
 
 def test_an_honest_hospital_that_pulls_the_other_way_is_kept_by_default():
     """Skewed labels (one hospital holds most of the minority class) make an honest update point away from
-    the others' (cosines down to -0.46 measured, Dirichlet 0.3): why the direction check is opt-in."""
+    the others' (cosines down to -0.43 measured, Dirichlet 0.3): why the direction check is opt-in."""
     from dataclasses import replace
 
     from server.guards import DEFAULTS

@@ -19,7 +19,8 @@ from common.errors import SettingsError
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 # Keys that may change between a checkpoint and its resumption without invalidating it.
 RESUME_NEUTRAL = ("num-server-rounds", "node-wait-timeout", "round-timeout", "resume", "output-dir",
-                  "min-available-nodes", "min-train-nodes", "min-evaluate-nodes")
+                  "min-available-nodes", "min-train-nodes", "min-evaluate-nodes", "guard-examples-ratio",
+                  "guard-examples-growth", "guard-norm-ratio", "guard-min-cosine")
 
 
 class RunSettings(BaseModel):
@@ -50,6 +51,16 @@ class RunSettings(BaseModel):
     fedavgm_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server_momentum")
     trimmed_beta: float = Field(0.2, gt=0, lt=0.5, description="FedTrimmedAvg beta (fraction cut each end)")
     krum_malicious_nodes: int = Field(0, ge=0, description="Krum num_malicious_nodes")
+    # guards against a hostile hospital (server/guards.py): checked on every reply before any strategy sees it
+    guard_examples_ratio: float = Field(3.0, ge=0, description="cap a num-examples claim at this x the median "
+                                        "of the other hospitals' claims; 0 = off")
+    guard_examples_growth: float = Field(1.0, ge=0, description="cap a claim at this x what the hospital "
+                                         "claimed in its first accepted round; 0 = off")
+    guard_norm_ratio: float = Field(5.0, ge=0, description="reject an update with ||w - w_global|| above this x "
+                                    "the round's median; 0 = off (honest hospitals measured up to 3.2)")
+    guard_min_cosine: float = Field(-1.0, ge=-1, le=1, description="reject an update whose cosine to the "
+                                    "coordinate-wise median update is below this; -1 = off (the default: honest "
+                                    "Dirichlet-0.3 hospitals measured down to -0.43)")
     # local training
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -99,6 +110,38 @@ class RunSettings(BaseModel):
     secagg_clipping_range: float = Field(8.0, gt=0, description="every weight is clipped to +/- this")
     secagg_max_weight: float = Field(1000.0, gt=0, description="~ the largest hospital's num-examples")
 
+    @property
+    def replies_needed(self) -> tuple[int, str]:
+        """The fewest train replies per round with which the strategy does what it is chosen for, and why."""
+        if self.strategy == "krum":   # Blanchard et al. 2017: n > 2f + 2
+            f = self.krum_malicious_nodes
+            return 2 * f + 3, f"Krum needs n > 2 x krum-malicious-nodes + 2 = {2 * f + 2}"
+        if self.strategy == "fedtrimmedavg":   # Flower's trim_mean cuts int(beta * n) replies from each end
+            n = max(1, int(1 / self.trimmed_beta))
+            while int(self.trimmed_beta * n) < 1:
+                n += 1
+            return n, (f"FedTrimmedAvg cuts int(trimmed-beta x n) = int({self.trimmed_beta} x n) replies from each "
+                       f"end, which is 0 below n={n}: a plain mean")
+        if self.strategy == "fedmedian":
+            return 3, "the median of 2 replies is their mean"
+        return 1, ""
+
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> "RunSettings":
+        n, why = self.replies_needed
+        if self.min_train_nodes < n:
+            raise ValueError(f"strategy={self.strategy!r} needs at least {n} hospitals per round ({why}), but "
+                             f"min-train-nodes={self.min_train_nodes}: set min-train-nodes and min-available-nodes "
+                             f"to {n} or more" + (", or lower krum-malicious-nodes" if self.krum_malicious_nodes
+                                                  and self.strategy == "krum" else
+                                                  ", or raise trimmed-beta" if self.strategy == "fedtrimmedavg"
+                                                  else "") + ", or choose another strategy")
+        for key in ("guard_examples_ratio", "guard_examples_growth", "guard_norm_ratio"):
+            if 0 < getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} is a ratio to the other hospitals' (or the hospital's "
+                                 f"first) value: 0 (off) or at least 1, got {getattr(self, key)}")
+        return self
+
     @model_validator(mode="after")
     def _privacy_combinations(self) -> "RunSettings":
         if self.dp_enabled and not (self.dp_target_epsilon or self.dp_noise_multiplier):
@@ -121,7 +164,8 @@ class RunSettings(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
             keys = sorted({str(err["loc"][0]) for err in e.errors() if err["loc"]})
             raise SettingsError(f"invalid run config ({problems}); fix it in [tool.flwr.app.config] or "
                                 f"--run-config", keys=keys) from e

@@ -30,6 +30,7 @@ from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_n
 from server.evaluation import GlobalEval, GlobalEvaluator
 from server.federation import PROGRESS
 from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, who
+from server.guards import GuardSettings, ReplyGuards
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
@@ -207,7 +208,8 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     strategy = wrap_central_dp(build_strategy(s), s)
     restore_state(strategy, strat_state, state.rounds_done)
     guarded = GuardedGrid(grid, min_nodes=max(s.min_available_nodes, s.min_train_nodes, s.min_evaluate_nodes),
-                          wait_timeout=s.node_wait_timeout, fp16=s.fp16)
+                          wait_timeout=s.node_wait_timeout, fp16=s.fp16,
+                          guards=ReplyGuards(GuardSettings.of(s)))
     keeper = RoundKeeper(s, evaluator, guarded, strategy, ckpt, state, best_arrays, out)
     shared = {"findings": findings, "round-offset": state.rounds_done, "fp16": s.fp16}
     if s.secure_aggregation:

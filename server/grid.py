@@ -14,7 +14,8 @@
   strategy (`reply_problem`): arrays that do not match what was sent (keys, shapes, kinds), NaN/inf weights,
   a missing or non-positive num-examples, or metrics shaped unlike the other hospitals'. Flower's strategies
   would otherwise end the whole run on one inconsistent reply, broadcast a wrong shape, or average the NaN
-  into everyone's model.
+  into everyone's model. Then the guards against a hostile hospital (server/guards.py) bound num-examples
+  and exclude update-size / direction outliers; what they found goes into the reply's history row ("guard").
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from flwr.serverapp import Grid
 from client.arrays import record_bytes, to_fp16, to_fp32
 from client.boundary import describe, is_decline, parse_reply_error
 from common.errors import FedxrayError
+from server.guards import ReplyGuards
 
 log = logging.getLogger(__name__)
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
@@ -59,8 +61,9 @@ class NotEnoughNodes(FedxrayError):
 
 class GuardedGrid(Grid):
     def __init__(self, grid: Grid, *, min_nodes: int, wait_timeout: float, fp16: bool = False,
-                 pull_interval: float = 0.5, clock=time.monotonic):
+                 pull_interval: float = 0.5, clock=time.monotonic, guards: ReplyGuards | None = None):
         self._grid, self.min_nodes, self.wait_timeout, self.fp16 = grid, min_nodes, wait_timeout, fp16
+        self.guards = guards if guards is not None else ReplyGuards()   # server/guards.py, on by default
         self.pull_interval = pull_interval
         self._clock = clock
         self._short_since: float | None = None
@@ -111,13 +114,15 @@ class GuardedGrid(Grid):
                 self.bytes_down.append(record_bytes(m.content["arrays"]))
         replies = self._exchange(messages, timeout)
         sent = {m.metadata.message_id: m for m in messages}   # ids are set by now (push or pull)
-        problems = _problems(replies, sent)
+        problems = _problems(replies, sent, self.guards)
         for r in replies:
             problem = problems.get(id(r))
             if problem:
                 log.warning("rejected the %s reply of node %s: %s", r.metadata.message_type,
                             r.metadata.src_node_id, problem)
             self._record(r, problem)
+            if id(r) in self.guards.notes:
+                self.replies[-1]["guard"] = self.guards.notes[id(r)]
         answered = {r.metadata.src_node_id for r in replies}
         silent = [m for m in messages if m.metadata.dst_node_id not in answered]
         for m in silent:
@@ -250,9 +255,11 @@ def reply_problem(reply: Message, instruction: Message | None) -> str | None:
     return None
 
 
-def _problems(replies: list[Message], sent: dict[str, Message]) -> dict[int, str]:
+def _problems(replies: list[Message], sent: dict[str, Message], guards: ReplyGuards | None = None
+              ) -> dict[int, str]:
     """{id(reply): why} for the replies to keep from the strategy; also those whose metric names differ from
-    the most common set of their message type (Flower needs one set to average)."""
+    the most common set of their message type (Flower needs one set to average), and then those the guards
+    against a hostile hospital exclude (server/guards.py; they also cap num-examples in place)."""
     out = {id(r): p for r in replies
            if (p := reply_problem(r, sent.get(r.metadata.reply_to_message_id))) is not None}
     for kind in (TRAIN, EVALUATE):
@@ -263,4 +270,7 @@ def _problems(replies: list[Message], sent: dict[str, Message]) -> dict[int, str
             usual = Counter(names.values()).most_common(1)[0][0]
             out.update({i: f"its metrics {list(n)} differ from the other hospitals' {list(usual)}"
                         for i, n in names.items() if n != usual})
+    if guards is not None:
+        out.update(guards.check([r for r in replies if id(r) not in out and not r.has_error()
+                                 and _ours(sent.get(r.metadata.reply_to_message_id))], sent))
     return out

@@ -6,13 +6,20 @@ zero, and every strategy's arithmetic turns the int64 `num_batches_tracked` into
 is Flower's class with one thin layer (`_RunningStatistics`): after Flower aggregates, the running
 statistics of the optimiser strategies are replaced by the plain example-weighted average of the hospitals'
 statistics (the robust ones keep their median/trimmed/Krum statistics), and every array gets its wire dtype
-back.
+back. The layer reads the replies before Flower aggregates: FedMedian and FedTrimmedAvg `pop` every array out
+of the replies they aggregate, leaving them empty (read afterwards, `num_batches_tracked` came back float64,
+and in round 2 every hospital's int64 reply was rejected as unlike the global model).
+
+The robust strategies need enough hospitals per round to be robust (RunSettings.replies_needed, checked
+against min-train-nodes when the settings are read): Krum n > 2f + 2, FedTrimmedAvg int(beta * n) >= 1,
+FedMedian n >= 3. A round that still gets fewer (hospitals lost or rejected) is aggregated with a warning.
 
 Server-side optimiser state (FedAdam/FedYogi moments, FedAvgM momentum) is exported and restored as plain
 arrays so a restarted server resumes with the same state (see server/checkpoint.py).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,6 +31,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from client.settings import RunSettings
 
+log = logging.getLogger(__name__)
 RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # BatchNorm buffers
 SERVER_OPTIMISERS = (FedAdam, FedYogi, FedAvgM)
 
@@ -40,23 +48,32 @@ class _RunningStatistics:
     # rounds done before a resume (set by restore_state): Flower's start() counts from 1 again, and FedAdam's
     # bias correction must not restart with it
     round_offset = 0
+    replies_needed = (1, "")   # RunSettings.replies_needed: checked against min-train-nodes at start, warned here
+
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        valid = [m.content for m in replies if not m.has_error() and m.has_content() and m.content.array_records]
+        # Read the replies BEFORE Flower aggregates them: FedMedian and FedTrimmedAvg `pop` every array out of
+        # the replies' ArrayRecords, so afterwards they are empty (wire dtypes lost, nothing left to average).
+        wire = {k: np.dtype(a.dtype) for k, a in next(iter(valid[0].array_records.values())).items()} if valid else {}
+        stats = [k for k in wire if is_running_statistic(k)]
+        only = [RecordDict({"arrays": ArrayRecord({k: next(iter(c.array_records.values()))[k] for k in stats}),
+                            "metrics": next(iter(c.metric_records.values()))})
+                for c in valid] if self.average_statistics and stats else []
+        if 0 < len(valid) < self.replies_needed[0]:
+            log.warning("round %d: %s aggregates %d replies, fewer than the %d it needs (%s): this round it protects "
+                        "less than configured", server_round + self.round_offset, type(self).__name__, len(valid),
+                        *self.replies_needed)
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)  # type: ignore[misc]
-        valid = [m.content for m in replies if not m.has_error() and m.has_content()]
         if arrays is None or not valid:
             return arrays, metrics
-        wire = next(iter(valid[0].array_records.values()))   # a hospital's arrays, in their wire dtypes
         out = {k: v.numpy() for k, v in arrays.items()}
-        stats = [k for k in out if is_running_statistic(k)]
-        if self.average_statistics and stats:
-            only = [RecordDict({"arrays": ArrayRecord({k: next(iter(c.array_records.values()))[k] for k in stats}),
-                                "metrics": next(iter(c.metric_records.values()))}) for c in valid]
+        if only:
             out.update({k: v.numpy() for k, v in aggregate_arrayrecords(only, self.weighted_by_key).items()})
         for k, v in out.items():
-            dtype = np.dtype(wire[k].dtype) if k in wire else v.dtype
+            dtype = wire.get(k, v.dtype)
             out[k] = (np.rint(v) if np.issubdtype(dtype, np.integer) else v).astype(dtype, copy=False)
         result = ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
         if isinstance(getattr(self, "current_arrays", None), ArrayRecord):
@@ -113,7 +130,9 @@ def build_strategy(s: RunSettings) -> Strategy:
         "fedtrimmedavg": lambda: _flower(FedTrimmedAvg)(**common, beta=s.trimmed_beta),
         "krum": lambda: _flower(Krum)(**common, num_malicious_nodes=s.krum_malicious_nodes),
     }
-    return builders[s.strategy]()
+    strategy = builders[s.strategy]()
+    strategy.replies_needed = s.replies_needed
+    return strategy
 
 
 def strategy_params(s: RunSettings) -> dict:

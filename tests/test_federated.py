@@ -86,7 +86,7 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
 
     from server.strategies import build_strategy
 
-    s = RunSettings(strategy=name, proximal_mu=0.1 if name == "fedprox" else 0.0)
+    s = RunSettings(strategy=name, proximal_mu=0.1 if name == "fedprox" else 0.0, min_train_nodes=5)
     strategy = build_strategy(s)
     flower_class = type(strategy).__mro__[2]   # (ours, _RunningStatistics, Flower's class, ...)
     assert flower_class.__module__.startswith("flwr.serverapp.strategy") and isinstance(strategy, flower_class)
@@ -94,7 +94,7 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
     start = {"w": np.zeros((2, 2), np.float32)}
 
     msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(start["w"])}),
-                                         ConfigRecord(), _Nodes(1, 2, 3, 4)))
+                                         ConfigRecord(), _Nodes(1, 2, 3, 4, 5)))
     replies = [_reply(m, {"w": np.full((2, 2), float(i), np.float32)}, 10 + i) for i, m in enumerate(msgs)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and arrays["w"].numpy().shape == (2, 2)
@@ -170,16 +170,6 @@ def test_fedadam_resumed_after_two_rounds_equals_three_rounds_in_one_go(task_ide
     restarted = build_strategy(RunSettings(strategy="fedadam"))
     restore_state(restarted, export_state(first))                        # what resuming did before
     assert not np.allclose(play(restarted, after_two, updates[2:])["w"].numpy(), whole, rtol=1e-3)
-
-
-def test_robust_strategies_keep_their_robust_statistics_with_wire_dtypes(task_identity):
-    from server.strategies import build_strategy
-
-    out = _bn_rounds(build_strategy(RunSettings(strategy="fedmedian")), [[(0.2, 10), (0.6, 13)]])[0]
-    np.testing.assert_allclose(out["bn.running_var"], 0.4)            # median of two = their mean
-    out = _bn_rounds(build_strategy(RunSettings(strategy="krum", krum_malicious_nodes=0)), [[(0.2, 10), (0.6, 13)]])[0]
-    assert out["bn.running_var"][0] in (np.float32(0.2), np.float32(0.6))   # one hospital's, not an average
-    assert out["bn.num_batches_tracked"].dtype == np.int64
 
 
 def test_a_metric_one_hospital_cannot_compute_does_not_make_the_federation_mean_nan(task_identity):

@@ -147,8 +147,9 @@ def _require_updates(g: int, replies: list[dict]) -> None:
                            f"({every}); change the run config to what the hospitals allow")
     if failed and codes == {"rejected"}:
         raise FedxrayError(f"round {g}: the server rejected every hospital's update, the first because "
-                           f"{first['error'][len(REJECTED):]}; do all SuperNodes run this version of the app with the "
-                           "same arch, findings and channels? The run resumes from its checkpoint once they do")
+                           f"{first['error'][len(REJECTED):]}. If the weights did not fit, do all SuperNodes run this "
+                           "version of the app with the same arch, findings and channels? If a guard rejected them "
+                           "(guard-*), look at what changed at the hospitals. The run resumes from its checkpoint")
     detail = f"{len(failed)} failed: {every}" if failed else "no replies within round-timeout"
     raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "
                        "SuperNodes (their logs have the detail under the incident id) and restart: the run resumes "

@@ -24,7 +24,7 @@ from tests.test_boundary import BREAKS
 
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False,
         "node-wait-timeout": 90.0, "round-timeout": 300.0, "num-server-rounds": 1, "min-available-nodes": 5,
-        "min-train-nodes": 2, "min-evaluate-nodes": 2, "dp-delta": 1e-5}
+        "min-train-nodes": 2, "min-evaluate-nodes": 0, "fraction-evaluate": 0.0, "dp-delta": 1e-5}
 BROKEN = ("missing-images", "bad-header", "unknown-label")
 POLICY = ('[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\nmax-epsilon-total = 2.5\n'
           'ledger = "ledger.json"\n')

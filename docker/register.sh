@@ -2,15 +2,7 @@
 # Register each named hospital's public key on the compose SuperLink (Flower's SuperNode authentication):
 # only registered keys may connect. A key the SuperLink already knows (a restart) is fine.
 set -eu
-mkdir -p "$FLWR_HOME"
-cat > "$FLWR_HOME/config.toml" <<TOML
-[superlink]
-default = "docker"
-
-[superlink.docker]
-address = "${SUPERLINK_ADDRESS:-superlink:9091}"
-root-certificates = "/certs/ca.crt"
-TOML
+. /app/docker/connection.sh
 for site in "$@"; do
   for try in 1 2 3 4 5 6 7 8 9 10; do
     if out=$(flwr supernode register "/certs/nodes/$site.pub" docker 2>&1); then echo "$out"; break; fi

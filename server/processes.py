@@ -78,11 +78,8 @@ def start(name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path | None 
     return Proc(name, p, log)
 
 
-def stop(procs: list[Proc], grace: float = 10.0) -> None:
-    """SIGTERM every process of these families at once, SIGKILL what outlives `grace` seconds, reap them."""
-    for p in procs:
-        p.refresh()
-    members = [m for p in procs for m in p.running()]
+def _end(members: list[psutil.Process], grace: float) -> None:
+    """SIGTERM them all at once, SIGKILL what outlives `grace` seconds, wait until they are gone."""
     for m in members:
         try:
             m.terminate()
@@ -95,6 +92,13 @@ def stop(procs: list[Proc], grace: float = 10.0) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(left, timeout=5)
+
+
+def stop(procs: list[Proc], grace: float = 10.0) -> None:
+    """Stop every process of these families (see the module docstring) and reap the ones we started."""
+    for p in procs:
+        p.refresh()
+    _end([m for p in procs for m in p.running()], grace)
     for p in procs:
         try:
             p.popen.wait(timeout=5)
@@ -106,24 +110,12 @@ def stop_tree(pid: int, grace: float = 10.0) -> None:
     """Stop a process we did not start through `start` (e.g. a CLI run by a test) and all its descendants."""
     try:
         root = psutil.Process(pid)
+        members = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    try:
-        members = [root, *root.children(recursive=True)]
     except psutil.Error:
         members = [root]
-    for m in members:
-        try:
-            m.terminate()
-        except psutil.Error:
-            pass
-    _, left = psutil.wait_procs(members, timeout=grace)
-    for m in left:
-        try:
-            m.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(left, timeout=5)
+    _end(members, grace)
 
 
 def pids_with_arg(fragment: str, *, zombies: bool = True) -> list[int]:

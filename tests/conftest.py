@@ -43,3 +43,33 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class StandInGrid:
+    """Just enough of Flower's Grid for GuardedGrid and the strategies, without a runtime: the connected node ids,
+    and replies made by `reply(message)`, by default `answer(message) -> reply Message | None` (None: that node
+    stays silent). Message ids are given on push, each reply comes from the node its message went to."""
+
+    def __init__(self, nodes, answer=None):
+        self.nodes, self.answer, self.pushed, self.pushes = list(nodes), answer, [], 0
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def push_messages(self, msgs):
+        self.pushed, self.pushes = list(msgs), self.pushes + 1
+        for i, m in enumerate(self.pushed):
+            m.metadata.__dict__["_message_id"] = f"m{self.pushes}-{i}"
+        return [m.metadata.message_id for m in self.pushed]
+
+    def pull_messages(self, ids):
+        out = []
+        for m in self.pushed:
+            reply = self.reply(m)
+            if reply is not None:
+                reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                out.append(reply)
+        return out
+
+    def reply(self, message):
+        return self.answer(message)

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from client.settings import RunSettings
 from common.audit import identifying_strings
 from common.data.synthetic import break_hospital
-from tests.conftest import SYNTH_FINDINGS
+from tests.conftest import SYNTH_FINDINGS, StandInGrid
 
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 
@@ -119,37 +119,18 @@ def test_the_server_records_the_vocabulary_and_names_a_silent_node_by_its_site(t
     from client.boundary import FAILED, reason
     from server.grid import GuardedGrid
 
-    class Nodes:
-        round = 0
+    def answer(m):
+        node = m.metadata.dst_node_id
+        if node == 1 or nodes.pushes == 1:
+            return Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+                                       "metrics": MetricRecord({"num-examples": 5}),
+                                       "node": ConfigRecord({"site": f"h{node}"})}), reply_to=m)
+        if node == 2:
+            return Message(Error(FAILED, reason("data-missing-images", site="h2", exc_type="DataError",
+                                                incident="abcd0123")), reply_to=m)
+        return None          # node 3 went silent after the first round
 
-        def get_node_ids(self):
-            return [1, 2, 3]
-
-        def push_messages(self, msgs):
-            self.pushed = list(msgs)
-            for i, m in enumerate(self.pushed):
-                m.metadata.__dict__["_message_id"] = f"m{self.round}-{i}"
-            return [m.metadata.message_id for m in self.pushed]
-
-        def pull_messages(self, ids):
-            out = []
-            for m in self.pushed:
-                node = m.metadata.dst_node_id
-                if node == 1 or self.round == 0:
-                    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
-                                          "metrics": MetricRecord({"num-examples": 5}),
-                                          "node": ConfigRecord({"site": f"h{node}"})})
-                    r = Message(content, reply_to=m)
-                elif node == 2:
-                    r = Message(Error(FAILED, reason("data-missing-images", site="h2", exc_type="DataError",
-                                                     incident="abcd0123")), reply_to=m)
-                else:
-                    continue          # node 3 went silent after round 0
-                r.metadata.__dict__["_src_node_id"] = node
-                out.append(r)
-            return out
-
-    nodes = Nodes()
+    nodes = StandInGrid([1, 2, 3], answer)
     grid = GuardedGrid(nodes, min_nodes=1, wait_timeout=5)
 
     def send():
@@ -159,7 +140,6 @@ def test_the_server_records_the_vocabulary_and_names_a_silent_node_by_its_site(t
 
     send()
     grid.drain()
-    nodes.round = 1
     send()
     rows = {r["node_id"]: r for r in grid.drain()[0]}
     assert rows[1]["ok"] and rows[1]["site"] == "h1"

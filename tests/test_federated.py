@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from client.arrays import record_bytes, state_to_record, to_fp16, to_fp32
 from client.settings import STRATEGIES, RunSettings
-from tests.conftest import REPO
+from tests.conftest import REPO, StandInGrid
 
 TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 _STARTED_ROOTS: list[str] = []   # tmp folders whose processes must all be gone at the end
@@ -35,16 +35,6 @@ def _reply(instruction: Message, arrays: dict[str, np.ndarray], n: int, **metric
 def _instruction(node: int) -> Message:
     return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
                    message_type=MessageType.TRAIN)
-
-
-class _Nodes:
-    """Just enough Grid for a strategy's configure_train: the connected node ids."""
-
-    def __init__(self, *ids: int):
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return self.ids
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -94,7 +84,7 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
     start = {"w": np.zeros((2, 2), np.float32)}
 
     msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(start["w"])}),
-                                         ConfigRecord(), _Nodes(1, 2, 3, 4, 5)))
+                                         ConfigRecord(), StandInGrid([1, 2, 3, 4, 5])))
     replies = [_reply(m, {"w": np.full((2, 2), float(i), np.float32)}, 10 + i) for i, m in enumerate(msgs)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and arrays["w"].numpy().shape == (2, 2)
@@ -111,7 +101,7 @@ def _bn_rounds(strategy, client_stats: list[list[tuple[float, int]]]) -> list[di
 
     out = []
     for rnd, stats in enumerate(client_stats, start=1):
-        msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), _Nodes(1, 2)))
+        msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), StandInGrid([1, 2])))
         replies = [_reply(m, {"conv.weight": rng.normal(size=4).astype(np.float32),
                               "bn.running_var": np.full(4, var, np.float32),
                               "bn.num_batches_tracked": np.array(nbt, np.int64)}, n)
@@ -155,7 +145,7 @@ def test_fedadam_resumed_after_two_rounds_equals_three_rounds_in_one_go(task_ide
 
     def play(strategy, current, updates):
         for rnd, update in enumerate(updates, start=1):   # Flower's start() numbers its rounds from 1
-            msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), _Nodes(1, 2)))
+            msgs = list(strategy.configure_train(rnd, current, ConfigRecord(), StandInGrid([1, 2])))
             current, _ = strategy.aggregate_train(rnd, [_reply(m, update, 10) for m in msgs])
         return current
 
@@ -208,32 +198,15 @@ def test_replies_that_cannot_be_aggregated_are_rejected_by_name_and_the_round_go
     why = {2: "shape (3, 2)", 3: "NaN/inf", 4: "missing ['n']", 5: "num-examples must be one positive number",
            6: "differ from the other hospitals'", 7: "is int32", 8: "cannot be decoded"}
 
-    class Nodes:
-        pushed: list = []
-
-        def get_node_ids(self):
-            return [1, *bad, 9]
-
-        def push_messages(self, msgs):
-            self.pushed = list(msgs)
-            for i, m in enumerate(self.pushed):
-                m.metadata.__dict__["_message_id"] = f"m{i}"
-            return [m.metadata.message_id for m in self.pushed]
-
-        def pull_messages(self, ids):
-            out = []
-            for m in self.pushed:
-                arrays, n, extra = bad.get(m.metadata.dst_node_id, (good, 10, {}))
-                content = RecordDict({"arrays": ArrayRecord({k: v if isinstance(v, Array) else Array(v)
-                                                             for k, v in arrays.items()}),
-                                      "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **extra})})
-                reply = Message(content, reply_to=m)
-                reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-                out.append(reply)
-            return out
+    def answer(m):
+        arrays, n, extra = bad.get(m.metadata.dst_node_id, (good, 10, {}))
+        return Message(RecordDict({"arrays": ArrayRecord({k: v if isinstance(v, Array) else Array(v)
+                                                          for k, v in arrays.items()}),
+                                   "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **extra})}),
+                       reply_to=m)
 
     strategy = build_strategy(RunSettings(min_train_nodes=9, min_available_nodes=9))
-    grid = GuardedGrid(Nodes(), min_nodes=1, wait_timeout=5)
+    grid = GuardedGrid(StandInGrid([1, *bad, 9], answer), min_nodes=1, wait_timeout=5)
     start = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.array(0, np.int64))})
     msgs = list(strategy.configure_train(1, start, ConfigRecord(), grid))
     kept = grid.send_and_receive(msgs, timeout=5)
@@ -404,9 +377,10 @@ def test_docker_compose_runs_the_launchers_commands_secure_by_default():
     s = RunSettings.from_run_config(docker_rc)
     assert s.server_data_path == "/data/holdout" and s.min_available_nodes == 3
     assert "./data/synth/holdout:/data/holdout:ro" in services["superlink"]["volumes"]
+    connection = (REPO / "docker" / "connection.sh").read_text()
+    assert 'root-certificates = "/certs/ca.crt"' in connection and "insecure" not in connection
     for script in ("submit.sh", "register.sh"):
-        text = (REPO / "docker" / script).read_text()
-        assert 'root-certificates = "/certs/ca.crt"' in text and "insecure" not in text
+        assert ". /app/docker/connection.sh" in (REPO / "docker" / script).read_text()
     assert "certs" in (REPO / ".dockerignore").read_text().split()      # keys never baked into the image
 
 

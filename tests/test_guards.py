@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from client.settings import STRATEGIES, RunSettings
 from common.errors import FedxrayError
+from tests.conftest import StandInGrid
 
 SHAPES = {"conv.weight": (8, 4, 3, 3), "bn.weight": (8,), "bn.running_mean": (8,), "bn.running_var": (8,),
           "bn.num_batches_tracked": (), "fc.weight": (4, 32), "fc.bias": (4,)}
@@ -64,32 +65,17 @@ ATTACKS = {   # what the attacker (node 5) sends instead of its honest update: (
 }
 
 
-class Hospitals:
-    """Just enough Grid for GuardedGrid: node ids, and replies made by `answer(node, global arrays)`."""
+class Hospitals(StandInGrid):
+    """Hospitals whose train replies are `answer(node, global arrays) -> (arrays, num-examples)`."""
 
     def __init__(self, answer, nodes=tuple(SIZES)):
-        self.answer, self.nodes, self.pushed = answer, list(nodes), []
+        super().__init__(nodes, answer)
 
-    def get_node_ids(self):
-        return self.nodes
-
-    def push_messages(self, msgs):
-        self.pushed = list(msgs)
-        for i, m in enumerate(self.pushed):
-            m.metadata.__dict__["_message_id"] = f"m{i}"
-        return [m.metadata.message_id for m in self.pushed]
-
-    def pull_messages(self, ids):
-        out = []
-        for m in self.pushed:
-            glob = {k: a.numpy() for k, a in m.content["arrays"].items()}
-            arrays, n = self.answer(m.metadata.dst_node_id, glob)
-            content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                                  "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})})
-            reply = Message(content, reply_to=m)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-            out.append(reply)
-        return out
+    def reply(self, m):
+        glob = {k: a.numpy() for k, a in m.content["arrays"].items()}
+        arrays, n = self.answer(m.metadata.dst_node_id, glob)
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                                   "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})}), reply_to=m)
 
 
 def _settings(**kw) -> RunSettings:

@@ -146,6 +146,7 @@ def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode
     from client.settings import RunSettings
     from server.grid import GuardedGrid
     from server.privacy import wrap_central_dp
+    from tests.conftest import StandInGrid
     from server.strategies import build_strategy
 
     s = RunSettings(central_dp=mode, central_dp_noise_multiplier=0.0, central_dp_clipping_norm=0.5,
@@ -157,30 +158,15 @@ def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode
            "client-adaptive": fs.DifferentialPrivacyClientSideAdaptiveClipping}[mode]
     assert type(strategy) is cls and isinstance(strategy.strategy, fs.FedAvg)
 
-    class Nodes:
-        def __init__(self):
-            self.pushed = []
+    def answer(m):
+        node = m.metadata.dst_node_id
+        if node == 3:
+            return Message(Error(REFUSED, reason("dp-budget-spent", site="h3", detail={
+                "dp-epsilon": 3.0, "dp-delta": 1e-05})), reply_to=m)
+        metrics = {KEY_NORM_BIT: 1} if mode == "client-adaptive" else {}  # adaptiveclipping_mod's
+        return _reply(m, {"w": np.full(4, 3.0 * node, np.float32)}, 10, **metrics)
 
-        def get_node_ids(self):
-            return [1, 2, 3]
-
-        def push_messages(self, msgs):
-            self.pushed = list(msgs)
-            return [str(i) for i in range(len(self.pushed))]
-
-        def pull_messages(self, ids):
-            out = []
-            for i, m in enumerate(self.pushed):
-                m.metadata.__dict__["_message_id"] = str(i)
-                if i == 2:
-                    out.append(Message(Error(REFUSED, reason("dp-budget-spent", site="h3", detail={
-                        "dp-epsilon": 3.0, "dp-delta": 1e-05})), reply_to=m))
-                else:
-                    metrics = {KEY_NORM_BIT: 1} if mode == "client-adaptive" else {}  # adaptiveclipping_mod's
-                    out.append(_reply(m, {"w": np.full(4, 3.0 * (i + 1), np.float32)}, 10, **metrics))
-            return out
-
-    grid = GuardedGrid(Nodes(), min_nodes=2, wait_timeout=5)
+    grid = GuardedGrid(StandInGrid([1, 2, 3], answer), min_nodes=2, wait_timeout=5)
     msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros(4, np.float32))}), ConfigRecord(), grid))
     assert len(msgs) == 3
     replies = list(grid.send_and_receive(msgs, timeout=5))

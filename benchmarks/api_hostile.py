@@ -101,8 +101,7 @@ def corpus(size: int, seed: int = 0) -> dict[str, list[tuple[str, dict]]]:
     from PIL import Image
 
     from common.data.synthetic import Acquisition, render
-    from tests.test_api import compressed_dicom
-    from tests.test_imageio import patch_png_size
+    from tests.test_imageio import compressed_dicom, patch_png_size
 
     rng = np.random.default_rng(seed)
     chest, _ = render(size, {"Nodule", "Effusion"}, rng, Acquisition())
@@ -143,7 +142,7 @@ def corpus(size: int, seed: int = 0) -> dict[str, list[tuple[str, dict]]]:
         ("truncated png", f(good[: len(good) // 2])), ("truncated jpeg", f(_pil(chest, "JPEG")[:400], "x.jpg")),
         ("png header 60000x60000", f(patch_png_size(good, 60000, 60000))),
         ("png header 9000x9000", f(patch_png_size(good, 9000, 9000))),
-        ("jpeg 2000 dicom, garbage", f(compressed_dicom(), "j.dcm", "application/dicom")),
+        ("jpeg 2000 dicom, garbage", f(compressed_dicom(size=64), "j.dcm", "application/dicom")),
         ("multi-frame dicom", f(multi, "m.dcm", "application/dicom")),
         ("10,000-char filename", f(good, "x" * 10_000 + ".png")),
         ("pdf content type", f(good, "x.pdf", "application/pdf")),

@@ -16,9 +16,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000
 
 from common.bundle import load_bundle
 from common.quality import CODES as GATE_CODES
@@ -26,7 +23,7 @@ from inference_api import create_app
 from inference_api.predictor import Predictor
 from inference_api.settings import Settings
 from tests.inference_support import FINDINGS, jpeg, narrow, png, trained_bundle, with_markers, xray
-from tests.test_imageio import dicom_bytes, dicom_dataset, patch_png_size
+from tests.test_imageio import compressed_dicom, dicom_bytes, patch_png_size
 
 LIMITS = dict(min_resolution=32, max_pixels=2_000_000, max_upload_bytes=3_000_000, overlay_max_side=64)
 
@@ -153,18 +150,6 @@ def test_lateral_view_is_accepted_with_a_warning(client):
 # -------------------------------------------------------------------------------------------- rejects
 
 
-def compressed_dicom() -> bytes:
-    """JPEG 2000 transfer syntax whose codestream cannot be decoded here."""
-    ds = dicom_dataset(np.zeros((64, 64), dtype=np.uint16))
-    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
-    ds["PixelData"].VR = "OB"
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = JPEG2000
-    buf = BytesIO()
-    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _bad_cases():
     good = png(xray(64))
     arr16 = (xray(64) * 65535).astype(np.uint16)
@@ -190,7 +175,7 @@ def _bad_cases():
         "dicom_no_pixel_data": (buf.getvalue(), "application/dicom", 422, "no pixel data"),
         "dicom_multi_frame": (dicom_bytes(np.stack([arr16, arr16]), NumberOfFrames=2), "application/dicom", 422,
                               "multi-frame"),
-        "dicom_compressed": (compressed_dicom(), "application/dicom", 422, "transfer syntax"),
+        "dicom_compressed": (compressed_dicom(size=64), "application/dicom", 422, "transfer syntax"),
     }
 
 
@@ -651,7 +636,7 @@ def test_security_headers(client):
 
 def test_undecodable_jpeg2000_logs_one_line_without_traceback(client, caplog):
     caplog.set_level(logging.DEBUG)
-    r = post(client, compressed_dicom(), ctype="application/dicom")
+    r = post(client, compressed_dicom(size=64), ctype="application/dicom")
     assert r.status_code == 422 and r.json()["code"] == "dicom_unsupported"
     assert not [rec for rec in caplog.records if rec.exc_info]
     ours = [rec.getMessage() for rec in caplog.records if rec.name.startswith("inference_api")]

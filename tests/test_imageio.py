@@ -80,6 +80,18 @@ def dicom_bytes(arr: np.ndarray, *, ts=ExplicitVRLittleEndian, **kw) -> bytes:
     return buf.getvalue()
 
 
+def compressed_dicom(ts=JPEG2000, dtype=np.uint16, size: int = 8) -> bytes:
+    """A DICOM file with a compressed transfer syntax whose codestream cannot be decoded (garbage)."""
+    ds = dicom_dataset(np.zeros((size, size), dtype=dtype))
+    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
+    ds["PixelData"].VR = "OB"
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ts
+    buf = BytesIO()
+    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def patch_png_size(data: bytes, width: int, height: int) -> bytes:
     """Rewrite IHDR width/height (bytes 16..24) and its CRC: a header that lies about the size."""
     ihdr = data[12:16] + struct.pack(">II", width, height) + data[24:29]
@@ -298,14 +310,7 @@ def test_dicom_without_pixel_data_rejected():
 
 @pytest.mark.parametrize("ts", [JPEG2000, JPEGBaseline8Bit])
 def test_dicom_compressed_garbage_names_transfer_syntax(ts):
-    ds = dicom_dataset(np.zeros((8, 8), dtype=np.uint8))
-    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
-    ds["PixelData"].VR = "OB"
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ts
-    buf = BytesIO()
-    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
-    err = raises(buf.getvalue(), f"DICOM transfer syntax {ts.name} ({ts}) cannot be decoded here", "uncompressed")
+    err = raises(compressed_dicom(ts, np.uint8), f"DICOM transfer syntax {ts.name} ({ts}) cannot be decoded here", "uncompressed")
     assert "Doe" not in str(err)
 
 
@@ -482,12 +487,5 @@ def test_undecodable_jpeg2000_logs_no_traceback(caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
-    ds = dicom_dataset(np.zeros((8, 8), dtype=np.uint16))
-    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
-    ds["PixelData"].VR = "OB"
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = JPEG2000
-    buf = BytesIO()
-    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
-    assert raises(buf.getvalue(), "JPEG 2000").code == "dicom_unsupported"
+    assert raises(compressed_dicom(), "JPEG 2000").code == "dicom_unsupported"
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

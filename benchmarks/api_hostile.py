@@ -42,7 +42,7 @@ def free_port() -> int:
 def start_server(bundle: Path, key: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "FEDXRAY_API_KEY": key}
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "fedxray", "serve", "--bundle", str(bundle), "--port", str(port),
                              "--log-level", "warning"], env=env, cwd=REPO, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

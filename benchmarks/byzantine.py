@@ -18,8 +18,8 @@ The attacker is partition 4 (hospital_5): the product's ClientApp inside a Clien
   label-flipped no mod: the hospital's own CSV lists the complement of each image's findings (a poisoned copy
                 of hospital_5's labels), so it trains honestly on wrong labels
 Columns: the product's default (FedAvg + guards), FedAvg with every guard off, FedAvg + the opt-in
-direction check (guard-min-cosine=0), and Flower's FedMedian, FedTrimmedAvg (beta 0.2) and Krum
-(krum-malicious-nodes=1), each with the default guards. AUC is the test macro AUC of the model the product
+direction check (guards.min_cosine=0), and Flower's FedMedian, FedTrimmedAvg (beta 0.2) and Krum
+(federation.krum_malicious_nodes=1), each with the default guards. AUC is the test macro AUC of the model the product
 ships (the best round on the server's validation split); the delta is against the same column's honest run
 (same seeds, so the difference is the attack's). Goal (issue 10): <= 0.02 AUC loss with the default guards.
 
@@ -44,15 +44,15 @@ from benchmarks._util import REPO, SHARED_DATA, run_worker, table  # noqa: E402
 
 HOSPITALS, ATTACKER = 5, 4          # partition 4 = hospital_5
 ATTACKS = ("none", "scaled", "sign-flipped", "nan", "label-flipped", "inflated")
-NO_GUARDS = {"guard-examples-ratio": 0.0, "guard-examples-growth": 0.0, "guard-norm-ratio": 0.0,
-             "guard-min-cosine": -1.0}
+NO_GUARDS = {"guards.examples_ratio": 0.0, "guards.examples_growth": 0.0, "guards.norm_ratio": 0.0,
+             "guards.min_cosine": -1.0}
 COLUMNS = {
-    "fedavg+guards": {"strategy": "fedavg"},
-    "fedavg no guards": {"strategy": "fedavg", **NO_GUARDS},
-    "fedavg+guards+direction": {"strategy": "fedavg", "guard-min-cosine": 0.0},
-    "fedmedian": {"strategy": "fedmedian"},
-    "fedtrimmedavg": {"strategy": "fedtrimmedavg", "trimmed-beta": 0.2},
-    "krum": {"strategy": "krum", "krum-malicious-nodes": 1},
+    "fedavg+guards": {"federation.strategy": "fedavg"},
+    "fedavg no guards": {"federation.strategy": "fedavg", **NO_GUARDS},
+    "fedavg+guards+direction": {"federation.strategy": "fedavg", "guards.min_cosine": 0.0},
+    "fedmedian": {"federation.strategy": "fedmedian"},
+    "fedtrimmedavg": {"federation.strategy": "fedtrimmedavg", "federation.trimmed_beta": 0.2},
+    "krum": {"federation.strategy": "krum", "federation.krum_malicious_nodes": 1},
 }
 GOAL = 0.02
 PNEUMONIAMNIST = SHARED_DATA / "pneumoniamnist.npz"
@@ -136,13 +136,13 @@ def label_flipped_copy(root: Path, out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ one cell
 def run_config(a, data: Path, out: Path, column: dict) -> dict:
-    rc = {"num-server-rounds": a.rounds, "min-train-nodes": HOSPITALS, "min-evaluate-nodes": HOSPITALS,
-          "min-available-nodes": HOSPITALS, "local-epochs": a.epochs, "image-size": a.image_size,
-          "arch": "smallcnn", "client-threads": 1, "round-timeout": 1800.0, "node-wait-timeout": 300.0,
-          "resume": False, "data-path": str(data), "output-dir": str(out), **column}
+    rc = {"federation.rounds": a.rounds, "federation.min_train_nodes": HOSPITALS, "federation.min_evaluate_nodes": HOSPITALS,
+          "federation.min_available_nodes": HOSPITALS, "federation.local_epochs": a.epochs, "preprocess.image_size": a.image_size,
+          "model.arch": "smallcnn", "federation.client_threads": 1, "federation.round_timeout": 1800.0, "federation.node_wait_timeout": 300.0,
+          "federation.resume": False, "data.path": str(data), "output_dir": str(out), **column}
     if a.dataset == "pneumoniamnist":
-        rc.update({"data-source": "medmnist", "server-data-path": str(data), "findings": "Pneumonia",
-                   "partition-method": "dirichlet", "partition-alpha": 0.3})
+        rc.update({"data.source": "medmnist", "federation.server_data_path": str(data), "data.findings": "Pneumonia",
+                   "federation.partition_method": "dirichlet", "federation.partition_alpha": 0.3})
     return rc
 
 
@@ -318,7 +318,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"rounds": a.rounds, "epochs": a.epochs, "image_size": a.image_size, "patients": a.patients,
                 "holdout_patients": a.holdout_patients, "hospitals": HOSPITALS, "attacker": f"hospital_{ATTACKER + 1}",
-                "cpus": a.cpus, "arch": "smallcnn"}
+                "cpus": a.cpus, "model.arch": "smallcnn"}
     path = out / "byzantine.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     results = saved if saved.get("settings") == settings else {"settings": settings, "cells": {}, "dirichlet": {}}

@@ -25,11 +25,11 @@ PUBLISHED = {"ResNet-18 (28)": (0.944, 0.854), "ResNet-50 (28)": (0.948, 0.854),
 
 def worker(arch: str, epochs: int, image_size: int, batch_size: int, lr: float) -> dict:
     os.environ["TQDM_DISABLE"] = "1"
-    from common.config import ExperimentConfig
-    from common.pipeline import run_centralised
+    from common.settings import Settings
+    from common.centralised import run_centralised
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = ExperimentConfig.model_validate({
+        cfg = Settings.model_validate({
             "data": {"source": "medmnist", "path": str(SHARED_DATA / "pneumoniamnist.npz")},
             "preprocess": {"image_size": image_size},
             "model": {"arch": arch, "weights": "none"},

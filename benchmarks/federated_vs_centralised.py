@@ -110,7 +110,7 @@ def main() -> int:
         os.environ.setdefault(k, v)
     if not a.progress:
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from common.cli import parse_overrides
+    from common.settings import parse_overrides
     from simulations.config import load_simulation
     from simulations.runner import run_experiment
 
@@ -129,7 +129,7 @@ def main() -> int:
         for seed in (int(x) for x in a.seeds.split(",")):
             scfg = cfg if seed == cfg.train.seed else cfg.model_copy(
                 update={"output_dir": str(out / f"pneumoniamnist-seed{seed}"),
-                        "train": cfg.train.model_copy(update={"seed": seed})}, deep=True)
+                        "train": cfg.train.model_copy(update={"train.seed": seed})}, deep=True)
             by_seed[seed] = results if scfg is cfg else run_experiment(scfg, progress=a.progress)
         print()
         print(seeds_table(by_seed))

@@ -93,9 +93,9 @@ class PeakMemory(threading.Thread):
 
 # ------------------------------------------------------------------------------------------- workers
 def _run_config(a) -> dict:
-    return {"data-path": a.data, "num-server-rounds": a.rounds, "local-epochs": a.epochs, "image-size": a.image_size,
-            "arch": a.arch, "output-dir": a.out, "min-available-nodes": a.clients, "min-train-nodes": a.clients,
-            "min-evaluate-nodes": a.clients, "resume": False}
+    return {"data.path": a.data, "federation.rounds": a.rounds, "federation.local_epochs": a.epochs, "preprocess.image_size": a.image_size,
+            "model.arch": a.arch, "output_dir": a.out, "federation.min_available_nodes": a.clients, "federation.min_train_nodes": a.clients,
+            "federation.min_evaluate_nodes": a.clients, "federation.resume": False}
 
 
 def _summary_row(summary: dict, wall: float) -> dict:
@@ -113,19 +113,19 @@ def worker_plain(a, threads: int = 1) -> dict:
 
     from client.arrays import state_to_record
     from client.data import load_node_data
-    from client.settings import RunSettings
+    from common.settings import Settings
     from common.models import build_model
     from common.training import evaluate, make_criterion, make_loader, make_optimizer, seed_everything, train_epoch
     from server.evaluation import GlobalEvaluator
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
-    s = RunSettings.from_run_config({}, {**_run_config(a), "client-threads": threads})
+    s = Settings.from_run_config({}, {**_run_config(a), "federation.client_threads": threads})
     evaluator = GlobalEvaluator(s)
     findings = evaluator.findings
     cfg = s.experiment(findings=findings)
     nodes = [load_node_data({"partition-id": k, "num-partitions": a.clients}, s, findings) for k in range(a.clients)]
-    model = build_model(cfg.model, len(findings), s.channels)
+    model = build_model(cfg.model, len(findings), s.preprocess.channels)
     glob = {k: v.clone() for k, v in model.state_dict().items()}
     evaluator(0, state_to_record(model))
     round_seconds, steps = [], 0
@@ -134,15 +134,15 @@ def worker_plain(a, threads: int = 1) -> dict:
         updates = []
         for k, data in enumerate(nodes):
             model.load_state_dict(glob)
-            seed_everything(s.seed + 1000 * r + k)
+            seed_everything(s.train.seed + 1000 * r + k)
             ds = data.datasets
             crit = make_criterion(cfg.train, ds["train"].labels)
-            loader = make_loader(ds["train"], s.batch_size, shuffle=True, seed=r, drop_last=True)
+            loader = make_loader(ds["train"], s.train.batch_size, shuffle=True, seed=r, drop_last=True)
             opt = make_optimizer(model, cfg.train)
-            for _ in range(s.local_epochs):
+            for _ in range(s.federation.local_epochs):
                 train_epoch(model, loader, opt, crit)
                 steps += len(loader)
-            evaluate(model, make_loader(ds["val"], 2 * s.batch_size, shuffle=False), findings, criterion=crit,
+            evaluate(model, make_loader(ds["val"], 2 * s.train.batch_size, shuffle=False), findings, criterion=crit,
                      tune="f1")
             updates.append((len(ds["train"]), {k2: v.detach().clone() for k2, v in model.state_dict().items()}))
         total = sum(n for n, _ in updates)
@@ -151,9 +151,9 @@ def worker_plain(a, threads: int = 1) -> dict:
         model.load_state_dict(glob)
         for data in nodes:  # the clients' federated evaluation
             ds = data.datasets
-            val = evaluate(model, make_loader(ds["val"], 2 * s.batch_size, shuffle=False), findings, tune="f1")
+            val = evaluate(model, make_loader(ds["val"], 2 * s.train.batch_size, shuffle=False), findings, tune="f1")
             thr = np.array([val["per_finding"][f]["threshold"] for f in findings])
-            evaluate(model, make_loader(ds["test"], 2 * s.batch_size, shuffle=False), findings, thresholds=thr)
+            evaluate(model, make_loader(ds["test"], 2 * s.train.batch_size, shuffle=False), findings, thresholds=thr)
         ev = evaluator(r, state_to_record(model))
         round_seconds.append(time.perf_counter() - tr)
     return {"wall": time.perf_counter() - t0, "round_seconds": round_seconds, "steps": steps,
@@ -164,7 +164,7 @@ def worker_sim(a, fp16: bool = False) -> dict:
     from server.federation import run_federated_simulation
 
     t0 = time.perf_counter()
-    summary = run_federated_simulation({**_run_config(a), "fp16": fp16}, num_supernodes=a.clients)
+    summary = run_federated_simulation({**_run_config(a), "federation.fp16": fp16}, num_supernodes=a.clients)
     return _summary_row(summary, time.perf_counter() - t0)
 
 
@@ -207,7 +207,7 @@ def run_one(a) -> None:
 def model_bytes() -> list[list]:
     """Bytes of one weight transfer for the real-use models (14 findings, 3 channels), float32 vs float16."""
     from client.arrays import record_bytes, state_to_record
-    from common.config import ModelConfig
+    from common.settings import ModelConfig
     from common.models import build_model
 
     rows = []
@@ -221,13 +221,13 @@ def model_bytes() -> list[list]:
 def fp16_roundtrip(data: Path, run_dir: Path) -> str:
     """AUC of the sim run's exported model before and after a float16 round trip (quantisation alone)."""
     from client.arrays import load_record, state_to_record, to_fp32
-    from client.settings import RunSettings
     from common.bundle import load_bundle
+    from common.settings import Settings
     from server.evaluation import GlobalEvaluator
 
     b = load_bundle(run_dir / "bundle")
     rc = b.card["provenance"]["run_config"]
-    ev = GlobalEvaluator(RunSettings.from_run_config(rc))
+    ev = GlobalEvaluator(Settings.from_run_config(rc))
     full = ev(0, state_to_record(b.model))
     load_record(b.model, to_fp32(state_to_record(b.model, fp16=True)))
     half = ev(0, state_to_record(b.model))

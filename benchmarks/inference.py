@@ -59,7 +59,7 @@ def make_bundle(out: Path, arch: str, size: int, n: int) -> Path:
     import torch
 
     from common.bundle import save_bundle
-    from common.config import ModelConfig, PreprocessConfig
+    from common.settings import ModelConfig, PreprocessConfig
     from common.models import build_model
 
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: float, en
 
     port = _free_port()
     env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "1", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "fedxray", "serve", "--bundle", str(bundle_dir),
                              "--port", str(port), "--log-level", "warning"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

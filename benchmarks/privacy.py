@@ -57,7 +57,7 @@ def worker(arch: str, eps: float | None, a) -> dict:
     import torch
 
     from client.privacy import PrivacyBudget, unwrap
-    from common.config import ModelConfig, PrivacyConfig, TrainConfig
+    from common.settings import ModelConfig, PrivacyConfig, TrainConfig
     from common.models import build_model
     from common.training import MaskedBCELoss, evaluate, make_loader, make_optimizer, seed_everything, train_epoch
 
@@ -111,7 +111,7 @@ def worker(arch: str, eps: float | None, a) -> dict:
     v = evaluate(global_model, make_loader(val, 256, shuffle=False), ["Pneumonia"], tune="f1")
     thr = np.array([v["per_finding"]["Pneumonia"]["threshold"]])
     t = evaluate(global_model, make_loader(test, 256, shuffle=False), ["Pneumonia"], thresholds=thr)
-    return {"arch": arch, "epsilon_target": eps, "epsilon_spent": eps_spent,
+    return {"model.arch": arch, "epsilon_target": eps, "epsilon_spent": eps_spent,
             "noise_multiplier": budgets[0].noise_multiplier if budgets[0] else None,
             "test_auc": t["macro"]["auc"], "test_f1": t["macro"]["f1"], "val_auc": v["macro"]["auc"],
             "train_images": images, "train_seconds": train_s, "images_per_s": images / max(train_s, 1e-9),
@@ -125,8 +125,8 @@ def throughput(arch: str, mode: str, a) -> dict:
     import torch
 
     from client.privacy import PrivacyBudget
-    from common.config import ModelConfig, PrivacyConfig, TrainConfig
     from common.models import build_model
+    from common.settings import ModelConfig, PrivacyConfig, TrainConfig
     from common.training import MaskedBCELoss, make_loader, make_optimizer, seed_everything, train_epoch
 
     torch.set_num_threads(a.threads)
@@ -142,7 +142,7 @@ def throughput(arch: str, mode: str, a) -> dict:
                           len(ds), a.batch, a.steps)
         _, model, opt, crit, loader = _attach(b, mode, model, opt, loader, crit)
     r = train_epoch(model, loader, opt, crit)
-    return {"arch": arch, "mode": mode, "images_per_s": r["images_per_s"], "peak_rss_mb": peak_rss_mb()}
+    return {"model.arch": arch, "mode": mode, "images_per_s": r["images_per_s"], "peak_rss_mb": peak_rss_mb()}
 
 
 def _label(eps) -> str:
@@ -191,7 +191,7 @@ def main() -> int:
     cache = out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     passthrough = [f"--{k}={getattr(a, k.replace('-', '_'))}" for k in
-                   ("rounds", "local-epochs", "size", "batch", "lr", "clip", "max-train", "threads", "seed", "mode",
+                   ("rounds", "federation.local_epochs", "size", "batch", "lr", "clip", "max-train", "threads", "seed", "mode",
                     "physical-batch")]
     settings = " ".join(passthrough)
     for arch in a.archs.split(","):

@@ -9,7 +9,7 @@ run streams its per-round progress, and records:
   | identifying strings (image names, patient ids, paths of every hospital) found in anything the server side
   holds afterwards: the SuperLink's database and log, the submitter's stream, every file the ServerApp wrote.
 Faults: none; one SuperNode killed (SIGKILL, its whole process family) during round 2; two killed during
-round 2 (the run needs 2: min-available-nodes = min-train-nodes = 2, so it must stop and say so); one hospital whose label CSV lists images missing on disk; the SuperLink killed during round 2, then
+round 2 (the run needs 2: federation.min_available_nodes = federation.min_train_nodes = 2, so it must stop and say so); one hospital whose label CSV lists images missing on disk; the SuperLink killed during round 2, then
 the same launch again with the same work folder (the run resumes from its checkpoint).
 Writes benchmarks/results/reliability.json.
 """
@@ -51,10 +51,10 @@ def run_case(case: str, synth: Path, work: Path, a) -> dict:
         hospitals["hospital_3"] = str(break_hospital(synth / "hospital_3", work / "broken-hospital_3",
                                                      "missing-images"))
     out = work / "out"
-    rc = {"data-path": str(synth), "server-data-path": str(synth / "holdout"), "output-dir": str(out),
-          "num-server-rounds": a.rounds, "image-size": a.image_size, "batch-size": 8, "local-epochs": 1,
-          "min-available-nodes": 2, "min-train-nodes": 2, "min-evaluate-nodes": 1, "node-wait-timeout": 60.0,
-          "round-timeout": float(a.round_timeout)}
+    rc = {"data.path": str(synth), "federation.server_data_path": str(synth / "holdout"), "output_dir": str(out),
+          "federation.rounds": a.rounds, "preprocess.image_size": a.image_size, "train.batch_size": 8, "federation.local_epochs": 1,
+          "federation.min_available_nodes": 2, "federation.min_train_nodes": 2, "federation.min_evaluate_nodes": 1, "federation.node_wait_timeout": 60.0,
+          "federation.round_timeout": float(a.round_timeout)}
     t0 = time.perf_counter()
     launches, outcome = 0, None
     for attempt in range(2):
@@ -134,7 +134,7 @@ def main() -> int:
     print(table(["fault injected", "run completed", "launches", "time to outcome (s)", "rounds with each hospital",
                  "test AUC", "AUC vs undisturbed", "identifying strings in server files"], rows,
                 title=f"Reliability on the deployment runtime (3 hospitals, {a.rounds} rounds, smallcnn "
-                      f"{a.image_size} px, round-timeout {a.round_timeout:.0f} s)"))
+                      f"{a.image_size} px, federation.round_timeout {a.round_timeout:.0f} s)"))
     res = REPO / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
     (res / "reliability.json").write_text(json.dumps({"settings": vars(a), "results": results}, indent=1))

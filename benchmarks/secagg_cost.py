@@ -36,7 +36,7 @@ def worker(arch: str, hospitals: int, shares: int) -> dict:
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-    from common.config import ModelConfig
+    from common.settings import ModelConfig
     from common.models import build_model
 
     clip, target, mod, max_weight = 8.0, 4194304, 4294967296, 1000.0
@@ -83,7 +83,7 @@ def worker(arch: str, hospitals: int, shares: int) -> dict:
     w = np.array(weights, dtype=np.float64) / sum(weights)
     _ = [sum(w[h] * updates[h][i] for h in range(hospitals)) for i in range(len(dims))]
     fedavg_s = time.perf_counter() - t0
-    return {"arch": arch, "params": params, "client_s": client_s, "server_s": server_s, "fedavg_s": fedavg_s,
+    return {"model.arch": arch, "params": params, "client_s": client_s, "server_s": server_s, "fedavg_s": fedavg_s,
             "upload_mb": up_bytes / 2**20, "fp32_mb": params * 4 / 2**20, "peak_rss_mb": peak,
             "peak_rss_over_model_mb": peak - rss0}
 

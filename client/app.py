@@ -4,7 +4,7 @@ Replies carry weights, counts and aggregate metrics only (examples, loss, AUC/F1
 never an image, a label vector, a file name or a patient id. Failures leave as a fixed vocabulary
 (client/boundary.py, the outermost mod); the hospital's site policy (client/policy.py, named by the node
 config, never by the run config) can refuse a run and decides which metrics may leave. The incoming "config"
-record carries `findings` (the label order the server's model uses) and, from FedProx, `proximal-mu`.
+record carries `findings` (the label order the server's model uses) and, from FedProx, `federation.proximal_mu`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from client.data import NodeData, load_node_data
 from client.mods import UNDER_SECURE_AGGREGATION, make_mods
 from client.policy import Refusal, SitePolicy, check_round, check_run
 from client.privacy import RoundPrivacy, unwrap
-from client.settings import RunSettings
+from common.settings import Settings
+from common.errors import DataError
 from common.models import build_model
 from common.training import evaluate, make_criterion, make_loader, make_optimizer, seed_everything, train_epoch
 
@@ -33,17 +34,16 @@ def _num(x: Any) -> float:
 
 
 def _setup(msg: Message, context: Context, overrides: dict | None):
-    settings = RunSettings.from_run_config(context.run_config, overrides)
+    settings = Settings.from_run_config(context.run_config, overrides)
     config = msg.content["config"] if "config" in msg.content.config_records else ConfigRecord()
     findings = list(config["findings"]) if "findings" in config else None
     data = load_node_data(dict(context.node_config), settings, findings)
-    cfg = settings.experiment(findings=data.findings)
-    if settings.client_threads:
-        torch.set_num_threads(settings.client_threads)
-    model = build_model(cfg.model.model_copy(update={"weights": "none"}), len(data.findings),
-                        cfg.preprocess.channels)
+    if settings.federation.client_threads:
+        torch.set_num_threads(settings.federation.client_threads)
+    model = build_model(settings.network.model_copy(update={"weights": "none"}), len(data.findings),
+                        settings.preprocess.channels)
     load_record(model, to_fp32(msg.content["arrays"]))
-    return settings, config, data, cfg, model
+    return settings, config, data, model
 
 
 def _shared(metrics: dict, policy: SitePolicy | None) -> MetricRecord:
@@ -56,24 +56,24 @@ def _refuse(msg: Message, data: NodeData, refusal: Refusal) -> Message:
     return Message(Error(REFUSED, reason("policy-refused", site=data.site, detail=refusal.detail())), reply_to=msg)
 
 
-def _seed(settings: RunSettings, data: NodeData, server_round: int) -> int:
+def _seed(settings: Settings, data: NodeData, server_round: int) -> int:
     """Different per round and per hospital, reproducible across runs."""
-    return settings.seed + 1000 * server_round + zlib.crc32(data.site.encode()) % 1000
+    return settings.train.seed + 1000 * server_round + zlib.crc32(data.site.encode()) % 1000
 
 
 def train(msg: Message, context: Context, overrides: dict | None = None) -> Message:
     t0 = time.perf_counter()
     policy = SitePolicy.for_node(dict(context.node_config))   # first: an invalid policy refuses everything
-    settings, config, data, cfg, model = _setup(msg, context, overrides)
+    settings, config, data, model = _setup(msg, context, overrides)
     offset = int(config.get("round-offset", 0))
     server_round = int(config.get("server-round", 0)) + offset
     seed = _seed(settings, data, server_round)
     seed_everything(seed)
     ds = data.datasets
-    ledger = policy.ledger() if policy is not None and settings.dp_enabled else None
+    ledger = policy.ledger() if policy is not None and settings.privacy.enabled else None
     run_key = str(context.run_id)
     dp = None
-    if settings.dp_enabled:
+    if settings.privacy.enabled:
         prior = ledger.run_history(run_key, settings.fingerprint(), resumed=offset > 0) if ledger else None
         dp = RoundPrivacy.start(settings, context.state, len(ds["train"]), server_round, history=prior)
     if policy is not None:
@@ -86,20 +86,21 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
             return _refuse(msg, data, refusal)
     if dp is not None and not dp.allowed():  # this round would break the run's own budget: do not train
         return Message(dp.decline(data.site), reply_to=msg)
-    criterion = make_criterion(cfg.train, ds["train"].labels)
-    loader = make_loader(ds["train"], cfg.train.batch_size, shuffle=True, seed=seed, drop_last=True)
-    optimizer = make_optimizer(model, cfg.train)
-    mu = float(config.get("proximal-mu", settings.proximal_mu))
+    criterion = make_criterion(settings.train, ds["train"].labels)
+    loader = make_loader(ds["train"], settings.train.batch_size, shuffle=True, seed=seed, drop_last=True)
+    optimizer = make_optimizer(model, settings.train)
+    mu = float(config.get("proximal-mu", settings.federation.proximal_mu))
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     if dp is not None:  # Opacus: per-sample clipping + noise, Poisson sampling over the same examples
         engine, model, optimizer, loader = dp.budget.attach(model, optimizer, loader)
     losses, steps = [], 0
-    for _ in range(settings.local_epochs):
+    for _ in range(settings.federation.local_epochs):
         r = train_epoch(model, loader, optimizer, criterion, proximal_mu=mu, global_params=global_params)
         losses.append(r["train_loss"])
         steps += len(loader)
-    val = evaluate(unwrap(model), make_loader(ds["val"], cfg.train.batch_size * 2, shuffle=False), data.findings,
-                   criterion=criterion, tune=cfg.train.threshold_method, multilabel=data.multilabel)
+    val = (evaluate(unwrap(model), make_loader(ds["val"], settings.train.batch_size * 2, shuffle=False), data.findings,
+                    criterion=criterion, tune=settings.train.threshold_method, multilabel=data.multilabel)
+           if len(ds["val"]) else {"macro": {"auc": None, "f1": None}})   # local_split=train: no local metrics
     privacy = dp.finish(engine, context.state) if dp is not None else {}
     if ledger is not None:   # spent once the update leaves: recorded before it does
         ledger.record(run_key, fingerprint=settings.fingerprint(), site=data.site, server_round=server_round,
@@ -109,29 +110,37 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
         "val-auc": _num(val["macro"]["auc"]), "val-f1": _num(val["macro"]["f1"]),
         "seconds": time.perf_counter() - t0, **privacy,
     }, policy)
-    fp16 = bool(config.get("fp16", settings.fp16))
+    fp16 = bool(config.get("fp16", settings.federation.fp16))
     content = RecordDict({"arrays": state_to_record(model, fp16=fp16), "metrics": metrics,
                           "node": ConfigRecord({"site": data.site})})
     return Message(content=content, reply_to=msg)
 
 
 def evaluate_local(msg: Message, context: Context, overrides: dict | None = None) -> Message:
-    """The global model on this hospital's test split, thresholds tuned on its validation split."""
+    """The global model on this hospital's held-out patients: its test split with thresholds tuned on its
+    validation split, or (federation.local_split = train-val) its validation split, thresholds tuned on it.
+    The metric keys name the split ("test-auc" or "val-auc")."""
     t0 = time.perf_counter()
     policy = SitePolicy.for_node(dict(context.node_config))
-    settings, _, data, cfg, model = _setup(msg, context, overrides)
-    ds, bs = data.datasets, cfg.train.batch_size * 2
-    criterion = make_criterion(cfg.train)
-    val = evaluate(model, make_loader(ds["val"], bs, shuffle=False), data.findings, tune=cfg.train.threshold_method,
-                   multilabel=data.multilabel)
+    settings, _, data, model = _setup(msg, context, overrides)
+    ds, bs = data.datasets, settings.train.batch_size * 2
+    split = "test" if len(ds["test"]) else "val"
+    if not len(ds[split]):
+        raise DataError("this hospital keeps no patients out of training (federation.local_split=train), so it "
+                        "cannot evaluate: set federation.fraction_evaluate=0 or another federation.local_split",
+                        failure="run-config")
+    criterion = make_criterion(settings.train)
+    val = evaluate(model, make_loader(ds["val"], bs, shuffle=False), data.findings,
+                   tune=settings.train.threshold_method, multilabel=data.multilabel)
     thr = [val["per_finding"][f]["threshold"] for f in data.findings]
-    test = evaluate(model, make_loader(ds["test"], bs, shuffle=False), data.findings, criterion=criterion,
-                    thresholds=thr, multilabel=data.multilabel)
-    m = test["macro"]
+    res = evaluate(model, make_loader(ds[split], bs, shuffle=False), data.findings, criterion=criterion,
+                   thresholds=thr, multilabel=data.multilabel)
+    m = res["macro"]
     metrics = _shared({
-        "num-examples": len(ds["test"]), "test-loss": float(test["loss"]), "test-auc": _num(m["auc"]),
-        "test-f1": _num(m["f1"]), "test-accuracy": _num(m["accuracy"]), "test-precision": _num(m["precision"]),
-        "test-recall": _num(m["recall"]), "seconds": time.perf_counter() - t0,
+        "num-examples": len(ds[split]), f"{split}-loss": float(res["loss"]), f"{split}-auc": _num(m["auc"]),
+        f"{split}-f1": _num(m["f1"]), f"{split}-accuracy": _num(m["accuracy"]),
+        f"{split}-precision": _num(m["precision"]), f"{split}-recall": _num(m["recall"]),
+        "seconds": time.perf_counter() - t0,
     }, policy)
     return Message(content=RecordDict({"metrics": metrics, "node": ConfigRecord({"site": data.site})}),
                    reply_to=msg)

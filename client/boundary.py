@@ -135,9 +135,9 @@ def node_site(ctx, overrides: dict | None = None) -> str:
     cfg = dict(ctx.node_config or {})
     try:
         from client.data import resolve_source
-        from client.settings import RunSettings
+        from common.settings import Settings
 
-        return resolve_source(cfg, RunSettings.from_run_config(ctx.run_config, overrides)).site
+        return resolve_source(cfg, Settings.from_run_config(ctx.run_config, overrides)).site
     except Exception:  # noqa: BLE001 - a broken node still needs a name for its failure reply
         if cfg.get("data-path") or cfg.get("site"):
             return safe_site(str(cfg.get("site") or Path(str(cfg["data-path"])).name), str(cfg.get("data-path")))

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.boundary import safe_site
-from client.settings import RunSettings
+from common.settings import Settings
 from common.data.dataset import XrayDataset
 from common.data.sources import detect_source, load_manifest, site_folders
 from common.data.splits import MIN_SPLIT_PATIENTS, partition, patient_split
 from common.errors import DataError
-from common.pipeline import build_datasets
+from common.data.prepare import build_datasets
 
 log = logging.getLogger(__name__)
 _CACHE: OrderedDict[str, "NodeData"] = OrderedDict()
@@ -57,7 +57,7 @@ def _natural_key(p: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
-def resolve_source(node_config: dict, settings: RunSettings) -> NodeSource:
+def resolve_source(node_config: dict, settings: Settings) -> NodeSource:
     """Deployment node config wins (`data-path`); otherwise simulation's partition of the run's data."""
     if node_config.get("data-path"):
         path = Path(str(node_config["data-path"])).expanduser().resolve()
@@ -68,7 +68,7 @@ def resolve_source(node_config: dict, settings: RunSettings) -> NodeSource:
         raise DataError("this SuperNode has no data: start it with --node-config \"data-path='/path/to/hospital'\"",
                         failure="data-not-found")
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
-    root = Path(settings.data_path).expanduser().resolve()
+    root = Path(settings.data.path).expanduser().resolve()
     if not root.exists():
         raise DataError(f"run config data-path does not exist (resolved from working directory {Path.cwd()}); "
                         "create the demo data with `fedxray data synth --out data/synth` or pass an absolute "
@@ -79,18 +79,30 @@ def resolve_source(node_config: dict, settings: RunSettings) -> NodeSource:
             raise DataError(f"partition-id {pid} has no site folder: {root} holds {len(sites)} hospitals "
                             f"({[s.name for s in sites]}); run with num-supernodes <= {len(sites)}", path=str(root),
                             failure="data-layout")
-        return NodeSource(str(sites[pid]), settings.data_source, safe_site(sites[pid].name, str(sites[pid])))
-    return NodeSource(str(root), settings.data_source, f"partition-{pid}", pid, n)
+        return NodeSource(str(sites[pid]), settings.data.source, safe_site(sites[pid].name, str(sites[pid])))
+    return NodeSource(str(root), settings.data.source, f"partition-{pid}", pid, n)
 
 
-def _cache_key(src: NodeSource, settings: RunSettings, findings: list[str] | None) -> str:
-    cfg = settings.experiment(src.path, findings=findings)
-    return json.dumps([src.path, src.source, src.partition_id, src.num_partitions, settings.partition_method,
-                       settings.partition_alpha, findings, cfg.preprocess.model_dump(), cfg.augment.model_dump(),
-                       cfg.data.seed, cfg.data.max_samples], sort_keys=True, default=str)
+def _node_settings(src: NodeSource, settings: Settings, findings: list[str] | None) -> Settings:
+    """The run's settings for this node's own folder; the hospital's split follows federation.local_split."""
+    source = detect_source(Path(src.path)) if src.source in ("", "auto") else src.source
+    fractions = {"train": (1.0, 0.0, 0.0),
+                 "train-val": (1 - settings.federation.local_val_fraction, settings.federation.local_val_fraction, 0.0),
+                 "train-val-test": tuple(settings.data.split_fractions)}[settings.federation.local_split]
+    return settings.updated(**{"data.path": src.path, "data.source": source, "data.split_fractions": list(fractions),
+                               "data.use_official_test": settings.federation.local_split == "train-val-test",
+                               "data.findings": findings or settings.data.findings})
 
 
-def load_node_data(node_config: dict, settings: RunSettings, findings: list[str] | None = None) -> NodeData:
+def _cache_key(src: NodeSource, settings: Settings, findings: list[str] | None) -> str:
+    return json.dumps([src.path, src.source, src.site, src.partition_id, src.num_partitions, findings,
+                       settings.federation.partition_method, settings.federation.partition_alpha,
+                       settings.federation.local_split, settings.federation.local_val_fraction, settings.train.seed,
+                       settings.data.model_dump(mode="json"), settings.preprocess.model_dump(),
+                       settings.augment.model_dump()], sort_keys=True, default=str)
+
+
+def load_node_data(node_config: dict, settings: Settings, findings: list[str] | None = None) -> NodeData:
     """This node's prepared train/val/test datasets (cached per process)."""
     src = resolve_source(node_config, settings)
     key = _cache_key(src, settings, findings)
@@ -103,19 +115,18 @@ def load_node_data(node_config: dict, settings: RunSettings, findings: list[str]
         return _CACHE[key]
 
 
-def _prepare(src: NodeSource, settings: RunSettings, findings: list[str] | None) -> NodeData:
-    path = Path(src.path)
-    source = detect_source(path) if src.source in ("", "auto") else src.source
-    cfg = settings.experiment(str(path), source, findings)
+def _prepare(src: NodeSource, settings: Settings, findings: list[str] | None) -> NodeData:
+    cfg = _node_settings(src, settings, findings)
     manifest = load_manifest(cfg.data, site=src.site)
     if src.partition_id is not None:
         parts = partition(manifest, list(range(len(manifest.samples))), src.num_partitions,
-                          settings.partition_method, settings.partition_alpha, settings.seed,
-                          min_patients=MIN_SPLIT_PATIENTS)   # every node splits its part by patient
+                          settings.federation.partition_method, settings.federation.partition_alpha,
+                          settings.train.seed, min_patients=MIN_SPLIT_PATIENTS)   # every node splits its part by patient
         manifest = manifest.subset(parts[src.partition_id])
     splits = patient_split(manifest, cfg.data)
     datasets = build_datasets(manifest, splits, cfg, progress=False)
-    log.info("node %s: %s images train/val/test", src.site, {k: len(v) for k, v in datasets.items()})
+    log.info("node %s: %s images train/val/test (federation.local_split=%s)", src.site,
+             {k: len(v) for k, v in datasets.items()}, settings.federation.local_split)
     return NodeData(src.site, list(manifest.findings), datasets, manifest.multilabel)
 
 

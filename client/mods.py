@@ -27,7 +27,7 @@ UNDER_SECURE_AGGREGATION: ContextVar[bool] = ContextVar("under_secure_aggregatio
 
 
 def _adaptive(ctx: Context, overrides: dict | None) -> bool:
-    mode = {**dict(ctx.run_config or {}), **(overrides or {})}.get("central-dp", "off")
+    mode = {**dict(ctx.run_config or {}), **(overrides or {})}.get("central_dp.mode", "off")
     return str(mode).endswith("adaptive")
 
 

@@ -123,23 +123,23 @@ class Refusal(Exception):
 
 
 def check_run(policy: SitePolicy, s, *, train_examples: int, secure_aggregation: bool, budget=None) -> None:
-    """Raise Refusal for the first rule the run (RunSettings `s`) breaks. `budget`: the PrivacyBudget this
+    """Raise Refusal for the first rule the run (Settings `s`) breaks. `budget`: the PrivacyBudget this
     hospital would train with (DP runs), for its delta and noise multiplier."""
     p = policy.privacy
-    if policy.epsilon_limited and not s.dp_enabled:
+    if policy.epsilon_limited and not s.privacy.enabled:
         raise Refusal("require-dp", False, True)
     if train_examples < policy.training.min_train_examples:
         raise Refusal("min-train-examples", train_examples, policy.training.min_train_examples)
     if policy.aggregation.require_secure_aggregation and not secure_aggregation:
         raise Refusal("require-secure-aggregation", False, True)
-    if not s.dp_enabled or budget is None:
+    if not s.privacy.enabled or budget is None:
         return
     if budget.delta > p.max_delta:
         raise Refusal("max-delta", budget.delta, p.max_delta)
     if budget.noise_multiplier < p.min_noise_multiplier:
         raise Refusal("min-noise-multiplier", budget.noise_multiplier, p.min_noise_multiplier)
-    if p.max_clipping_norm is not None and s.dp_max_grad_norm > p.max_clipping_norm:
-        raise Refusal("max-clipping-norm", s.dp_max_grad_norm, p.max_clipping_norm)
+    if p.max_clipping_norm is not None and s.privacy.max_grad_norm > p.max_clipping_norm:
+        raise Refusal("max-clipping-norm", s.privacy.max_grad_norm, p.max_clipping_norm)
     if p.max_epsilon_per_run is not None:
         planned = budget.cfg.target_epsilon if budget.cfg.noise_multiplier is None else budget.epsilon(
             budget.planned_steps)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from common.config import PrivacyConfig
+from common.settings import PrivacyConfig
 
 BUDGET_TOLERANCE = 1.02  # projected epsilon may exceed the target by 2 % (get_noise_multiplier's tolerance)
 
@@ -133,19 +133,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 DP_STATE = "fedxray-dp"                        # Context.state ConfigRecord with the accountant history
 
 
-def privacy_config(s) -> PrivacyConfig:
-    """PrivacyConfig from RunSettings (run config has no None: 0 means 'not set')."""
-    return PrivacyConfig(enabled=s.dp_enabled, target_epsilon=s.dp_target_epsilon or None,
-                         noise_multiplier=s.dp_noise_multiplier or None, delta=s.dp_delta or None,
-                         max_grad_norm=s.dp_max_grad_norm, accountant=s.dp_accountant,
-                         grad_sample_mode=s.dp_grad_sample_mode, secure_rng=s.dp_secure_rng)
-
-
 @dataclass
 class RoundPrivacy:
     """DP-SGD for one training round of a hospital: budget from Context.state, decline before over-spending.
 
-    Planned steps = num-server-rounds x local-epochs x floor(n / batch). If the Context state is empty in a
+    Planned steps = federation.rounds x federation.local_epochs x floor(n / batch). If the Context state is empty in a
     round > 1 (a resumed run is a new Flower run with a fresh Context), the earlier rounds are assumed to have
     spent what they were planned to spend (same settings: the checkpoint's fingerprint guarantees it), so a
     resume never restarts the accounting at zero.
@@ -160,8 +152,8 @@ class RoundPrivacy:
     def start(cls, s, state, num_examples: int, global_round: int, history: list | None = None) -> "RoundPrivacy":
         """`history`: what the hospital's privacy ledger (client/policy.py) recorded for this run; it wins over
         the Context state, which a restarted SuperNode loses."""
-        round_steps = PrivacyBudget.steps_per_epoch(num_examples, s.batch_size) * s.local_epochs
-        budget = PrivacyBudget(privacy_config(s), num_examples, s.batch_size, s.num_server_rounds * round_steps)
+        round_steps = PrivacyBudget.steps_per_epoch(num_examples, s.train.batch_size) * s.federation.local_epochs
+        budget = PrivacyBudget(s.privacy, num_examples, s.train.batch_size, s.federation.rounds * round_steps)
         assumed = 0
         if history is not None:
             budget.history = list(history)

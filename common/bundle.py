@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 import common
-from common.config import ModelConfig, PreprocessConfig
+from common.settings import ModelConfig, PreprocessConfig
 from common.errors import BundleError
 from common.fileio import jsonable, write_atomic
 from common.models import _strip_prefixes, _unwrap, build_model, count_parameters

@@ -1,17 +1,43 @@
-"""The `fedxray` command. Each package adds its own subcommands through an `add_commands(subparsers)`
-function listed in COMMAND_MODULES; heavy imports happen inside the handlers so `--help` stays fast.
+"""common/'s subcommands (`fedxray data synth|check`, `fedxray train`, `fedxray settings`) and the settings
+arguments every run command shares: `--config FILE --profile NAME --set KEY=VALUE --data --out --quiet`.
 
-Every FedxrayError (bad data, bad bundle, bad config) ends as one clear line on stderr and exit code 2.
+Every run command resolves its settings the same way (common/settings.py): the profile ('' = the real-use
+defaults, `demo` = the embedded demo), then the command's own defaults, then the file, then --data/--out, then
+each --set, so one settings file gives `train`, `federate`, `launch` and `flwr run` the same model and images.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 
-COMMAND_MODULES = ["common.cli", "inference_api.cli", "server.cli", "server.certs", "simulations.cli"]
+
+def add_settings_arguments(p: argparse.ArgumentParser, *, data_help: str = "data path (data.path)",
+                           profile: str | None = None) -> None:
+    """`profile`: the command's default profile (None: the settings file's own, else the real-use defaults)."""
+    from common.settings import PROFILES
+
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings TOML with [data] [preprocess] [model] [train] [federation] ... tables")
+    p.add_argument("--profile", default=profile, choices=["", *PROFILES],
+                   help="base settings: '' = real-use defaults (ResNet50, 224 px, ImageNet weights), demo = the "
+                        "embedded synthetic demo" + (f" (default: {profile})" if profile else ""))
+    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--out", default=None, help="run folder (output_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting by its dotted key, e.g. --set train.epochs=3 --set model.arch=resnet18")
+    p.add_argument("--quiet", action="store_true", help="no progress output, only the result")
+
+
+def settings_from_args(a: argparse.Namespace, *defaults: dict):
+    """The run's Settings from the shared arguments; `defaults`: the command's own layers, under the file."""
+    from common.settings import Settings, parse_overrides, read_settings_file
+
+    raw = read_settings_file(a.config) if a.config else {}
+    profile = a.profile if a.profile is not None else str(raw.pop("profile", "") or "")
+    raw.pop("profile", None)
+    flags = {k: v for k, v in (("data.path", a.data), ("output_dir", a.out)) if v is not None}
+    return Settings.build(profile, *defaults, raw, flags, parse_overrides(a.set))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -30,49 +56,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     c = dsub.add_parser("check", help="validate a data folder and print its data report")
     c.add_argument("path")
-    c.add_argument("--source", default=None, help="layout (default: detected)")
-    c.add_argument("--min-resolution", type=int, default=64)
-    c.add_argument("--findings", default=None, help="comma-separated subset")
-    c.add_argument("--uncertainty", default="u-ones", choices=["u-ones", "u-zeros", "u-ignore"])
+    c.add_argument("--config", default=None, metavar="FILE", help="settings TOML whose [data] table applies")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="data settings, e.g. --set data.findings=Pneumonia --set data.source=folder")
     c.add_argument("--json", default=None, help="also write the report as JSON here")
     c.set_defaults(func=_cmd_check)
 
     t = sub.add_parser("train", help="centralised training -> run directory with metrics, plots and a bundle")
-    t.add_argument("--config", default=None, help="TOML file with [data] [preprocess] [augment] [model] [train]")
-    t.add_argument("--data", default=None, help="data path (overrides data.path)")
-    t.add_argument("--source", default=None)
-    t.add_argument("--out", default=None, help="run directory (overrides output_dir)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set train.epochs=3 --set model.arch=resnet18")
+    add_settings_arguments(t)
+    t.add_argument("--compare-paper", action="store_true",
+                   help="add the seed paper's reported figures under the results (ChestX-ray14 only)")
     t.set_defaults(func=_cmd_train)
 
-    d = sub.add_parser("demo", help="the embedded default end to end on synthetic hospitals")
-    d.add_argument("--out", default="runs/demo")
-    d.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(a) -> int:
-    """The embedded default end to end: synthetic hospitals -> federated training in Flower's simulation
-    runtime -> global metrics table -> bundle at <out>/bundle, where `fedxray serve` looks by default."""
-    from server.cli import federate_demo
-
-    out = Path(a.out)
-    federate_demo(data=out / "data", out=out)
-    return 0
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """`key=value` pairs; values parsed as JSON when possible (numbers, booleans, lists), else strings."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
+    st = sub.add_parser("settings", help="print the resolved settings as TOML (a settings file), or as Flower's run "
+                                         "config (--flwr: lists and unset values as strings)")
+    add_settings_arguments(st)
+    st.add_argument("--flwr", action="store_true",
+                    help="Flower's run config (`flwr run . --run-config FILE` takes it as it is)")
+    st.set_defaults(func=_cmd_settings)
 
 
 def _cmd_synth(a) -> int:
@@ -86,17 +87,14 @@ def _cmd_synth(a) -> int:
 
 
 def _cmd_check(a) -> int:
-    from common.config import DataConfig, ExperimentConfig
+    from common.data.prepare import prepare_data
     from common.data.report import format_report
-    from common.data.sources import detect_source
-    from common.pipeline import prepare_data
+    from common.settings import Settings, parse_overrides, read_settings_file
 
-    source = a.source or detect_source(Path(a.path))
-    data = DataConfig(source=source, path=a.path, min_resolution=a.min_resolution, uncertainty=a.uncertainty,
-                      findings=a.findings.split(",") if a.findings else None)
-    cfg = ExperimentConfig(data=data)
-    cfg.preprocess.image_size = 32  # the check decodes every image; a tiny resize keeps it cheap
-    cfg.preprocess.denoise_sigma = 0
+    raw = read_settings_file(a.config) if a.config else {}
+    # the check decodes every image; a tiny resize keeps it cheap
+    cfg = Settings.build("", {"data": raw.get("data", {})}, {"data.path": a.path, "preprocess.image_size": 32,
+                                                             "preprocess.denoise_sigma": 0}, parse_overrides(a.set))
     report = prepare_data(cfg).report()
     print(format_report(report))
     if a.json:
@@ -105,52 +103,25 @@ def _cmd_check(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    from common.config import load_config
-    from common.pipeline import run_centralised
+    from common.centralised import run_centralised
 
-    overrides = parse_overrides(a.set)
-    if a.data:
-        overrides["data.path"] = a.data
-    if a.source:
-        overrides["data.source"] = a.source
-    if a.out:
-        overrides["output_dir"] = a.out
-    cfg = load_config(a.config, overrides)
-    summary = run_centralised(cfg)
+    cfg = settings_from_args(a)
+    summary = run_centralised(cfg, progress=not a.quiet, compare_paper=a.compare_paper)
     print(summary["table"])
     print(f"\nrun directory: {cfg.output_dir}\nbundle: {summary['bundle']}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedxray", description="Federated chest X-ray diagnosis with explanations")
-    sub = p.add_subparsers(dest="command", required=True)
-    for mod in COMMAND_MODULES:
-        importlib.import_module(mod).add_commands(sub)
-    return p
+def _cmd_settings(a) -> int:
+    import tomli_w
+
+    from common.settings import nest
+
+    s = settings_from_args(a)
+    print(tomli_w.dumps(nest(s.to_run_config()) if a.flwr else _toml_ready(s.model_dump(mode="json"))), end="")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from common.errors import FedxrayError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FedxrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValidationError as e:
-        print(f"error: invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _toml_ready(d: dict) -> dict:
+    """TOML has no null: an unset optional setting is written "" (which reads back as unset)."""
+    return {k: _toml_ready(v) if isinstance(v, dict) else "" if v is None else v for k, v in d.items()}

@@ -19,18 +19,18 @@ FAILURES: dict[str, tuple[str, str]] = {
     "data-missing-images": ("images listed in the hospital's label CSV are missing on disk",
                             "the image folders in the hospital's data folder"),
     "data-too-small": ("too few usable images or patients for the hospital's own train/val/test split",
-                       "the hospital's data, or run config max-samples / local split"),
+                       "the hospital's data, or run config data.max_samples / local split"),
     "data": ("the hospital's data cannot be used", "the hospital's data folder"),
     "run-config": ("the run config is invalid for this version of the app", "the run config keys named here"),
     "model": ("the model cannot be built or loaded as configured", "run config arch / weights / channels"),
-    "model-diverged": ("local training diverged (NaN/inf outputs)", "run config lr / dp-max-grad-norm"),
-    "out-of-memory": ("the SuperNode ran out of memory", "run config batch-size / image-size, or the node's memory"),
+    "model-diverged": ("local training diverged (NaN/inf outputs)", "run config train.lr / privacy.max_grad_norm"),
+    "out-of-memory": ("the SuperNode ran out of memory", "run config train.batch_size / preprocess.image_size, or the node's memory"),
     "site-policy": ("the hospital's site policy file is missing or invalid, so the hospital refuses every run",
                     "the site policy file named by node config site-policy on the SuperNode"),
     "policy-refused": ("the hospital's site policy does not allow this run", "the rule named here against the run "
                                                                              "config"),
     "dp-budget-spent": ("the hospital's privacy budget would be exceeded by another round",
-                        "run config dp-target-epsilon / num-server-rounds, or the hospital's site policy"),
+                        "run config privacy.target_epsilon / federation.rounds, or the hospital's site policy"),
     "internal": ("an unexpected error in the ClientApp", "the SuperNode's fedxray log (incident id)"),
 }
 

@@ -239,23 +239,56 @@ def _pct(v) -> str:
     return "n/a" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.1f}"
 
 
-def format_headline_table(rows: Mapping[str, Mapping], reference: Mapping | None = SEED_PAPER,
+def trivial_baseline(metrics: Mapping) -> dict | None:
+    """What calling every image positive scores on the same images (macro over findings): accuracy =
+    precision = prevalence, recall 1, specificity 0, AUC 0.5. A result is only worth its gap to this."""
+    per = [r for r in metrics.get("per_finding", {}).values() if r.get("n")]
+    if not per:
+        return None
+    prev = [r["support"] / r["n"] for r in per]
+    f1 = [2 * p / (1 + p) if p > 0 else 0.0 for p in prev]
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    return {"accuracy": mean(prev), "precision": mean(prev), "recall": 1.0, "specificity": 0.0, "f1": mean(f1),
+            "auc": 0.5}
+
+
+TABLE_COLUMNS = (("Accuracy", "accuracy"), ("Precision", "precision"), ("Recall", "recall"),
+                 ("Specificity", "specificity"), ("F1", "f1"), ("AUC", "auc"))
+SEED_PAPER_NAME = "seed paper (ResNet50 on ChestX-ray14, as reported)"
+
+
+def format_headline_table(rows: Mapping[str, Mapping], *, reference: Mapping | None = None,
+                          reference_name: str = SEED_PAPER_NAME, baseline: bool = True,
                           title: str | None = None) -> str:
-    """Fixed-width table in the seed paper's layout (Accuracy, Precision, Recall, F1, AUC as % with one
-    decimal), one row per run plus a "seed paper" reference row, so results compare at a glance."""
-    heads = ("Accuracy", "Precision", "Recall", "F1", "AUC")
-    table = [(name, r.get("headline", r)) for name, r in rows.items()]
+    """Fixed-width table (Accuracy, Precision, Recall, Specificity, F1, AUC as % with one decimal), one row per
+    run, then the all-positive baseline on the first row's images and, only when given (`--compare-paper`),
+    a reference row such as the seed paper's reported figures."""
+    table = [(name, _headline(r)) for name, r in rows.items()]
+    extra = []
+    first = next(iter(rows.values()), None)
+    if baseline and first is not None and (b := trivial_baseline(first)) is not None:
+        extra.append(("all-positive baseline", b))
     if reference is not None:
-        table.append(("seed paper", reference))
-    width = max([len("Model")] + [len(name) for name, _ in table])
-    line = lambda name, cells: f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells)  # noqa: E731
+        extra.append((reference_name, reference))
+    heads = [h for h, _ in TABLE_COLUMNS]
+    width = max([len("Model")] + [len(name) for name, _ in table + extra])
+    line = lambda name, cells: f"{name:<{width}}  " + "  ".join(f"{c:>11}" for c in cells)  # noqa: E731
+    rule = "-" * len(line("", heads))
     out = [title] if title else []
-    out += [line("Model", heads), "-" * len(line("", heads))]
-    for i, (name, h) in enumerate(table):
-        if reference is not None and i == len(table) - 1:
-            out.append("-" * len(line("", heads)))
-        out.append(line(name, [_pct(h.get(k)) for k in HEADLINE]))
+    out += [line("Model", heads), rule]
+    out += [line(name, [_pct(h.get(k)) for _, k in TABLE_COLUMNS]) for name, h in table]
+    if extra:
+        out.append(rule)
+        out += [line(name, [_pct(h.get(k)) for _, k in TABLE_COLUMNS]) for name, h in extra]
     return "\n".join(out)
+
+
+def _headline(r: Mapping) -> Mapping:
+    """The five headline figures plus the macro specificity (metrics dicts carry both)."""
+    h = dict(r.get("headline", r))
+    if "specificity" not in h and isinstance(r.get("macro"), Mapping):
+        h["specificity"] = r["macro"].get("specificity")
+    return h
 
 
 def format_per_finding_table(metrics: Mapping) -> str:
@@ -282,5 +315,5 @@ def format_per_finding_table(metrics: Mapping) -> str:
     return "\n".join(out)
 
 
-__all__ = ("HEADLINE", "SEED_PAPER", "tune_thresholds", "compute_metrics", "macro_f1",
+__all__ = ("HEADLINE", "SEED_PAPER", "tune_thresholds", "compute_metrics", "macro_f1", "trivial_baseline",
            "format_headline_table", "format_per_finding_table")

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from common.config import ModelConfig
+from common.settings import ModelConfig
 from common.errors import FedxrayError
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ def _imagenet_backbone(arch: str) -> nn.Module:
         raise FedxrayError(
             f"could not get the ImageNet weights for {arch} ({type(e).__name__}: {e}). Without network access, "
             f"download {weights.url} elsewhere and place it at {target} (that is $TORCH_HOME/hub/checkpoints/"
-            f"{filename}; TORCH_HOME defaults to ~/.cache/torch), or pass weights=/path/to/file.pth|.safetensors, "
-            f"or weights=none for random initialisation."
+            f"{filename}; TORCH_HOME defaults to ~/.cache/torch), or pass model.weights=/path/to/file.pth|.safetensors, "
+            f"or model.weights=none for random initialisation (--set model.weights=none)."
         ) from e
 
 
@@ -143,7 +143,7 @@ def build_model(cfg: ModelConfig, num_outputs: int, in_channels: int = 3) -> nn.
     imagenet = weights.lower() == "imagenet"
     if cfg.arch == "smallcnn":
         if imagenet:
-            raise FedxrayError("smallcnn has no pretrained weights: use weights=none or a path to a state dict")
+            raise FedxrayError("smallcnn has no pretrained weights: use model.weights=none or a path to a state dict")
         model: nn.Module = SmallCNN(num_outputs, in_channels)
     else:
         model = _imagenet_backbone(cfg.arch) if imagenet else _TV_BUILDERS[cfg.arch][0](weights=None)

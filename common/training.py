@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from common.config import TrainConfig
+from common.settings import TrainConfig
 from common.errors import ModelDiverged
 from common.metrics import compute_metrics, macro_f1, tune_thresholds
 
@@ -96,7 +96,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     """One pass over `loader`. `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 term."""
     model.train()
     total, n, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress else True)
     for x, y, mask in bar:
         if len(x) == 0:  # Poisson sampling (Opacus) can draw an empty batch
             continue
@@ -122,7 +122,7 @@ def predict(model: nn.Module, loader: DataLoader, criterion: nn.Module | None = 
     """(probabilities, labels, mask, mean loss) over a loader, in eval mode."""
     model.eval()
     probs, ys, masks, total, n = [], [], [], 0.0, 0
-    for x, y, mask in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+    for x, y, mask in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress else True):
         logits = model(x)
         if criterion is not None:
             total += criterion(logits, y, mask).item() * len(x)
@@ -146,8 +146,8 @@ def diverged(model: nn.Module, what: str) -> ModelDiverged:
     negative = [k for k, t in state.items() if k.endswith("running_var") and (t < 0).any()]
     where = (f"; NaN/inf in {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}" if broken else "")
     where += f"; negative BatchNorm running_var in {', '.join(negative[:3])}" if negative else ""
-    return ModelDiverged(f"{what}{where}: training or aggregation diverged. Lower lr (federated: fedopt-eta or "
-                         "fedavgm-server-lr too), or use strategy='fedavg'")
+    return ModelDiverged(f"{what}{where}: training or aggregation diverged. Lower train.lr (federated: federation.fedopt_eta or "
+                         "federation.fedavgm_server_lr too), or use federation.strategy=fedavg")
 
 
 def evaluate(model: nn.Module, loader: DataLoader, findings: list[str], *, criterion: nn.Module | None = None,
@@ -191,7 +191,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
              else torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
              if cfg.scheduler == "plateau" else None)
     res, best_key, since_best = FitResult(), (-1.0, -1.0), 0
-    epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=not progress)
+    epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=None if progress else True)
     for epoch in epochs:
         if freeze_backbone_epochs and epoch == freeze_backbone_epochs + 1:
             set_backbone_trainable(model, True)
@@ -216,6 +216,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
             since_best += 1
         if on_epoch is not None:
             on_epoch(row)
+        if progress and epochs.disable:   # no bar (output is a log file): one line per epoch instead
+            print(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val F1 {row['val_f1']:.3f}  "
+                  f"val AUC {'n/a' if auc is None else f'{auc:.3f}'}  ({row['seconds']:.0f} s)", flush=True)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(val_loss)
         elif sched is not None:

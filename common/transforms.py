@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from common.config import AugmentConfig, PreprocessConfig
+from common.settings import AugmentConfig, PreprocessConfig
 
 
 class Preprocessor:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common.bundle import Bundle
-from common.config import DataConfig
+from common.settings import DataConfig
 from common.data.manifest import Box, Sample
 from common.data.sources import detect_source, load_manifest
 from common.errors import DataError, ImageError

@@ -18,6 +18,7 @@ from common.errors import ImageError
 from common.explain import CAM_METHODS, FAST, fit_within, grad_cam_maps, render_overlay, resize_gray
 from common.imageio import DEFAULT_MAX_SIDE, DecodedImage, ImageHeader, decode_image, probe_image
 from common.quality import Gate, Issue, picture_stats, public_section
+from common.settings import FederationConfig, nest
 from common.transforms import Preprocessor
 from inference_api import schemas
 from inference_api.errors import InputError
@@ -45,18 +46,15 @@ def _privacy(card: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------------ public model card
 
-# What of the training settings the public card shows: what a reader needs to judge the model, never where
-# anything lives (data-path, server-data-path, output-dir, the bundle's own folder) nor who ran it.
-_PUBLIC_RUN_KEYS = ("num-server-rounds", "strategy", "fraction-", "min-", "proximal-mu", "fedopt-", "fedavgm-",
-                    "trimmed-beta", "krum-", "fp16", "local-epochs", "batch-size", "lr", "weight-decay",
-                    "pos-weight", "threshold-method", "arch", "image-size", "channels", "denoise-sigma", "augment",
-                    "findings", "partition-", "max-samples", "server-val-fraction", "seed", "dp-", "central-dp",
-                    "secure-aggregation", "secagg-")
-_PUBLIC_CONFIG = {"model": None, "preprocess": None, "augment": None,
+# What of the training settings (common/settings.py sections) the public card shows: what a reader needs to judge
+# the model, never where anything lives (data.path, federation.server_data_path, output_dir) nor who ran it.
+_PUBLIC_CONFIG = {"model": None, "preprocess": None, "augment": None, "privacy": None, "central_dp": None,
+                  "secagg": None, "guards": None,
                   "train": ("epochs", "batch_size", "lr", "weight_decay", "loss", "pos_weight", "threshold_method",
                             "seed", "early_stopping_patience", "scheduler", "optimizer", "bootstrap"),
                   "data": ("source", "findings", "split_fractions", "frontal_only", "uncertainty",
-                           "min_resolution", "max_samples", "seed")}
+                           "min_resolution", "max_samples", "seed"),
+                  "federation": tuple(k for k in FederationConfig.model_fields if k != "server_data_path")}
 _FEDERATION_KEYS = ("runtime", "strategy", "strategy_params", "rounds_planned", "rounds_completed", "best_round",
                     "selection", "examples_per_node", "local_epochs", "fp16_transfer",
                     "bytes_per_client_per_round", "dp", "epsilon", "secure_aggregation", "history")
@@ -80,7 +78,7 @@ def _weights_source(v):
 
 
 def public_provenance(prov: dict) -> dict:
-    """The card's provenance without paths or the raw run config (see _PUBLIC_RUN_KEYS)."""
+    """The card's provenance without paths (see _PUBLIC_CONFIG)."""
     out: dict = {k: prov[k] for k in ("run_id", "training", "epochs_run", "best_epoch", "train_seconds", "seconds",
                                       "package_versions") if k in prov}
     if isinstance(prov.get("data"), dict):
@@ -92,19 +90,17 @@ def public_provenance(prov: dict) -> dict:
         out["federation"] = {k: fed[k] for k in _FEDERATION_KEYS if k in fed}
         out["federation"]["hospitals"] = len(fed.get("nodes") or fed.get("examples_per_node") or {})
     cfg = prov.get("config")
+    if not isinstance(cfg, dict) and isinstance(prov.get("run_config"), dict):   # a flat Flower run config
+        cfg = nest(prov["run_config"])
     if isinstance(cfg, dict):
         settings = {}
         for section, keys in _PUBLIC_CONFIG.items():
             if isinstance(cfg.get(section), dict):
-                settings[section] = {k: v for k, v in cfg[section].items() if keys is None or k in keys}
+                kept = {k: v for k, v in cfg[section].items() if keys is None or k in keys}
+                if kept:
+                    settings[section] = kept
         if "model" in settings and "weights" in settings["model"]:
             settings["model"]["weights"] = _weights_source(settings["model"]["weights"])
-        out["settings"] = settings
-    run = prov.get("run_config")
-    if isinstance(run, dict):
-        settings = {k: v for k, v in run.items() if k.startswith(_PUBLIC_RUN_KEYS) and not k.endswith(("-path", "-dir"))}
-        if "weights" in run:
-            settings["weights"] = _weights_source(run["weights"])
         out["settings"] = settings
     return _no_paths(out)
 

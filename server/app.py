@@ -2,7 +2,7 @@
 around it: global evaluation on held-out data every round, best-round selection on validation macro-F1,
 a checkpoint after every round (and resumption from it), bounded waits, and the exported model bundle.
 
-Output directory (`output-dir`): bundle/ (served by `fedxray serve`), federation.json (summary + per-round
+Output directory (`output_dir`): bundle/ (served by `fedxray serve`), federation.json (summary + per-round
 history), status.json (running / done / failed + message), checkpoint/.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.arrays import load_record, state_to_record
 from client.boundary import DECLINES
-from client.settings import RunSettings
+from common.settings import Settings
 from common.bundle import save_bundle
 from common.errors import FedxrayError
 from common.fileio import write_json
@@ -30,7 +30,7 @@ from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_n
 from server.evaluation import GlobalEval, GlobalEvaluator
 from server.federation import PROGRESS
 from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, who
-from server.guards import GuardSettings, ReplyGuards
+from server.guards import ReplyGuards
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
@@ -47,7 +47,7 @@ def write_status(out: Path, state: str, **info) -> None:
 class RoundKeeper:
     """Flower's `evaluate_fn`: global evaluation, best-round bookkeeping and the checkpoint of each round."""
 
-    def __init__(self, s: RunSettings, evaluator: GlobalEvaluator, grid: GuardedGrid, strategy, ckpt: Checkpoint,
+    def __init__(self, s: Settings, evaluator: GlobalEvaluator, grid: GuardedGrid, strategy, ckpt: Checkpoint,
                  state: RunState, best_arrays: dict | None, out: Path):
         self.s, self.evaluator, self.grid, self.strategy, self.ckpt = s, evaluator, grid, strategy, ckpt
         self.state, self.best_arrays, self.out = state, best_arrays, out
@@ -58,7 +58,7 @@ class RoundKeeper:
         g = self.offset + local_round
         if local_round == 0 and self.offset > 0:
             return None  # resumed: round `offset` was evaluated before the restart
-        ev = self.evaluator(g, arrays, self.s.threshold_method)
+        ev = self.evaluator(g, arrays, self.s.train.threshold_method)
         row = {"round": g, "global": ev.row()}
         if local_round > 0:
             replies, bytes_down = self.grid.drain()
@@ -71,7 +71,7 @@ class RoundKeeper:
         if local_round > 0:
             self.ckpt.save(self.state, record_to_numpy(arrays), self.best_arrays, export_state(self.strategy),
                            best_changed=self.state.best_round == g)
-            write_status(self.out, "running", round=g, rounds=self.s.num_server_rounds)
+            write_status(self.out, "running", round=g, rounds=self.s.federation.rounds)
         self._t = time.perf_counter()
         v, t = ev.val["macro"], ev.test["macro"]
         log.info("%s", self._progress(row))
@@ -85,7 +85,7 @@ class RoundKeeper:
         """The per-round line an operator watches (the launcher prints the lines carrying PROGRESS): round,
         which hospitals trained and which did not (site and reason code), validation metrics, seconds.
         Test metrics are reported once, for the round validation selects."""
-        g, n = row["round"], self.s.num_server_rounds
+        g, n = row["round"], self.s.federation.rounds
         v = row["global"]["val"]
         parts = [f"round {g}/{n}" + (" (initial model)" if "clients" not in row else "")]
         if "clients" in row:
@@ -141,7 +141,7 @@ def _require_updates(g: int, replies: list[dict]) -> None:
     if failed and codes == {"dp-budget-spent"}:
         raise FedxrayError(f"round {g}: every hospital declined to train because its privacy budget is spent "
                            f"({who(first)}: {first.get('error', '')}); the run ends here. More rounds need a larger "
-                           "dp-target-epsilon, which only the hospitals can agree to")
+                           "privacy.target_epsilon, which only the hospitals can agree to")
     if failed and codes <= set(DECLINES):
         raise FedxrayError(f"round {g}: every hospital refused this run under its site policy or privacy budget "
                            f"({every}); change the run config to what the hospitals allow")
@@ -150,7 +150,7 @@ def _require_updates(g: int, replies: list[dict]) -> None:
                            f"{first['error'][len(REJECTED):]}. If the weights did not fit, do all SuperNodes run this "
                            "version of the app with the same arch, findings and channels? If a guard rejected them "
                            "(guard-*), look at what changed at the hospitals. The run resumes from its checkpoint")
-    detail = f"{len(failed)} failed: {every}" if failed else "no replies within round-timeout"
+    detail = f"{len(failed)} failed: {every}" if failed else "no replies within federation.round_timeout"
     raise FedxrayError(f"round {g}: no hospital returned a model update ({detail}); fix the cause on the "
                        "SuperNodes (their logs have the detail under the incident id) and restart: the run resumes "
                        "from its checkpoint")
@@ -166,12 +166,12 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _resume_or_start(s: RunSettings, ckpt: Checkpoint, model) -> tuple[RunState, ArrayRecord, dict | None, dict]:
-    loaded = ckpt.load(s.fingerprint(), s.num_server_rounds) if s.resume else None
+def _resume_or_start(s: Settings, ckpt: Checkpoint, model) -> tuple[RunState, ArrayRecord, dict | None, dict]:
+    loaded = ckpt.load(s.fingerprint(), s.federation.rounds) if s.federation.resume else None
     if loaded is None:
         return RunState(fingerprint=s.fingerprint()), state_to_record(model), None, {}
     state, glob, best, strat = loaded
-    log.info("resuming from %s: %d of %d rounds done", ckpt.dir, state.rounds_done, s.num_server_rounds)
+    log.info("resuming from %s: %d of %d rounds done", ckpt.dir, state.rounds_done, s.federation.rounds)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def model_shapes(arrays: dict) -> dict:   # checkpoints from before 0-d arrays kept their shape hold (1,)
@@ -183,7 +183,7 @@ def _resume_or_start(s: RunSettings, ckpt: Checkpoint, model) -> tuple[RunState,
 
 def run_server(grid: Grid, run_config: dict, overrides: dict | None = None, run_id: int = 0) -> dict:
     """The whole federated run on `grid`; returns the summary also written to federation.json."""
-    s = RunSettings.from_run_config(run_config, overrides)
+    s = Settings.from_run_config(run_config, overrides)
     out = Path(s.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_status(out, "starting", run_id=run_id)
@@ -197,29 +197,29 @@ def run_server(grid: Grid, run_config: dict, overrides: dict | None = None, run_
     return summary
 
 
-def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
+def _run(grid: Grid, s: Settings, out: Path, run_id: int) -> dict:
     t0 = time.perf_counter()
     evaluator = GlobalEvaluator(s)
     findings = evaluator.findings
-    seed_everything(s.seed)  # the initial global model is reproducible (runs with equal settings are comparable)
-    model = build_model(s.network, len(findings), s.channels)
+    seed_everything(s.train.seed)  # the initial global model is reproducible (runs with equal settings are comparable)
+    model = build_model(s.network, len(findings), s.preprocess.channels)
     ckpt = Checkpoint(out)
     state, initial, best_arrays, strat_state = _resume_or_start(s, ckpt, model)
     state.run_ids.append(int(run_id))
     strategy = wrap_central_dp(build_strategy(s), s)
     restore_state(strategy, strat_state, state.rounds_done)
-    guarded = GuardedGrid(grid, min_nodes=max(s.min_available_nodes, s.min_train_nodes, s.min_evaluate_nodes),
-                          wait_timeout=s.node_wait_timeout, fp16=s.fp16,
-                          guards=ReplyGuards(GuardSettings.of(s)))
+    f = s.federation
+    guarded = GuardedGrid(grid, min_nodes=max(f.min_available_nodes, f.min_train_nodes, f.min_evaluate_nodes),
+                          wait_timeout=f.node_wait_timeout, fp16=f.fp16, guards=ReplyGuards(s.guards))
     keeper = RoundKeeper(s, evaluator, guarded, strategy, ckpt, state, best_arrays, out)
-    shared = {"findings": findings, "round-offset": state.rounds_done, "fp16": s.fp16}
-    if s.secure_aggregation:
+    shared = {"findings": findings, "round-offset": state.rounds_done, "fp16": s.federation.fp16}
+    if s.secagg.enabled:
         from server.secagg import run_secagg
 
-        run_secagg(guarded, s, initial, s.num_server_rounds - state.rounds_done, shared, keeper)
+        run_secagg(guarded, s, initial, s.federation.rounds - state.rounds_done, shared, keeper)
     else:
-        strategy.start(grid=guarded, initial_arrays=initial, num_rounds=s.num_server_rounds - state.rounds_done,
-                       timeout=s.round_timeout, train_config=ConfigRecord(dict(shared)),
+        strategy.start(grid=guarded, initial_arrays=initial, num_rounds=s.federation.rounds - state.rounds_done,
+                       timeout=s.federation.round_timeout, train_config=ConfigRecord(dict(shared)),
                        evaluate_config=ConfigRecord(dict(shared)), evaluate_fn=keeper)
     if keeper.best_arrays is None:
         raise FedxrayError("no round produced a model (every node failed or timed out); see the SuperNode logs")
@@ -235,14 +235,14 @@ def _run(grid: Grid, s: RunSettings, out: Path, run_id: int) -> dict:
     contributed = _contributors(state, state.best_round)
     summary["table"] = format_headline_table(
         {f"federated test (round {state.best_round})": state.best_metrics["test"]},
-        title=f"Federated {s.strategy}, {len(contributed)} hospitals in the selected round {state.best_round} "
+        title=f"Federated {s.federation.strategy}, {len(contributed)} hospitals in the selected round {state.best_round} "
               f"({', '.join(contributed)}), {state.rounds_done} rounds - server test split")
     write_json(out / SUMMARY_FILE, summary)
     log.info("\n%s\nbundle: %s", summary["table"], bundle)
     return summary
 
 
-def _summary(s: RunSettings, state: RunState, evaluator: GlobalEvaluator, grid: Grid, run_id: int,
+def _summary(s: Settings, state: RunState, evaluator: GlobalEvaluator, grid: Grid, run_id: int,
              seconds: float) -> dict:
     compact = [{"round": h["round"], "val_f1": h["global"]["val"]["f1"], "val_auc": h["global"]["val"]["auc"],
                 "test_f1": h["global"]["test"]["f1"], "test_auc": h["global"]["test"]["auc"],
@@ -250,20 +250,20 @@ def _summary(s: RunSettings, state: RunState, evaluator: GlobalEvaluator, grid: 
                for h in state.history]
     last = next((h for h in reversed(state.history) if "bytes_per_client" in h), {})
     federation = {
-        "runtime": type(grid).__name__, "strategy": s.strategy, "strategy_params": strategy_params(s),
-        "rounds_planned": s.num_server_rounds, "rounds_completed": state.rounds_done,
+        "runtime": type(grid).__name__, "strategy": s.federation.strategy, "strategy_params": strategy_params(s),
+        "rounds_planned": s.federation.rounds, "rounds_completed": state.rounds_done,
         "best_round": state.best_round, "selection": "best validation macro-F1 (server held-out validation split)",
         "nodes": state.nodes, "examples_per_node": {k: v["examples"] for k, v in state.nodes.items()},
-        "local_epochs": s.local_epochs, "fp16_transfer": s.fp16,
+        "local_epochs": s.federation.local_epochs, "fp16_transfer": s.federation.fp16,
         "bytes_per_client_per_round": last.get("bytes_per_client"),
         "dp": privacy_provenance(s, state.nodes), "epsilon": worst_epsilon(state.nodes),
-        "secure_aggregation": "SecAgg+" if s.secure_aggregation else None, "history": compact, "run_ids": state.run_ids,
+        "secure_aggregation": "SecAgg+" if s.secagg.enabled else None, "history": compact, "run_ids": state.run_ids,
     }
     provenance = {
         "run_id": f"fed-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}", "flower_run_id": run_id,
         "training": "federated", "federation": federation,
         "server_data": {"root": str(evaluator.path), "splits": evaluator.sizes()},
-        "seconds": round(seconds, 2), "run_config": s.to_run_config(),
+        "seconds": round(seconds, 2), "config": s.model_dump(mode="json"),
     }
     return {"best_round": state.best_round, "rounds_completed": state.rounds_done, "history": state.history,
             "validation": state.best_metrics["validation"], "test": state.best_metrics["test"],

@@ -1,6 +1,6 @@
 """Per-round checkpoint of the federated run, so a restarted ServerApp resumes instead of starting over.
 
-Layout in `<output-dir>/checkpoint/`:
+Layout in `<output_dir>/checkpoint/`:
   state.json                    round done, settings fingerprint, history, best round, file names
   global-rNNNN.safetensors      global weights after round NNNN
   best-rNNNN.safetensors        weights of the best round so far (validation macro-F1)

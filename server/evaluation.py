@@ -13,25 +13,24 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from client.arrays import load_record
-from client.settings import RunSettings
-from common.config import ExperimentConfig
+from common.settings import Settings
 from common.data.sources import detect_source, load_manifest
 from common.data.splits import patient_split
 from common.errors import DataError
 from common.metrics import compute_metrics, tune_thresholds
 from common.models import build_model
-from common.pipeline import build_datasets
+from common.data.prepare import build_datasets
 from common.training import make_criterion, make_loader, predict
 
 
-def server_data_path(s: RunSettings) -> Path:
-    if s.server_data_path:
-        path = Path(s.server_data_path).expanduser().resolve()
+def server_data_path(s: Settings) -> Path:
+    if s.federation.server_data_path:
+        path = Path(s.federation.server_data_path).expanduser().resolve()
     else:
-        path = (Path(s.data_path).expanduser() / "holdout").resolve()
+        path = (Path(s.data.path).expanduser() / "holdout").resolve()
     if not path.exists():
         raise DataError(f"the server needs held-out data for global evaluation (working directory {Path.cwd()}); "
-                        "set server-data-path to a labelled folder the hospitals never train on, or create the "
+                        "set federation.server_data_path to a labelled folder the hospitals never train on, or create the "
                         "demo data with `fedxray data synth --out data/synth`", path=str(path))
     return path
 
@@ -54,12 +53,13 @@ class GlobalEval:
 class GlobalEvaluator:
     """Builds the server's datasets once; `__call__(arrays)` evaluates one set of global weights."""
 
-    def __init__(self, s: RunSettings):
+    def __init__(self, s: Settings):
         path = server_data_path(s)
-        source = detect_source(path) if s.data_source in ("", "auto") else s.data_source
-        val_f = s.server_val_fraction
-        self.cfg: ExperimentConfig = s.experiment(str(path), source, split_fractions=(0.0, val_f, 1 - val_f))
-        self.cfg.data.max_samples = None   # the server always evaluates on its whole held-out set
+        source = detect_source(path) if s.data.source in ("", "auto") else s.data.source
+        val_f = s.federation.server_val_fraction
+        self.cfg: Settings = s.updated(**{   # the server always evaluates on its whole held-out set
+            "data.path": str(path), "data.source": source, "data.split_fractions": [0.0, val_f, 1 - val_f],
+            "data.max_samples": None, "model.dp_compatible": s.network.dp_compatible})
         manifest = load_manifest(self.cfg.data, site="server")
         splits = patient_split(manifest, self.cfg.data)
         splits.pop("train", None)
@@ -69,7 +69,7 @@ class GlobalEvaluator:
         self.datasets = build_datasets(manifest, splits, self.cfg, progress=False)
         self.model = build_model(self.cfg.model.model_copy(update={"weights": "none"}), len(self.findings),
                                  self.cfg.preprocess.channels)
-        bs = max(2 * s.batch_size, 32)
+        bs = max(2 * s.train.batch_size, 32)
         self.loaders = {k: make_loader(ds, bs, shuffle=False) for k, ds in self.datasets.items()}
 
     def sizes(self) -> dict:

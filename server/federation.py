@@ -3,7 +3,7 @@
 `run_federated_simulation` runs the ServerApp and N virtual SuperNodes in this process through
 `flwr.simulation.run_simulation` (present in Flower 1.42, marked deprecated in favour of `flwr run`): no
 SuperLink, no FAB, nothing left running afterwards. Its run config cannot come from pyproject.toml, so the
-apps are built with explicit overrides on top of RunSettings' defaults (which equal pyproject's).
+apps are given the whole resolved Settings as their run config.
 `flwr run .` is the CLI path to the same apps (see server/launch.py for both runtimes as processes).
 """
 from __future__ import annotations
@@ -12,9 +12,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from client.settings import RunSettings
+from common.settings import Settings
 from common.errors import FedxrayError
 
 # The ServerApp's per-round progress lines carry this marker; launchers print those lines as they arrive.
@@ -31,35 +30,29 @@ def backend_config(num_supernodes: int, cpus: int | None = None, cpus_per_client
             "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False}}
 
 
-def run_federated_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: int = 3,
-                             cpus: int | None = None, cpus_per_client: int = 1, verbose: bool = False) -> dict:
+def run_federated_simulation(settings: Settings, *, num_supernodes: int = 3, cpus: int | None = None,
+                             cpus_per_client: int = 1, verbose: bool = False) -> dict:
     """Federated training in the simulation runtime, in this process; returns federation.json's summary.
 
-    overrides: run-config keys (as in pyproject's [tool.flwr.app.config]), e.g.
-      {"data-path": "/data/synth", "num-server-rounds": 5, "strategy": "fedprox", "proximal-mu": 0.01,
-       "output-dir": "runs/exp1"}.
+    settings: the whole run (common/settings.py), e.g. `Settings.build("demo", {"federation.rounds": 5})`;
+    the apps receive all of it as their run config, so nothing falls back to pyproject's values.
     num_supernodes: virtual hospitals; with a folder of hospital_* sites, at most the number of sites.
-    The bundle is in <output-dir>/bundle; the summary has history, best_round, validation, test, provenance.
+    The bundle is in <output_dir>/bundle; the summary has history, best_round, validation, test, provenance.
     """
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from server.app import SUMMARY_FILE, make_server_app
 
-    overrides = dict(overrides or {})
-    s = RunSettings.from_run_config({}, overrides)   # fail fast on a bad key, before Ray starts
     for k, v in FLOWER_ENV.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
-    out = Path(s.output_dir).expanduser().resolve()
-    # Absolute paths: Ray workers may not share this process's working directory.
-    for key in ("data-path", "server-data-path", "output-dir"):
-        val = overrides.get(key, getattr(s, key.replace("-", "_")))
-        if val:
-            overrides[key] = str(Path(val).expanduser().resolve())
+    settings = absolute_paths(settings)   # Ray workers may not share this process's working directory
+    out = Path(settings.output_dir)
+    run_config = settings.to_run_config()
     summary_path = out / SUMMARY_FILE
     summary_path.unlink(missing_ok=True)
-    run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+    run_simulation(server_app=make_server_app(run_config), client_app=make_client_app(run_config),
                    num_supernodes=num_supernodes, backend_config=backend_config(num_supernodes, cpus, cpus_per_client),
                    verbose_logging=verbose)
     if not summary_path.is_file():
@@ -67,3 +60,10 @@ def run_federated_simulation(overrides: dict[str, Any] | None = None, *, num_sup
         detail = json.loads(status.read_text()).get("message", "") if status.is_file() else ""
         raise FedxrayError(f"the federated simulation ended without a result in {out}: {detail or 'see the log above'}")
     return json.loads(summary_path.read_text())
+
+
+def absolute_paths(settings: Settings) -> Settings:
+    """The run's paths resolved against this working directory (processes started elsewhere see the same)."""
+    keys = {"data.path": settings.data.path, "federation.server_data_path": settings.federation.server_data_path,
+            "output_dir": settings.output_dir}
+    return settings.updated(**{k: str(Path(v).expanduser().resolve()) for k, v in keys.items() if v})

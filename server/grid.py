@@ -56,7 +56,7 @@ def who(row: dict) -> str:
 
 
 class NotEnoughNodes(FedxrayError):
-    """Fewer SuperNodes than the run needs connected within node-wait-timeout."""
+    """Fewer SuperNodes than the run needs connected within federation.node_wait_timeout."""
 
 
 class GuardedGrid(Grid):
@@ -100,9 +100,9 @@ class GuardedGrid(Grid):
             self._short_since = now
         elif now - self._short_since > self.wait_timeout:
             raise NotEnoughNodes(
-                f"only {len(ids)} of the {self.min_nodes} SuperNodes this run needs (min-available-nodes) "
-                f"connected within {self.wait_timeout:.0f} s (node-wait-timeout): start the missing SuperNodes "
-                f"(check their --superlink address and logs) or lower min-available-nodes / min-train-nodes")
+                f"only {len(ids)} of the {self.min_nodes} SuperNodes this run needs (federation.min_available_nodes) "
+                f"connected within {self.wait_timeout:.0f} s (federation.node_wait_timeout): start the missing SuperNodes "
+                f"(check their --superlink address and logs) or lower federation.min_available_nodes / federation.min_train_nodes")
         return ids
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -171,7 +171,7 @@ class GuardedGrid(Grid):
         node_id = int(instruction.metadata.dst_node_id)
         self.replies.append({"node_id": node_id, "site": self.sites.get(node_id, ""),
                              "type": instruction.metadata.message_type, "ok": False,
-                             "error": f"no reply within round-timeout ({timeout} s)", "code": "no-reply"})
+                             "error": f"no reply within federation.round_timeout ({timeout} s)", "code": "no-reply"})
 
     def _record(self, reply: Message, problem: str | None = None) -> None:
         node_id = int(reply.metadata.src_node_id)

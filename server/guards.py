@@ -3,19 +3,19 @@
 Flower's strategies take every reply at its word: weights scaled x1000 pass the reply gate (server/grid.py)
 and dominate FedAvg's mean, and `num-examples = 1e9` makes one hospital's weights the global model. These
 guards run in GuardedGrid's per-round check, after the reply gate and before any strategy aggregates, so they
-protect every strategy alike. Each is a run-config key (RunSettings, `guard-*`); all but the direction check
+protect every strategy alike. Each is a run-config key (Settings, `guard-*`); all but the direction check
 are on by default:
 
 * num-examples is bounded (`cap_claims`), for train and evaluate replies. A claim is capped at
-  `guard-examples-growth` x what the hospital claimed in its first accepted round (its registered count: a
+  `guards.examples_growth` x what the hospital claimed in its first accepted round (its registered count: a
   hospital's data does not grow during a run; a server restart registers afresh), and at
-  `guard-examples-ratio` x the median of the OTHER hospitals' claims in that round. Capped, not rejected: the
+  `guards.examples_ratio` x the median of the OTHER hospitals' claims in that round. Capped, not rejected: the
   update still counts with a bounded weight; the cap is logged and recorded in the round's history. The
   relative cap needs 2 replies (with 2, each is bounded by the other's claim); a lone reply only meets its
   registered cap.
-* An update whose size ||w_i - w_global|| is above `guard-norm-ratio` x the round's median is excluded (scaled
+* An update whose size ||w_i - w_global|| is above `guards.norm_ratio` x the round's median is excluded (scaled
   or boosted weights), and so is one whose cosine to the coordinate-wise median of the round's updates is
-  below `guard-min-cosine` (a sign-flipped update points away from it). Both need at least 3 train replies:
+  below `guards.min_cosine` (a sign-flipped update points away from it). Both need at least 3 train replies:
   a median of 2 is their mean, and of two disagreeing hospitals neither is "the outlier". With 1 or 2 they are
   skipped, and a warning says so once per run. Both assume most hospitals in a round are honest.
   The direction check is off by default (-1): with labels skewed across hospitals (Dirichlet alpha 0.3 on
@@ -28,7 +28,7 @@ Norms and directions are over every floating-point array, BatchNorm running stat
 running_var breaks the model as surely as a hostile weight); integer buffers do not count. Arithmetic is in
 float64, chunk by chunk, so memory stays at n_replies x CHUNK values whatever the model.
 
-Not covered: SecAgg+ rounds (the server only sees the sum; secagg-max-weight and secagg-clipping-range bound
+Not covered: SecAgg+ rounds (the server only sees the sum; secagg.max_weight and secagg.clipping_range bound
 each hospital there), and poisoning that stays within the bounds (a hospital training on wrong labels sends
 an update of ordinary size): combine with fedmedian / fedtrimmedavg / krum for that.
 """
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message, MessageType
 
-from client.settings import RunSettings
+from common.settings import GuardConfig
 
 log = logging.getLogger(__name__)
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
@@ -51,26 +51,8 @@ MIN_REPLIES = 3          # for a median of the round's updates to say which one 
 CHUNK = 1 << 18          # values per array slice in update_scores
 
 
-@dataclass(frozen=True)
-class GuardSettings:
-    """The `guard-*` run-config keys; 0 (or -1 for the cosine) turns a guard off."""
-
-    examples_ratio: float
-    examples_growth: float
-    norm_ratio: float
-    min_cosine: float
-
-    @classmethod
-    def of(cls, s: RunSettings) -> "GuardSettings":
-        return cls(s.guard_examples_ratio, s.guard_examples_growth, s.guard_norm_ratio, s.guard_min_cosine)
-
-    @property
-    def updates_checked(self) -> bool:
-        return self.norm_ratio > 0 or self.min_cosine > -1
-
-
-DEFAULTS = GuardSettings.of(RunSettings())
-OFF = GuardSettings(examples_ratio=0, examples_growth=0, norm_ratio=0, min_cosine=-1)
+DEFAULTS = GuardConfig()
+OFF = GuardConfig(examples_ratio=0, examples_growth=0, norm_ratio=0, min_cosine=-1)
 
 
 @dataclass(frozen=True)
@@ -115,22 +97,22 @@ def update_scores(updates: Sequence[Mapping[str, np.ndarray]], sent: Mapping[str
     return scores
 
 
-def update_outliers(scores: Sequence[UpdateScore], settings: GuardSettings) -> list[str | None]:
+def update_outliers(scores: Sequence[UpdateScore], settings: GuardConfig) -> list[str | None]:
     """Why each update is excluded, or None."""
     out: list[str | None] = []
     for s in scores:
         why = None
         if settings.norm_ratio > 0 and s.norm_ratio is not None and s.norm_ratio > settings.norm_ratio:
             why = (f"its update is {s.norm_ratio:.3g} x the round's median size (||w - w_global|| = {s.norm:.3g}; "
-                   f"guard-norm-ratio={settings.norm_ratio:g})")
+                   f"guards.norm_ratio={settings.norm_ratio:g})")
         elif settings.min_cosine > -1 and s.cosine is not None and s.cosine < settings.min_cosine:
             why = (f"its update points away from the other hospitals' (cosine {s.cosine:.2f} to the coordinate-wise "
-                   f"median update; guard-min-cosine={settings.min_cosine:g})")
+                   f"median update; guards.min_cosine={settings.min_cosine:g})")
         out.append(why)
     return out
 
 
-def cap_claims(claims: Sequence[float], registered: Sequence[float | None], settings: GuardSettings
+def cap_claims(claims: Sequence[float], registered: Sequence[float | None], settings: GuardConfig
                ) -> list[tuple[float, str | None]]:
     """(the num-examples to aggregate with, why it was capped or None) for each claim of one round;
     `registered[i]`: what that hospital claimed in its first accepted round (None: this is its first)."""
@@ -140,13 +122,13 @@ def cap_claims(claims: Sequence[float], registered: Sequence[float | None], sett
         if settings.examples_growth > 0 and registered[i] is not None:
             limits.append((settings.examples_growth * registered[i],
                            f"{settings.examples_growth:g} x its first accepted claim {registered[i]:g} "
-                           "(guard-examples-growth)"))
+                           "(guards.examples_growth)"))
         others = [c for j, c in enumerate(claims) if j != i]
         if settings.examples_ratio > 0 and others:
             median = float(np.median(others))
             limits.append((settings.examples_ratio * median,
                            f"{settings.examples_ratio:g} x the median {median:g} of the other hospitals' claims "
-                           "(guard-examples-ratio)"))
+                           "(guards.examples_ratio)"))
         bound, why = min(limits, default=(math.inf, ""), key=lambda x: x[0])
         if claim > bound:
             capped = max(1, math.floor(bound))
@@ -159,7 +141,7 @@ def cap_claims(claims: Sequence[float], registered: Sequence[float | None], sett
 class ReplyGuards:
     """The guards of one run: the registered counts per node, and the per-round check GuardedGrid calls."""
 
-    def __init__(self, settings: GuardSettings = DEFAULTS):
+    def __init__(self, settings: GuardConfig = DEFAULTS):
         self.settings = settings
         self.registered: dict[tuple[str, int], float] = {}   # (message type, node id) -> first accepted claim
         self.notes: dict[int, dict] = {}                      # id(reply) -> findings, for the round's history

@@ -10,7 +10,7 @@ Processes are tracked and stopped by server/processes.py (each with the descenda
 run's stream is written to logs/run.log and its per-round progress lines are printed as they come. When the run
 ends without the ServerApp saying so (the SuperLink died, the run timed out), the launcher marks status.json
 failed with the cause. Rerunning with the same --workdir and output folder resumes from the checkpoint.
-`python -m server.launch --data data/synth` (or `fedxray launch`) runs the deployment topology end to end.
+`fedxray launch --profile demo` (server/cli.py) runs the deployment topology end to end.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import tomli_w
 
 from common.data.sources import site_folders
 from common.errors import FedxrayError
-from server.federation import FLOWER_ENV, PROGRESS
+from common.settings import Settings, nest
+from server.federation import FLOWER_ENV, PROGRESS, absolute_paths
 from server.processes import Proc, free_port, pids_with_arg, start, stop, stop_tree, wait_http
 
 if TYPE_CHECKING:
@@ -54,8 +55,8 @@ def flower_env(flwr_home: Path, ray_tmp: Path | None = None, **extra: str) -> di
 
 
 def write_run_config(path: Path, run_config: dict) -> Path:
-    """Overrides as a TOML file: `--run-config FILE.toml` avoids every shell-quoting problem."""
-    path.write_text(tomli_w.dumps(run_config))
+    """The run config as a TOML file: `--run-config FILE.toml` avoids every shell-quoting problem."""
+    path.write_text(tomli_w.dumps(nest(run_config)))
     return path
 
 
@@ -189,14 +190,6 @@ def print_progress(line: str) -> None:
         print(line.rstrip(), flush=True)
 
 
-def _absolute(run_config: dict) -> dict:
-    out = dict(run_config)
-    for k in ("data-path", "server-data-path", "output-dir"):
-        if out.get(k):
-            out[k] = str(Path(out[k]).expanduser().resolve())
-    return out
-
-
 # ------------------------------------------------------------------------------------------- deployment
 class LocalFederation:
     """SuperLink + one SuperNode per hospital on 127.0.0.1; a context manager that always cleans up.
@@ -271,19 +264,19 @@ class LocalFederation:
         self.procs.append(proc)
         return proc
 
-    def submit(self, run_config: dict, timeout: float = 900.0, app: str | None = None,
+    def submit(self, settings: Settings, timeout: float = 900.0, app: str | None = None,
                on_line: Callable[[str], None] | None = None) -> RunOutcome:
-        """Submit the app with these run-config overrides, stream its log to logs/run.log (and each line to
-        `on_line`), wait for the end. `app`: a published app spec (`@fedxray/fedxray==0.1.0`, signed apps)
-        instead of the app folder."""
-        run_config = _absolute(run_config)
-        overrides = write_run_config(self.workdir / "run-config.toml", run_config)
+        """Submit the app with these settings as its whole run config, stream its log to logs/run.log (and each
+        line to `on_line`), wait for the end. `app`: a published app spec (`@fedxray/fedxray==0.1.0`, signed
+        apps) instead of the app folder."""
+        settings = absolute_paths(settings)
+        overrides = write_run_config(self.workdir / "run-config.toml", settings.to_run_config())
         log = self.logs / "run.log"
         link = self.superlink
         rc, secs = flwr_run(app or self.app_dir, [self.connection, "--run-config", str(overrides)],
                             flower_env(self.cli_home), log, timeout, on_line=on_line, watch=self.procs,
                             give_up=lambda: link is not None and link.exited)
-        out = Path(run_config.get("output-dir", self.app_dir / "runs" / "demo"))
+        out = Path(settings.output_dir)
         cause = ""
         if link is not None and link.exited:
             cause = f"the SuperLink exited with code {link.popen.returncode} during the run (see {link.log})"
@@ -317,19 +310,18 @@ def hospitals_in(root: str | Path) -> dict[str, str]:
     return {p.name: str(p) for p in sorted(sites, key=key)}
 
 
-def launch(data_root: str | Path, run_config: dict | None = None, *, workdir: str | Path | None = None,
+def launch(settings: Settings, *, workdir: str | Path | None = None,
            timeout: float = 900.0, security: "Security | None" = None, signing_key: str | Path | None = None,
            on_line: Callable[[str], None] | None = None, node_extra: dict[str, dict] | None = None) -> RunOutcome:
-    """Deployment runtime end to end: start superlink + a supernode per hospital, run, stop everything.
+    """Deployment runtime end to end: start superlink + a supernode per hospital (the hospital_* folders of
+    settings.data.path, each node its own), run with `settings` as the run config, stop everything.
 
     security: None = TLS with a fresh CA in <workdir>/certs. signing_key: an Ed25519 OpenSSH key (its .pub
     beside it): the app is signed, served by a loopback AppRegistry, and every node only runs it if it verifies.
     """
     from server.security import Security
 
-    hospitals = hospitals_in(data_root)
-    rc = {"data-path": str(data_root), "min-available-nodes": len(hospitals), "min-train-nodes": len(hospitals),
-          "min-evaluate-nodes": len(hospitals), **(run_config or {})}
+    hospitals = hospitals_in(settings.data.path)
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
     workdir.mkdir(parents=True, exist_ok=True)
     security = security or Security.generate(workdir / "certs", list(hospitals))
@@ -340,11 +332,11 @@ def launch(data_root: str | Path, run_config: dict | None = None, *, workdir: st
 
             app, security = publish_signed(stack, REPO, signing_key, security, workdir)
         fed = stack.enter_context(LocalFederation(workdir, hospitals, security=security, node_extra=node_extra))
-        return fed.submit(rc, timeout=timeout, app=app, on_line=on_line)
+        return fed.submit(settings, timeout=timeout, app=app, on_line=on_line)
 
 
 # ------------------------------------------------------------------------------------------- simulation
-def run_flwr_simulation(run_config: dict, *, num_supernodes: int, workdir: str | Path, app_dir: Path = REPO,
+def run_flwr_simulation(settings: Settings, *, num_supernodes: int, workdir: str | Path, app_dir: Path = REPO,
                         cpus_per_client: int = 1, timeout: float = 900.0,
                         on_line: Callable[[str], None] | None = None) -> RunOutcome:
     """`flwr run <app> --stream` on Flower's local simulation SuperLink (private ports and FLWR_HOME), then
@@ -356,8 +348,8 @@ def run_flwr_simulation(run_config: dict, *, num_supernodes: int, workdir: str |
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = flower_env(home, ray_tmp, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
                      FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-    run_config = _absolute(run_config)
-    overrides = write_run_config(workdir / "run-config.toml", run_config)
+    settings = absolute_paths(settings)
+    overrides = write_run_config(workdir / "run-config.toml", settings.to_run_config())
     log = logs / "run.log"
     try:
         rc, secs = flwr_run(app_dir, ["--run-config", str(overrides), "--federation-config",
@@ -367,69 +359,4 @@ def run_flwr_simulation(run_config: dict, *, num_supernodes: int, workdir: str |
         for pid in pids_with_arg(str(home / "local-superlink")):
             stop_tree(pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return _outcome(rc, secs, log, Path(run_config.get("output-dir", app_dir / "runs" / "demo")))
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m server.launch", description=__doc__.split("\n\n")[0])
-    add_launch_arguments(p)
-    return run_launch_command(p.parse_args(argv))
-
-
-def add_launch_arguments(p) -> None:
-    p.add_argument("--data", default="data/synth", help="folder of hospital_* sites (+ holdout/ for the server)")
-    p.add_argument("--out", default="runs/deploy", help="output-dir of the run (bundle, federation.json); the same "
-                                                       "folder again resumes from its checkpoint")
-    p.add_argument("--rounds", type=int, default=None, help="num-server-rounds")
-    p.add_argument("--workdir", default=None, help="logs and Flower state (default: a new temp folder)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
-    p.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS (default: TLS with a CA)")
-    p.add_argument("--certs", default=None, help="folder from `fedxray certs` (default: a fresh CA in the workdir)")
-    p.add_argument("--supernode-auth", action="store_true",
-                   help="only registered hospital keys may connect (keys from --certs/nodes or generated)")
-    p.add_argument("--sign-with", default=None, metavar="KEY",
-                   help="Ed25519 app-signing key (`fedxray certs --signing-key`): nodes run only the signed app")
-    p.add_argument("--quiet", action="store_true", help="no per-round progress, only the result")
-
-
-def run_launch_command(a) -> int:
-    from common.cli import parse_overrides
-    from server.security import Security
-
-    rc = {"output-dir": a.out, **parse_overrides(a.set)}
-    if a.rounds:
-        rc["num-server-rounds"] = a.rounds
-    workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FedxrayError(f"cannot create the work folder {workdir}: {e.strerror}") from e
-    if a.sign_with and not Path(a.sign_with).is_file():
-        raise FedxrayError(f"--sign-with {a.sign_with}: no such key file (`fedxray certs --signing-key` writes one)")
-    if a.insecure:
-        if a.supernode_auth or a.sign_with:
-            raise FedxrayError("--insecure cannot be combined with --supernode-auth or --sign-with")
-        security = Security.insecure()
-    else:
-        security = Security.generate(a.certs or workdir / "certs", list(hospitals_in(a.data)), auth=a.supernode_auth)
-    if not a.quiet:
-        print(f"federation on loopback: work folder {workdir}, output {a.out}", flush=True)
-    outcome = launch(a.data, rc, workdir=workdir, timeout=a.timeout, security=security, signing_key=a.sign_with,
-                     on_line=None if a.quiet else print_progress)
-    if not outcome.ok:
-        raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log}); rerun the same "
-                           "command to resume from the last checkpoint")
-    print(outcome.summary.get("table", ""))
-    print(f"\nbundle: {outcome.summary['bundle']}\nlogs: {outcome.log.parent}  ({outcome.seconds:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedxrayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return _outcome(rc, secs, log, Path(settings.output_dir))

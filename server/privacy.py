@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client.settings import RunSettings
+from common.settings import Settings
 
 TRAIN = "train"
 
@@ -51,16 +51,16 @@ def record_round(nodes: dict[str, dict], replies: list[dict], server_round: int)
     return out
 
 
-def provenance(s: RunSettings, nodes: dict[str, dict]) -> dict:
+def provenance(s: Settings, nodes: dict[str, dict]) -> dict:
     """What the bundle states about privacy: client DP-SGD (final epsilon, delta per hospital) and central DP."""
     per = {site: {"epsilon": n["dp"]["epsilon"], "delta": n["dp"]["delta"],
                   "declined_rounds": n["dp"]["declined_rounds"]} for site, n in nodes.items() if "dp" in n}
-    out: dict = {"enabled": s.dp_enabled, "central": central_params(s)}
-    if s.dp_enabled:
+    out: dict = {"enabled": s.privacy.enabled, "central": central_params(s)}
+    if s.privacy.enabled:
         out["client_dp_sgd"] = {
-            "per_hospital": per, "target_epsilon": s.dp_target_epsilon or None,
-            "noise_multiplier": s.dp_noise_multiplier or None, "max_grad_norm": s.dp_max_grad_norm,
-            "accountant": s.dp_accountant, "sampling": "Poisson (Opacus DPDataLoader)",
+            "per_hospital": per, "target_epsilon": s.privacy.target_epsilon or None,
+            "noise_multiplier": s.privacy.noise_multiplier or None, "max_grad_norm": s.privacy.max_grad_norm,
+            "accountant": s.privacy.accountant, "sampling": "Poisson (Opacus DPDataLoader)",
             "note": "epsilon as reported by each hospital's Opacus accountant; a patient's guarantee is that of "
                     "the hospital holding their images"}
     return out
@@ -71,34 +71,34 @@ def worst_epsilon(nodes: dict[str, dict]) -> float | None:
     return max(eps) if eps else None
 
 
-def central_params(s: RunSettings) -> dict | None:
-    if s.central_dp == "off":
+def central_params(s: Settings) -> dict | None:
+    if s.central_dp.mode == "off":
         return None
-    p = {"mode": s.central_dp, "noise_multiplier": s.central_dp_noise_multiplier,
-         "num_sampled_clients": s.min_train_nodes}
-    if s.central_dp.endswith("fixed"):
-        p["clipping_norm"] = s.central_dp_clipping_norm
+    p = {"mode": s.central_dp.mode, "noise_multiplier": s.central_dp.noise_multiplier,
+         "num_sampled_clients": s.federation.min_train_nodes}
+    if s.central_dp.mode.endswith("fixed"):
+        p["clipping_norm"] = s.central_dp.clipping_norm
     else:
-        p.update(initial_clipping_norm=s.central_dp_clipping_norm, target_clipped_quantile=s.central_dp_target_quantile,
-                 clip_norm_lr=s.central_dp_clip_lr)
+        p.update(initial_clipping_norm=s.central_dp.clipping_norm, target_clipped_quantile=s.central_dp.target_quantile,
+                 clip_norm_lr=s.central_dp.clip_lr)
     return p
 
 
-def wrap_central_dp(strategy: Strategy, s: RunSettings) -> Strategy:
-    """The base strategy inside Flower's central-DP wrapper named by `central-dp` (unchanged when 'off').
+def wrap_central_dp(strategy: Strategy, s: Settings) -> Strategy:
+    """The base strategy inside Flower's central-DP wrapper named by `central_dp.mode` (unchanged when 'off').
 
-    Noise std = noise_multiplier x clipping norm / num_sampled_clients (min-train-nodes): with more nodes
+    Noise std = noise_multiplier x clipping norm / num_sampled_clients (federation.min_train_nodes): with more nodes
     sampled than that, the noise is larger than needed, never smaller. The client-side modes need the
     matching Flower mod on the ClientApp (client/mods.py adds it from the same run config).
     """
-    if s.central_dp == "off":
+    if s.central_dp.mode == "off":
         return strategy
-    noise, clip, m = s.central_dp_noise_multiplier, s.central_dp_clipping_norm, s.min_train_nodes
-    adaptive = dict(initial_clipping_norm=clip, target_clipped_quantile=s.central_dp_target_quantile,
-                    clip_norm_lr=s.central_dp_clip_lr)
+    noise, clip, m = s.central_dp.noise_multiplier, s.central_dp.clipping_norm, s.federation.min_train_nodes
+    adaptive = dict(initial_clipping_norm=clip, target_clipped_quantile=s.central_dp.target_quantile,
+                    clip_norm_lr=s.central_dp.clip_lr)
     return {
         "server-fixed": lambda: DifferentialPrivacyServerSideFixedClipping(strategy, noise, clip, m),
         "client-fixed": lambda: DifferentialPrivacyClientSideFixedClipping(strategy, noise, clip, m),
         "server-adaptive": lambda: DifferentialPrivacyServerSideAdaptiveClipping(strategy, noise, m, **adaptive),
         "client-adaptive": lambda: DifferentialPrivacyClientSideAdaptiveClipping(strategy, noise, m, **adaptive),
-    }[s.central_dp]()
+    }[s.central_dp.mode]()

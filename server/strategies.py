@@ -1,4 +1,4 @@
-"""Flower's strategies by name, configured from RunSettings; none is re-implemented here.
+"""Flower's strategies by name, configured from Settings; none is re-implemented here.
 
 BatchNorm's running statistics travel with the weights but are not weights: a server optimiser (FedAdam,
 FedYogi's adaptive step, FedAvgM's momentum) would move running_var by eta per round or overshoot it below
@@ -10,8 +10,8 @@ back. The layer reads the replies before Flower aggregates: FedMedian and FedTri
 of the replies they aggregate, leaving them empty (read afterwards, `num_batches_tracked` came back float64,
 and in round 2 every hospital's int64 reply was rejected as unlike the global model).
 
-The robust strategies need enough hospitals per round to be robust (RunSettings.replies_needed, checked
-against min-train-nodes when the settings are read): Krum n > 2f + 2, FedTrimmedAvg int(beta * n) >= 1,
+The robust strategies need enough hospitals per round to be robust (FederationConfig.replies_needed, checked
+against federation.min_train_nodes when the settings are read): Krum n > 2f + 2, FedTrimmedAvg int(beta * n) >= 1,
 FedMedian n >= 3. A round that still gets fewer (hospitals lost or rejected) is aggregated with a warning.
 
 Server-side optimiser state (FedAdam/FedYogi moments, FedAvgM momentum) is exported and restored as plain
@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from client.settings import RunSettings
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # BatchNorm buffers
@@ -48,7 +48,7 @@ class _RunningStatistics:
     # rounds done before a resume (set by restore_state): Flower's start() counts from 1 again, and FedAdam's
     # bias correction must not restart with it
     round_offset = 0
-    replies_needed = (1, "")   # RunSettings.replies_needed: checked against min-train-nodes at start, warned here
+    replies_needed = (1, "")   # FederationConfig.replies_needed: checked against federation.min_train_nodes at start, warned here
 
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -113,38 +113,43 @@ def _flower(cls: type[Strategy]) -> type[Strategy]:
                  "__doc__": f"Flower's {cls.__name__}; running statistics handled as in server/strategies.py."})
 
 
-def build_strategy(s: RunSettings) -> Strategy:
-    common = dict(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-                  min_train_nodes=s.min_train_nodes, min_evaluate_nodes=s.min_evaluate_nodes,
-                  min_available_nodes=s.min_available_nodes,
+def build_strategy(s: Settings) -> Strategy:
+    f = s.federation
+    # Hospitals that keep no patients out of training (local_split=train) have nothing to evaluate on.
+    fraction_evaluate = 0.0 if f.local_split == "train" else f.fraction_evaluate
+    common = dict(fraction_train=f.fraction_train, fraction_evaluate=fraction_evaluate,
+                  min_train_nodes=f.min_train_nodes, min_evaluate_nodes=f.min_evaluate_nodes,
+                  min_available_nodes=f.min_available_nodes,
                   train_metrics_aggr_fn=mean_of_defined, evaluate_metrics_aggr_fn=mean_of_defined)
-    fedopt = dict(eta=s.fedopt_eta, eta_l=s.lr, beta_1=s.fedopt_beta_1, beta_2=s.fedopt_beta_2, tau=s.fedopt_tau)
+    fedopt = dict(eta=f.fedopt_eta, eta_l=s.train.lr, beta_1=f.fedopt_beta_1, beta_2=f.fedopt_beta_2, tau=f.fedopt_tau)
     builders = {
         "fedavg": lambda: _flower(FedAvg)(**common),
-        "fedprox": lambda: _flower(FedProx)(**common, proximal_mu=s.proximal_mu),
+        "fedprox": lambda: _flower(FedProx)(**common, proximal_mu=f.proximal_mu),
         "fedadam": lambda: _flower(FedAdam)(**common, **fedopt),
         "fedyogi": lambda: _flower(FedYogi)(**common, **fedopt),
-        "fedavgm": lambda: _flower(FedAvgM)(**common, server_learning_rate=s.fedavgm_server_lr,
-                                            server_momentum=s.fedavgm_momentum),
+        "fedavgm": lambda: _flower(FedAvgM)(**common, server_learning_rate=f.fedavgm_server_lr,
+                                            server_momentum=f.fedavgm_momentum),
         "fedmedian": lambda: _flower(FedMedian)(**common),
-        "fedtrimmedavg": lambda: _flower(FedTrimmedAvg)(**common, beta=s.trimmed_beta),
-        "krum": lambda: _flower(Krum)(**common, num_malicious_nodes=s.krum_malicious_nodes),
+        "fedtrimmedavg": lambda: _flower(FedTrimmedAvg)(**common, beta=f.trimmed_beta),
+        "krum": lambda: _flower(Krum)(**common, num_malicious_nodes=f.krum_malicious_nodes),
     }
-    strategy = builders[s.strategy]()
-    strategy.replies_needed = s.replies_needed
+    strategy = builders[f.strategy]()
+    strategy.replies_needed = f.replies_needed
     return strategy
 
 
-def strategy_params(s: RunSettings) -> dict:
+def strategy_params(s: Settings) -> dict:
     """The strategy's own parameters, for provenance."""
+    f = s.federation
+    fedopt = {"eta": f.fedopt_eta, "beta_1": f.fedopt_beta_1, "beta_2": f.fedopt_beta_2, "tau": f.fedopt_tau}
     return {
-        "fedprox": {"proximal_mu": s.proximal_mu},
-        "fedadam": {"eta": s.fedopt_eta, "beta_1": s.fedopt_beta_1, "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau},
-        "fedyogi": {"eta": s.fedopt_eta, "beta_1": s.fedopt_beta_1, "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau},
-        "fedavgm": {"server_learning_rate": s.fedavgm_server_lr, "server_momentum": s.fedavgm_momentum},
-        "fedtrimmedavg": {"beta": s.trimmed_beta},
-        "krum": {"num_malicious_nodes": s.krum_malicious_nodes},
-    }.get(s.strategy, {})
+        "fedprox": {"proximal_mu": f.proximal_mu},
+        "fedadam": fedopt,
+        "fedyogi": fedopt,
+        "fedavgm": {"server_learning_rate": f.fedavgm_server_lr, "server_momentum": f.fedavgm_momentum},
+        "fedtrimmedavg": {"beta": f.trimmed_beta},
+        "krum": {"num_malicious_nodes": f.krum_malicious_nodes},
+    }.get(f.strategy, {})
 
 
 def export_state(strategy: Strategy) -> dict[str, np.ndarray]:

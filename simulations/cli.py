@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(a):
-    from common.cli import parse_overrides
+    from common.settings import parse_overrides
     from simulations.config import load_simulation
     from simulations.protocol import PartitionSpec
 
@@ -101,6 +101,6 @@ def summary_text(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m simulations`: the same command, with the fedxray CLI's error handling."""
-    from common.cli import main as fedxray_main
+    from fedxray.cli import main as fedxray_main
 
     return fedxray_main(["simulate", *(sys.argv[1:] if argv is None else argv)])

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from common.config import ExperimentConfig, _Section
+from common.settings import FederationConfig, Settings, _Section, apply_overrides
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 DEFAULT_EXPERIMENT = EXPERIMENTS_DIR / "default.toml"
@@ -29,8 +29,10 @@ class SyntheticConfig(_Section):
     seed: int = 0
 
 
-class FederationConfig(_Section):
-    """Cost and shape of the federation. Every arm sees each training image rounds x local_epochs times."""
+class SimulationFederation(FederationConfig):
+    """The federation section plus what only a simulation decides: how many hospitals, how each splits its
+    patients, and the CPUs Flower's simulation runtime gets. Every arm sees each training image rounds x
+    local_epochs times."""
 
     rounds: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1)
@@ -39,10 +41,6 @@ class FederationConfig(_Section):
         (0.8, 0.1, 0.1), description="each hospital's own train/val/test fractions, by patient")
     cpus: int = Field(2, ge=1, description="CPUs given to Flower's simulation runtime (Ray)")
     client_cpus: int = Field(1, ge=1, description="CPUs per ClientApp: cpus // client_cpus train at once")
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fp16: bool = False
-    run_config: dict[str, Any] = Field(default_factory=dict,
-                                       description="extra Flower run-config keys passed to every federated arm")
 
     @property
     def epochs(self) -> int:
@@ -60,7 +58,7 @@ class ArmConfig(_Section):
     kind: str
     label: str | None = None
     strategy: str = "fedavg"
-    params: dict[str, Any] = Field(default_factory=dict, description="run-config keys, e.g. proximal-mu")
+    params: dict[str, Any] = Field(default_factory=dict, description="run-config keys, e.g. federation.proximal_mu")
     epsilons: list[float] = Field(default_factory=list, description="dp arms: one arm per target epsilon")
     delta: float | None = None
 
@@ -73,7 +71,7 @@ class ArmConfig(_Section):
         return {"centralised": "centralised", "local": "local-only"}.get(self.kind, self.strategy.lower())
 
 
-class SimulationConfig(ExperimentConfig):
+class SimulationConfig(Settings):
     name: str = "experiment"
     output_dir: str = "runs/simulations/experiment"
     seed: int = Field(42, description="partition and hospital splits (data.seed: the global split; train.seed: "
@@ -81,7 +79,7 @@ class SimulationConfig(ExperimentConfig):
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for the CIs of the headline table")
     tensorboard: bool = True
     synthetic: SyntheticConfig | None = None
-    federation: FederationConfig = FederationConfig()
+    federation: SimulationFederation = SimulationFederation()
     partitions: list[PartitionConfig] = Field(default_factory=lambda: [PartitionConfig()])
     arms: list[ArmConfig] = Field(default_factory=lambda: [ArmConfig(kind="centralised"), ArmConfig(kind="federated"),
                                                            ArmConfig(kind="local")])
@@ -102,9 +100,12 @@ class SimulationConfig(ExperimentConfig):
         self.train.early_stopping_patience = 0
         return self
 
-    def experiment(self) -> ExperimentConfig:
-        """The common/ view of this experiment (what the one training loop and the data layer take)."""
-        return ExperimentConfig.model_validate(self.model_dump(include=set(ExperimentConfig.model_fields)))
+    def experiment(self) -> Settings:
+        """The common/ view of this experiment (what the one training loop, the data layer and the Flower apps
+        take): the same sections, the federation without the simulation-only fields."""
+        raw = self.model_dump(include=set(Settings.model_fields))
+        raw["federation"] = {k: v for k, v in raw["federation"].items() if k in FederationConfig.model_fields}
+        return Settings.model_validate(raw)
 
 
 def load_simulation(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SimulationConfig:
@@ -119,10 +120,4 @@ def load_simulation(path: str | Path | None = None, overrides: dict[str, Any] | 
         raw = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{p}: not valid {p.suffix.lstrip('.').upper() or 'TOML'}: {e}") from e
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return SimulationConfig.model_validate(raw)
+    return SimulationConfig.model_validate(apply_overrides(raw, overrides or {}))

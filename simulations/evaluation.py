@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import ExperimentConfig
+from common.settings import Settings
 from common.data.dataset import XrayDataset
 from common.metrics import compute_metrics, tune_thresholds
-from common.pipeline import build_datasets
+from common.data.prepare import build_datasets
 from common.training import make_loader, predict
 from simulations.protocol import Protocol
 
@@ -30,7 +30,7 @@ def single_threaded():
         torch.set_num_threads(before)
 
 
-def datasets_for(proto: Protocol, cfg: ExperimentConfig, splits: dict[str, list[int]]) -> dict[str, XrayDataset]:
+def datasets_for(proto: Protocol, cfg: Settings, splits: dict[str, list[int]]) -> dict[str, XrayDataset]:
     """Prepared datasets for index lists of the protocol's manifest (augmentation on 'train' only)."""
     with single_threaded():
         return build_datasets(proto.manifest, splits, cfg, progress=False)
@@ -47,7 +47,7 @@ class Scored:
 class Evaluator:
     """Global val/test loaders (built once) and hospital test loaders (built when first needed)."""
 
-    def __init__(self, proto: Protocol, cfg: ExperimentConfig, *, bootstrap: int = 0, seed: int = 0):
+    def __init__(self, proto: Protocol, cfg: Settings, *, bootstrap: int = 0, seed: int = 0):
         self.proto, self.cfg, self.bootstrap, self.seed = proto, cfg, bootstrap, seed
         self.findings = list(proto.manifest.findings)
         self.multilabel = cfg.train.loss == "bce"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.config import DataConfig
+from common.settings import DataConfig
 from common.data.manifest import Manifest
 from common.data.splits import MIN_SPLIT_PATIENTS, assert_no_patient_overlap, partition, patient_split
 from common.errors import DataError

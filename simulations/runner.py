@@ -82,7 +82,7 @@ def run_partition(cfg: SimulationConfig, proto: Protocol, store: ResultStore, ar
     exp = cfg.experiment()
     evaluator: Evaluator | None = None
     status = {}
-    for spec, why in tqdm(arms, desc=f"arms [{name}]", unit="arm", disable=not progress):
+    for spec, why in tqdm(arms, desc=f"arms [{name}]", unit="arm", disable=None if progress else True):
         fp = arm_fingerprint(cfg, proto.spec, spec)
         if why:
             status[spec.name] = f"skipped: {why}"

@@ -15,13 +15,13 @@ _CACHE: dict[str, Path] = {}
 def trained_bundle(tmp_path_factory) -> Path:
     """A smallcnn bundle from `run_centralised` on one 64 px synthetic hospital (2 epochs, a few seconds)."""
     if "bundle" not in _CACHE:
-        from common.config import ExperimentConfig
+        from common.settings import Settings
         from common.data.synthetic import synthesize
-        from common.pipeline import run_centralised
+        from common.centralised import run_centralised
 
         root = tmp_path_factory.mktemp("inference_synth")
         synthesize(root, hospitals=1, patients=60, size=64, seed=5, holdout_patients=0, progress=False)
-        cfg = ExperimentConfig.model_validate({
+        cfg = Settings.model_validate({
             "data": {"path": str(root / "hospital_1"), "findings": FINDINGS},
             "preprocess": {"image_size": 64}, "model": {"arch": "smallcnn", "weights": "none"},
             "train": {"epochs": 2, "batch_size": 16, "num_threads": 2}, "output_dir": str(root / "run")})
@@ -99,7 +99,7 @@ def serving(bundle: Path, log_dir: Path, env: dict | None = None, timeout: float
     port = free_port()
     env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "32", **(env or {})}
     log = open(log_dir / f"server-{port}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "serve", "--bundle", str(bundle), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "fedxray", "serve", "--bundle", str(bundle), "--port",
                              str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -450,7 +450,7 @@ def test_concurrent_http_requests_share_batches(bundle_dir, bundle):
 
 
 def test_cli_predict_folder(bundle_dir, tmp_path):
-    from common.cli import main
+    from fedxray.cli import main
 
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
@@ -576,12 +576,13 @@ def test_public_provenance_of_a_federated_card():
             "server_data": {"root": "/srv/data/holdout", "splits": {"val": {"images": 10}}},
             "federation": {"strategy": "fedavg", "nodes": {"st-mary": {"node_id": 7}, "st-john": {}},
                            "examples_per_node": {"st-mary": 40, "st-john": 50}, "dp": {"enabled": True}},
-            "run_config": {"data-path": "/data/x", "server-data-path": "/srv", "output-dir": "runs/demo",
-                           "num-server-rounds": 8, "strategy": "fedavg", "dp-target-epsilon": 3.0, "arch": "resnet50",
-                           "image-size": 224, "weights": "/home/me/w.pt", "seed": 42}}
+            "run_config": {"data.path": "/data/x", "federation.server_data_path": "/srv", "output_dir": "runs/demo",
+                           "federation.rounds": 8, "federation.strategy": "fedavg", "privacy.target_epsilon": 3.0, "model.arch": "resnet50",
+                           "preprocess.image_size": 224, "model.weights": "/home/me/w.pt", "train.seed": 42}}
     out = public_provenance(prov)
-    assert out["settings"] == {"num-server-rounds": 8, "strategy": "fedavg", "dp-target-epsilon": 3.0,
-                               "arch": "resnet50", "image-size": 224, "weights": "state-dict file", "seed": 42}
+    assert out["settings"] == {"federation": {"rounds": 8, "strategy": "fedavg"}, "privacy": {"target_epsilon": 3.0},
+                               "model": {"arch": "resnet50", "weights": "state-dict file"},
+                               "preprocess": {"image_size": 224}, "train": {"seed": 42}}
     assert out["server_data"] == {"splits": {"val": {"images": 10}}} and out["federation"]["hospitals"] == 2
     assert "nodes" not in out["federation"] and "/" not in str(out).replace("/v1", "")
 
@@ -679,7 +680,7 @@ def test_image_above_the_whole_decode_budget_is_413(bundle_dir, bundle):
 
 
 def test_serve_refuses_non_loopback_without_a_key(bundle_dir, monkeypatch, capsys):
-    from common.cli import main
+    from fedxray.cli import main
     from inference_api.cli import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

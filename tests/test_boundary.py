@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.settings import RunSettings
+from common.settings import Settings
 from common.audit import identifying_strings
 from common.data.synthetic import break_hospital
 from tests.conftest import SYNTH_FINDINGS, StandInGrid
+from tests.run_support import TINY
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 
 
 # ------------------------------------------------------------------------------------------ broken hospitals
@@ -29,7 +29,7 @@ def _msg(kind=MessageType.TRAIN, server_round=1, dp=False):
     from client.arrays import state_to_record
     from common.models import build_model
 
-    model = build_model(RunSettings(dp_enabled=dp).network, len(SYNTH_FINDINGS), 1)   # GroupNorm with DP
+    model = build_model(Settings.build("demo", {"privacy.enabled": dp}).network, len(SYNTH_FINDINGS), 1)   # GroupNorm with DP
     return Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
         {"server-round": server_round, "findings": SYNTH_FINDINGS})}), dst_node_id=3, message_type=kind)
 
@@ -49,7 +49,7 @@ def test_a_broken_hospital_replies_a_code_and_keeps_the_detail_in_its_own_log(ho
     log_file = tmp_path / "node-log" / "fedxray-node.log"
     app = make_client_app()
     ctx = _ctx({"data-path": str(data), "site": "st-mary", "log-file": str(log_file)},
-               {**RunSettings(data_path=str(synth_root)).to_run_config(), **TINY})
+               {**Settings.build("demo", {"data.path": str(synth_root)}).to_run_config(), **TINY})
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         reply = app(_msg(kind), ctx)
         assert reply.has_error()
@@ -71,7 +71,7 @@ def test_any_exception_and_any_text_that_would_leak_become_internal(synth_root, 
 
     from client.boundary import make_boundary_mod, parse_reply_error
 
-    ctx = _ctx({"partition-id": 0, "num-partitions": 3}, RunSettings(data_path=str(synth_root)).to_run_config())
+    ctx = _ctx({"partition-id": 0, "num-partitions": 3}, Settings.build("demo", {"data.path": str(synth_root)}).to_run_config())
     mod = make_boundary_mod()
 
     def boom(m, c):
@@ -96,10 +96,10 @@ def test_an_invalid_run_config_is_named_by_its_keys_only(synth_root, task_identi
     from client.boundary import parse_reply_error
 
     ctx = _ctx({"partition-id": 0, "num-partitions": 3},
-               {**RunSettings(data_path=str(synth_root)).to_run_config(), "num-server-round": 3, "lr": "fast"})
+               {**Settings.build("demo", {"data.path": str(synth_root)}).to_run_config(), "num-server-round": 3, "train.lr": "fast"})
     info = parse_reply_error(make_client_app()(_msg(), ctx).error.reason)
     assert info["code"] == "run-config" and info["type"] == "SettingsError"
-    assert info["check"].endswith(": lr, num-server-round") and "fast" not in json.dumps(info)
+    assert info["check"].endswith(": num-server-round, train.lr") and "fast" not in json.dumps(info)
 
 
 def test_site_names_that_could_identify_are_replaced():
@@ -162,24 +162,24 @@ def _policy(folder: Path, text: str) -> Path:
     return folder / "policy.toml"
 
 
-DP_RUN = {"dp-enabled": True, "dp-delta": 1e-5, "num-server-rounds": 1, "dp-secure-rng": False}
+DP_RUN = {"privacy.enabled": True, "privacy.delta": 1e-5, "federation.rounds": 1, "privacy.secure_rng": False}
 
 
 def _train(synth_root, policy: Path, run_config: dict, run_id: int = 7, **msg):
     from client.app import make_client_app
 
-    rc = {**RunSettings(data_path=str(synth_root)).to_run_config(), **TINY, **run_config}
+    rc = {**Settings.build("demo", {"data.path": str(synth_root)}).to_run_config(), **TINY, **run_config}
     ctx = _ctx({"data-path": str(synth_root / "hospital_1"), "site": "h1", "site-policy": str(policy)}, rc, run_id)
-    return make_client_app()(_msg(dp=bool(rc["dp-enabled"]), **msg), ctx)
+    return make_client_app()(_msg(dp=bool(rc["privacy.enabled"]), **msg), ctx)
 
 
 @pytest.mark.parametrize("rules, run, rule", [
     ("[privacy]\nrequire-dp = true\n", {}, "require-dp"),
     ("[privacy]\nmax-epsilon-total = 5.0\n", {}, "require-dp"),     # an epsilon limit implies DP
-    ("[privacy]\nmax-epsilon-per-run = 2.0\n", {**DP_RUN, "dp-target-epsilon": 4.0}, "max-epsilon-per-run"),
-    ("[privacy]\nmax-delta = 1e-6\n", {**DP_RUN, "dp-target-epsilon": 4.0}, "max-delta"),
-    ("[privacy]\nmin-noise-multiplier = 5.0\n", {**DP_RUN, "dp-target-epsilon": 4.0}, "min-noise-multiplier"),
-    ("[privacy]\nmax-clipping-norm = 0.5\n", {**DP_RUN, "dp-target-epsilon": 4.0}, "max-clipping-norm"),
+    ("[privacy]\nmax-epsilon-per-run = 2.0\n", {**DP_RUN, "privacy.target_epsilon": 4.0}, "max-epsilon-per-run"),
+    ("[privacy]\nmax-delta = 1e-6\n", {**DP_RUN, "privacy.target_epsilon": 4.0}, "max-delta"),
+    ("[privacy]\nmin-noise-multiplier = 5.0\n", {**DP_RUN, "privacy.target_epsilon": 4.0}, "min-noise-multiplier"),
+    ("[privacy]\nmax-clipping-norm = 0.5\n", {**DP_RUN, "privacy.target_epsilon": 4.0}, "max-clipping-norm"),
     ("[training]\nmin-train-examples = 100000\n", {}, "min-train-examples"),
     ("[aggregation]\nrequire-secure-aggregation = true\n", {}, "require-secure-aggregation"),
 ])
@@ -209,9 +209,9 @@ def test_within_policy_it_trains_the_ledger_carries_across_runs_and_only_allowed
     from client.boundary import parse_reply_error
 
     policy = _policy(tmp_path / "site", '[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\n'
-                                        'max-epsilon-total = 2.5\nledger = "ledger/privacy.json"\n'
+                                        'max-epsilon-total = 2.3\nledger = "ledger/privacy.json"\n'
                                         '[disclosure]\nmetrics = ["train-loss", "dp-epsilon"]\n')
-    first = _train(synth_root, policy, {**DP_RUN, "dp-target-epsilon": 2.0}, run_id=11)
+    first = _train(synth_root, policy, {**DP_RUN, "privacy.target_epsilon": 2.0}, run_id=11)
     assert not first.has_error(), first.error.reason
     m = first.content["metrics"]
     assert m["num-examples"] > 0 and m["train-loss"] > 0 and 0 < m["dp-epsilon"] <= 2.0 * 1.02
@@ -222,10 +222,10 @@ def test_within_policy_it_trains_the_ledger_carries_across_runs_and_only_allowed
     assert ledger["total_epsilon"] == pytest.approx(m["dp-epsilon"], rel=0.05)
     assert oct(ledger_file.stat().st_mode & 0o777) == "0o600"
     # a second run of the same size would fit its own per-run limit, but not the hospital's total
-    second = _train(synth_root, policy, {**DP_RUN, "dp-target-epsilon": 2.0, "seed": 43}, run_id=12)
+    second = _train(synth_root, policy, {**DP_RUN, "privacy.target_epsilon": 2.0, "train.seed": 43}, run_id=12)
     info = parse_reply_error(second.error.reason)
     assert info["code"] == "policy-refused" and info["detail"]["rule"] == "max-epsilon-total"
-    assert info["detail"]["asked"] > 2.5 and info["detail"]["limit"] == 2.5
+    assert info["detail"]["asked"] > 2.3 and info["detail"]["limit"] == 2.3
     assert list(json.loads(ledger_file.read_text())["runs"]) == ["11"]      # refused: nothing spent
 
 

@@ -9,7 +9,7 @@ import torch
 
 import common.bundle as bundle_mod
 from common.bundle import SCHEMA_VERSION, load_bundle, read_card, save_bundle, sha256_file
-from common.config import ModelConfig, PreprocessConfig
+from common.settings import ModelConfig, PreprocessConfig
 from common.errors import BundleError
 from common.models import build_model
 

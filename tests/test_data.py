@@ -15,12 +15,12 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from common.config import AugmentConfig, DataConfig, ExperimentConfig, PreprocessConfig
+from common.settings import AugmentConfig, DataConfig, Settings, PreprocessConfig
 from common.data import assert_no_patient_overlap, detect_source, load_manifest, partition, patient_split
 from common.data.synthetic import NIH_COLUMNS, SYNTH_FINDINGS
 from common.errors import DataError
 from common.labels import canonical, shared_findings
-from common.pipeline import prepare_data
+from common.data.prepare import prepare_data
 from common.transforms import Augmenter, Preprocessor
 
 
@@ -99,7 +99,7 @@ def test_corrupt_and_low_resolution_images_are_excluded_and_reported(tmp_path):
     buf = (root / "images" / rows[1][0]).read_bytes()
     (root / "images" / rows[1][0]).write_bytes(buf[: len(buf) // 2])
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "images" / rows[2][0])
-    cfg = ExperimentConfig(data=DataConfig(path=str(root), findings=["Nodule"]),
+    cfg = Settings(data=DataConfig(path=str(root), findings=["Nodule"]),
                            preprocess=PreprocessConfig(image_size=32))
     data = prepare_data(cfg, progress=False)
     rep = data.report()
@@ -150,7 +150,7 @@ def test_chexpert_uncertainty_policies_frontal_only_and_patient_ids(tmp_path, po
     assert s0.labels[m.findings.index("Cardiomegaly")] == 1 and s0.labels[m.findings.index("Edema")] == 0
     assert [s.split for s in m.samples] == [None, None, "test"]
     if policy == "u-ignore":  # unknown labels are masked out of the loss, not treated as negatives
-        data = prepare_data(ExperimentConfig(data=DataConfig(source="chexpert", path=str(root), uncertainty=policy,
+        data = prepare_data(Settings(data=DataConfig(source="chexpert", path=str(root), uncertainty=policy,
                             min_resolution=8, split_fractions=(0.5, 0.5, 0.0)),
                             preprocess=PreprocessConfig(image_size=16)), progress=False)
         masks = np.concatenate([d.mask for d in data.datasets.values() if len(d)])

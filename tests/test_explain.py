@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from common.bundle import load_bundle, read_card, sha256_file
-from common.config import ModelConfig
+from common.settings import ModelConfig
 from common.data.manifest import Box
 from common.explain import (CAM_METHODS, explain_batch, fit_within, forward_with_cams, jet, normalise_cams, peak_xy,
                             render_overlay)
@@ -128,7 +128,7 @@ def test_scores_pointing_game_and_iou():
 
 
 def test_explain_eval_report_and_model_card(tmp_path_factory, tmp_path):
-    from common.cli import main
+    from fedxray.cli import main
     from tests.inference_support import synthetic_data
 
     bundle_dir = trained_bundle(tmp_path_factory)

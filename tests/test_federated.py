@@ -19,10 +19,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.arrays import record_bytes, state_to_record, to_fp16, to_fp32
-from client.settings import STRATEGIES, RunSettings
+from common.settings import STRATEGIES, Settings
 from tests.conftest import REPO, StandInGrid
+from tests.run_support import TINY, tiny_settings
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 _STARTED_ROOTS: list[str] = []   # tmp folders whose processes must all be gone at the end
 
 
@@ -35,23 +35,6 @@ def _reply(instruction: Message, arrays: dict[str, np.ndarray], n: int, **metric
 def _instruction(node: int) -> Message:
     return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
                    message_type=MessageType.TRAIN)
-
-
-# ------------------------------------------------------------------------------------------------ settings
-def test_run_settings_defaults_equal_pyproject():
-    """run_federated_simulation cannot read pyproject: its defaults must be the same demo config."""
-    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert RunSettings().to_run_config() == table
-    assert RunSettings.from_run_config(table).fingerprint() == RunSettings().fingerprint()
-
-
-def test_run_settings_reject_unknown_key_with_its_name():
-    from common.errors import FedxrayError
-
-    with pytest.raises(FedxrayError, match="num-server-round"):
-        RunSettings.from_run_config({"num-server-round": 3})
-    with pytest.raises(FedxrayError, match="strategy"):
-        RunSettings.from_run_config({"strategy": "fedsgd"})
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -76,7 +59,7 @@ def test_every_named_strategy_is_flowers_and_aggregates(name, task_identity):
 
     from server.strategies import build_strategy
 
-    s = RunSettings(strategy=name, proximal_mu=0.1 if name == "fedprox" else 0.0, min_train_nodes=5)
+    s = Settings.build("demo", {"federation.strategy": name, "federation.proximal_mu": 0.1 if name == "fedprox" else 0.0, "federation.min_train_nodes": 5})
     strategy = build_strategy(s)
     flower_class = type(strategy).__mro__[2]   # (ours, _RunningStatistics, Flower's class, ...)
     assert flower_class.__module__.startswith("flwr.serverapp.strategy") and isinstance(strategy, flower_class)
@@ -120,12 +103,12 @@ def test_server_optimisers_step_weights_but_average_batchnorm_statistics(name, t
     """Weights exactly as Flower's own class computes them; running statistics = example-weighted mean."""
     from server.strategies import build_strategy
 
-    ours = _bn_rounds(build_strategy(RunSettings(strategy=name)), BN_ROUNDS)
-    flower_class = type(build_strategy(RunSettings(strategy=name))).__mro__[2]
-    s = RunSettings(strategy=name)
-    kwargs = ({"server_learning_rate": s.fedavgm_server_lr, "server_momentum": s.fedavgm_momentum}
-              if name == "fedavgm" else {"eta": s.fedopt_eta, "eta_l": s.lr, "beta_1": s.fedopt_beta_1,
-                                         "beta_2": s.fedopt_beta_2, "tau": s.fedopt_tau})
+    ours = _bn_rounds(build_strategy(Settings.build("demo", {"federation.strategy": name})), BN_ROUNDS)
+    flower_class = type(build_strategy(Settings.build("demo", {"federation.strategy": name}))).__mro__[2]
+    s = Settings.build("demo", {"federation.strategy": name})
+    kwargs = ({"server_learning_rate": s.federation.fedavgm_server_lr, "server_momentum": s.federation.fedavgm_momentum}
+              if name == "fedavgm" else {"eta": s.federation.fedopt_eta, "eta_l": s.train.lr, "beta_1": s.federation.fedopt_beta_1,
+                                         "beta_2": s.federation.fedopt_beta_2, "tau": s.federation.fedopt_tau})
     theirs = _bn_rounds(flower_class(**kwargs), BN_ROUNDS)
     for r, (mine, raw, stats) in enumerate(zip(ours, theirs, BN_ROUNDS, strict=True)):
         np.testing.assert_allclose(mine["conv.weight"], raw["conv.weight"], rtol=1e-6)
@@ -151,13 +134,13 @@ def test_fedadam_resumed_after_two_rounds_equals_three_rounds_in_one_go(task_ide
 
     updates = [{"w": np.full(4, v, np.float32)} for v in (1.0, 0.5, 2.0)]
     start = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
-    whole = play(build_strategy(RunSettings(strategy="fedadam")), start, updates)["w"].numpy()
-    first = build_strategy(RunSettings(strategy="fedadam"))
+    whole = play(build_strategy(Settings.build("demo", {"federation.strategy": "fedadam"})), start, updates)["w"].numpy()
+    first = build_strategy(Settings.build("demo", {"federation.strategy": "fedadam"}))
     after_two = play(first, start, updates[:2])
-    resumed = build_strategy(RunSettings(strategy="fedadam"))
+    resumed = build_strategy(Settings.build("demo", {"federation.strategy": "fedadam"}))
     restore_state(resumed, export_state(first), rounds_done=2)
     np.testing.assert_allclose(play(resumed, after_two, updates[2:])["w"].numpy(), whole, rtol=1e-6)
-    restarted = build_strategy(RunSettings(strategy="fedadam"))
+    restarted = build_strategy(Settings.build("demo", {"federation.strategy": "fedadam"}))
     restore_state(restarted, export_state(first))                        # what resuming did before
     assert not np.allclose(play(restarted, after_two, updates[2:])["w"].numpy(), whole, rtol=1e-3)
 
@@ -165,7 +148,7 @@ def test_fedadam_resumed_after_two_rounds_equals_three_rounds_in_one_go(task_ide
 def test_a_metric_one_hospital_cannot_compute_does_not_make_the_federation_mean_nan(task_identity):
     from server.strategies import build_strategy
 
-    strategy = build_strategy(RunSettings())
+    strategy = build_strategy(Settings())
     replies = [_reply(_instruction(11), {"w": np.zeros(2, np.float32)}, 10,
                       **{"val-auc": float("nan"), "loss": 1.0, "per-finding": [0.5, float("nan")]}),
                _reply(_instruction(12), {"w": np.ones(2, np.float32)}, 30,
@@ -205,7 +188,7 @@ def test_replies_that_cannot_be_aggregated_are_rejected_by_name_and_the_round_go
                                    "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **extra})}),
                        reply_to=m)
 
-    strategy = build_strategy(RunSettings(min_train_nodes=9, min_available_nodes=9))
+    strategy = build_strategy(Settings.build("demo", {"federation.min_train_nodes": 9, "federation.min_available_nodes": 9}))
     grid = GuardedGrid(StandInGrid([1, *bad, 9], answer), min_nodes=1, wait_timeout=5)
     start = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.array(0, np.int64))})
     msgs = list(strategy.configure_train(1, start, ConfigRecord(), grid))
@@ -228,14 +211,14 @@ def test_replies_that_cannot_be_aggregated_are_rejected_by_name_and_the_round_go
 
 
 def test_central_dp_uses_the_model_without_running_statistics():
-    assert RunSettings(central_dp="server-fixed").network.dp_compatible
-    assert RunSettings(central_dp="server-fixed").experiment().model == RunSettings(central_dp="server-fixed").network
-    assert not RunSettings().network.dp_compatible
+    assert Settings.build("demo", {"central_dp.mode": "server-fixed"}).network.dp_compatible
+    assert Settings.build("demo", {"privacy.enabled": True}).network.dp_compatible
+    assert not Settings().network.dp_compatible
 
 
 # ------------------------------------------------------------------------------------------------ wire format
 def test_fp16_transfer_halves_float_bytes_and_keeps_int_buffers():
-    from common.config import ModelConfig
+    from common.settings import ModelConfig
     from common.models import build_model
 
     model = build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)
@@ -292,14 +275,14 @@ def test_node_data_resolution(synth_root, tmp_path):
     from client.data import resolve_source
     from common.errors import DataError
 
-    s = RunSettings(data_path=str(synth_root))
+    s = Settings.build("demo", {"data.path": str(synth_root)})
     src = resolve_source({"partition-id": 1, "num-partitions": 3}, s)
     assert Path(src.path).name == "hospital_2" and src.partition_id is None
     with pytest.raises(DataError, match="partition-id 3 has no site folder"):
         resolve_source({"partition-id": 3, "num-partitions": 4}, s)
     dep = resolve_source({"data-path": str(synth_root / "hospital_3")}, s)
     assert dep.site == "hospital_3"
-    one = resolve_source({"partition-id": 0, "num-partitions": 2}, RunSettings(data_path=str(synth_root / "hospital_1")))
+    one = resolve_source({"partition-id": 0, "num-partitions": 2}, Settings.build("demo", {"data.path": str(synth_root / "hospital_1")}))
     assert one.partition_id == 0 and one.site == "partition-0"
     with pytest.raises(DataError, match="no data"):
         resolve_source({}, s)
@@ -310,7 +293,7 @@ def test_node_data_cache_reuses_and_is_bounded(synth_root, monkeypatch):
 
     monkeypatch.setattr(node_data, "CACHE_ENTRIES", 2)
     node_data.clear_cache()
-    s = RunSettings(data_path=str(synth_root), image_size=16)
+    s = Settings.build("demo", {"data.path": str(synth_root), "preprocess.image_size": 16})
     first = node_data.load_node_data({"partition-id": 0, "num-partitions": 3}, s)
     assert node_data.load_node_data({"partition-id": 0, "num-partitions": 3}, s) is first   # reused
     for pid in (1, 2):
@@ -322,10 +305,12 @@ def test_node_data_cache_reuses_and_is_bounded(synth_root, monkeypatch):
 
 def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, task_identity):
     from client.app import evaluate_local, train
-    from common.config import ModelConfig
+    from client.data import load_node_data
     from common.models import build_model
+    from common.settings import ModelConfig
 
-    run_config = {**RunSettings(data_path=str(synth_root)).to_run_config(), **TINY}
+    settings = Settings.build("demo", {"data.path": str(synth_root)}, TINY)
+    run_config = settings.to_run_config()
     model = build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)
     findings = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
     msg = Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
@@ -342,7 +327,14 @@ def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, t
     ev_msg = Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord({"findings": findings})}),
                      dst_node_id=3, message_type=MessageType.EVALUATE)
     ev = evaluate_local(ev_msg, ctx)
-    assert "arrays" not in ev.content and {"test-auc", "test-f1", "num-examples"} <= set(ev.content["metrics"])
+    # federation.local_split=train-val (the default): the global model on the hospital's validation share
+    assert "arrays" not in ev.content and {"val-auc", "val-f1", "num-examples"} <= set(ev.content["metrics"])
+    assert ev.content["metrics"]["num-examples"] == len(load_node_data(ctx.node_config, settings).datasets["val"])
+    settings = Settings.from_run_config(run_config, {"federation.local_split": "train-val-test"})
+    ev = evaluate_local(ev_msg, Context(run_id=7, node_id=3, node_config=ctx.node_config, state=RecordDict(),
+                                        run_config=settings.to_run_config()))
+    assert {"test-auc", "test-f1", "num-examples"} <= set(ev.content["metrics"])
+    assert ev.content["metrics"]["num-examples"] == len(load_node_data(ctx.node_config, settings).datasets["test"])
 
 
 def test_docker_compose_runs_the_launchers_commands_secure_by_default():
@@ -374,8 +366,8 @@ def test_docker_compose_runs_the_launchers_commands_secure_by_default():
     assert "FEDXRAY_API_KEY:?" in services["serve"]["environment"]["FEDXRAY_API_KEY"]
     assert services["certs"]["command"][:3] == ["certs", "--out", "/certs"]
     docker_rc = tomllib.loads((REPO / "docker" / "run-config.toml").read_text())
-    s = RunSettings.from_run_config(docker_rc)
-    assert s.server_data_path == "/data/holdout" and s.min_available_nodes == 3
+    s = Settings.from_run_config(docker_rc)
+    assert s.federation.server_data_path == "/data/holdout" and s.federation.min_available_nodes == 3
     assert "./data/synth/holdout:/data/holdout:ro" in services["superlink"]["volumes"]
     connection = (REPO / "docker" / "connection.sh").read_text()
     assert 'root-certificates = "/certs/ca.crt"' in connection and "insecure" not in connection
@@ -386,8 +378,8 @@ def test_docker_compose_runs_the_launchers_commands_secure_by_default():
 
 # ------------------------------------------------------------------------------------------------ runtimes
 def _tiny_run(out: Path, **more) -> dict:
-    return {**TINY, "num-server-rounds": 2, "output-dir": str(out), "node-wait-timeout": 60.0,
-            "round-timeout": 300.0, **more}
+    return {**TINY, "federation.rounds": 2, "output_dir": str(out), "federation.node_wait_timeout": 60.0,
+            "federation.round_timeout": 300.0, **more}
 
 
 def _check_result(out: Path, rounds: int, hospitals: int, evaluated: bool = True) -> dict:
@@ -443,8 +435,8 @@ def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
     ray_tmp = Path("/tmp") / f"rayfx{os.getpid()}"
     _STARTED_ROOTS.append(str(ray_tmp))
     env = flower_env(flower_tmp / "home", ray_tmp)
-    sets = [f"--set={k}={v}" for k, v in _tiny_run(out).items() if k not in ("num-server-rounds", "output-dir")]
-    cmd = ["-m", "common.cli", "federate", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
+    sets = [f"--set={k}={v}" for k, v in _tiny_run(out).items() if k not in ("federation.rounds", "output_dir")]
+    cmd = ["-m", "fedxray", "federate", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
     try:
         first = _run_cli([*cmd, "--rounds", "2", *sets], REPO, env, 600)
         assert first.returncode == 0, first.stdout[-3000:]
@@ -469,7 +461,7 @@ def test_simulation_runtime_flwr_run(synth_root, flower_tmp):
     from server.processes import pids_with_arg
 
     out = flower_tmp / "out"
-    outcome = run_flwr_simulation({**_tiny_run(out), "data-path": str(synth_root), "min-available-nodes": 3},
+    outcome = run_flwr_simulation(tiny_settings({**_tiny_run(out), "data.path": str(synth_root), "federation.min_available_nodes": 3}),
                                   num_supernodes=3, workdir=flower_tmp / "work", timeout=600)
     assert outcome.returncode == 0 and outcome.ok, outcome.log.read_text()[-3000:]
     _check_result(out, 2, 3)
@@ -488,8 +480,8 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
     import signal
     import threading
 
-    from common.config import ModelConfig
     from common.models import build_model
+    from common.settings import ModelConfig
     from server.certs import make_signing_key
     from server.launch import flower_env
     from server.processes import pids_with_arg, stop_tree
@@ -498,8 +490,8 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
     key, _ = make_signing_key(certs)
     args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "3", "--workdir",
             str(work), "--certs", str(certs), "--supernode-auth", "--sign-with", str(key), "--timeout", "500",
-            *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()], "--set=fp16=true",
-            "--set=node-wait-timeout=60.0", "--set=fraction-evaluate=0.0", "--set=min-evaluate-nodes=0"]
+            *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()], "--set=federation.fp16=true",
+            "--set=federation.node_wait_timeout=60.0", "--set=federation.fraction_evaluate=0.0", "--set=federation.min_evaluate_nodes=0"]
     env = flower_env(flower_tmp / "home")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", str(work)])
     try:
@@ -550,18 +542,18 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
 @pytest.mark.integration
 def test_launcher_fails_clearly_when_nodes_are_missing_and_stops_everything(synth_root, flower_tmp):
     """`python -m server.launch` starts the topology and submits; a run needing 4 hospitals of 3 fails after
-    node-wait-timeout with a message naming how many connected, and every process is stopped."""
+    federation.node_wait_timeout with a message naming how many connected, and every process is stopped."""
     from server.launch import flower_env
     from server.processes import pids_with_arg
 
     out, work = flower_tmp / "out", flower_tmp / "launch"
     args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "1",
             "--workdir", str(work), "--timeout", "300", *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()],
-            "--set=min-available-nodes=4", "--set=node-wait-timeout=5"]
+            "--set=federation.min_available_nodes=4", "--set=federation.node_wait_timeout=5"]
     t0 = time.monotonic()
     res = _run_cli(args, REPO, flower_env(flower_tmp / "home"), 400)
     assert res.returncode == 2, res.stdout[-3000:]
-    assert "only 3 of the 4 SuperNodes" in res.stdout and "node-wait-timeout" in res.stdout
+    assert "only 3 of the 4 SuperNodes" in res.stdout and "federation.node_wait_timeout" in res.stdout
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     assert time.monotonic() - t0 < 200
     assert sorted(p.name for p in (work / "logs").iterdir()) == [

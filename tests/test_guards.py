@@ -3,7 +3,7 @@ through GuardedGrid and Flower's real strategies, and what each offered strategy
 
 Each attack test also runs with the guards off and asserts that the attack then succeeds, so the test shows
 that the guard, not something else, stops it (NaN is the reply gate's, on either way). The sign flip is
-caught by the direction check, which is opt-in (guard-min-cosine; off by default, see server/guards.py).
+caught by the direction check, which is opt-in (guards.min_cosine; off by default, see server/guards.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.settings import STRATEGIES, RunSettings
+from common.settings import STRATEGIES, Settings
 from common.errors import FedxrayError
 from tests.conftest import StandInGrid
 
@@ -78,8 +78,13 @@ class Hospitals(StandInGrid):
                                    "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})}), reply_to=m)
 
 
-def _settings(**kw) -> RunSettings:
-    return RunSettings(**{"min_train_nodes": len(SIZES), "min_available_nodes": len(SIZES), **kw})
+def _settings(**kw) -> Settings:
+    """Demo settings with federation keys given by their field names (strategy=, min_train_nodes=, ...) and
+    guard keys as guard_<name>=."""
+    layer = {"federation.min_train_nodes": len(SIZES), "federation.min_available_nodes": len(SIZES)}
+    for k, v in kw.items():
+        layer[f"guards.{k.removeprefix('guard_')}" if k.startswith("guard_") else f"federation.{k}"] = v
+    return Settings.build("demo", layer)
 
 
 def _round(answer, guards=None, strategy="fedavg", glob=None, grid=None, nodes=tuple(SIZES), **kw):
@@ -121,7 +126,7 @@ def test_one_hostile_hospital_is_excluded_or_capped_by_default_and_wins_without_
     from server.grid import REJECTED
     from server.guards import DEFAULTS, OFF
 
-    guards = replace(DEFAULTS, min_cosine=0.0) if attack == "sign-flipped" else DEFAULTS
+    guards = DEFAULTS.model_copy(update={"min_cosine": 0.0}) if attack == "sign-flipped" else DEFAULTS
 
     glob = _global()
     honest = {n: _honest(glob, n) for n in SIZES}
@@ -135,7 +140,7 @@ def test_one_hostile_hospital_is_excluded_or_capped_by_default_and_wins_without_
     if attack == "inflated":   # kept, with a bounded weight: 3 x the median of the other hospitals' claims
         cap = 3 * np.median([SIZES[n] for n in without])
         assert rows[ATTACKER]["ok"] and rows[ATTACKER]["metrics"]["num-examples"] == cap
-        assert "capped to 285: 3 x the median 95 of the other hospitals' claims (guard-examples-ratio)" \
+        assert "capped to 285: 3 x the median 95 of the other hospitals' claims (guards.examples_ratio)" \
             in rows[ATTACKER]["guard"]["capped"]
         assert cap / (cap + sum(SIZES[n] for n in without)) < 0.5
         expected = _fedavg(honest, {**SIZES, ATTACKER: cap})
@@ -173,7 +178,7 @@ def test_an_honest_hospital_that_pulls_the_other_way_is_kept_by_default():
     answer = lambda node, g: (honest[node], SIZES[node])  # noqa: E731
     _, rows, _ = _round(answer, DEFAULTS)
     assert all(r["ok"] for r in rows.values()) and rows[3]["guard"]["update-cosine"] < 0
-    _, rows, _ = _round(answer, replace(DEFAULTS, min_cosine=0.0))
+    _, rows, _ = _round(answer, DEFAULTS.model_copy(update={"min_cosine": 0.0}))
     assert not rows[3]["ok"] and "points away" in rows[3]["error"]
 
 
@@ -201,7 +206,7 @@ def test_a_claim_cannot_grow_past_the_hospitals_first_accepted_one():
         grid._grid.answer = lambda n, g, r=r: (_honest(g, n, r), claims[r][n])
         _, rows, _ = _round(None, grid=grid)
     assert rows[3]["ok"] and rows[3]["metrics"]["num-examples"] == SIZES[3]
-    assert "first accepted claim 100 (guard-examples-growth)" in rows[3]["guard"]["capped"]
+    assert "first accepted claim 100 (guards.examples_growth)" in rows[3]["guard"]["capped"]
     assert all(rows[n]["metrics"]["num-examples"] == SIZES[n] for n in SIZES if n != 3)
 
 
@@ -284,23 +289,25 @@ def test_every_offered_strategy_computes_what_it_is_named_for_round_after_round(
 
 
 @pytest.mark.parametrize("strategy, keys, fix", [
-    ({"strategy": "krum", "min_train_nodes": 2}, "min-train-nodes=2", "at least 3 hospitals"),
-    ({"strategy": "krum", "min_train_nodes": 4, "krum_malicious_nodes": 1}, "krum-malicious-nodes", "at least 5"),
-    ({"strategy": "fedtrimmedavg", "min_train_nodes": 3}, "int(0.2 x n)", "at least 5 hospitals"),
-    ({"strategy": "fedmedian", "min_train_nodes": 2}, "median of 2 replies is their mean", "at least 3"),
-    ({"guard_norm_ratio": 0.5}, "guard-norm-ratio", "0 (off) or at least 1"),
+    ({"federation.strategy": "krum", "federation.min_train_nodes": 2}, "federation.min_train_nodes=2",
+     "at least 3 hospitals"),
+    ({"federation.strategy": "krum", "federation.min_train_nodes": 4, "federation.krum_malicious_nodes": 1},
+     "federation.krum_malicious_nodes", "at least 5"),
+    ({"federation.strategy": "fedtrimmedavg", "federation.min_train_nodes": 3}, "int(0.2 x n)", "at least 5 hospitals"),
+    ({"federation.strategy": "fedmedian", "federation.min_train_nodes": 2}, "median of 2 replies is their mean",
+     "at least 3"),
+    ({"guards.norm_ratio": 0.5}, "guards.norm_ratio", "0 (off) or at least 1"),
 ])
 def test_settings_a_strategy_cannot_honour_are_refused_at_start_naming_the_keys(strategy, keys, fix):
-    rc = {k.replace("_", "-"): v for k, v in strategy.items()}
     with pytest.raises(FedxrayError) as e:
-        RunSettings.from_run_config(rc)
+        Settings.from_run_config(strategy)
     assert keys in str(e.value) and fix in str(e.value) and "Value error" not in str(e.value), str(e.value)
 
 
 def test_the_fewest_hospitals_each_robust_strategy_accepts():
-    assert RunSettings(strategy="krum", min_train_nodes=3).replies_needed[0] == 3
-    assert RunSettings(strategy="krum", min_train_nodes=5, krum_malicious_nodes=1).replies_needed[0] == 5
-    assert RunSettings(strategy="fedtrimmedavg", min_train_nodes=5).replies_needed[0] == 5
-    assert RunSettings(strategy="fedtrimmedavg", min_train_nodes=4, trimmed_beta=0.25).replies_needed[0] == 4
-    assert RunSettings(strategy="fedmedian", min_train_nodes=3).replies_needed[0] == 3
-    assert RunSettings().replies_needed[0] == 1
+    assert Settings.build("demo", {"federation.strategy": "krum", "federation.min_train_nodes": 3}).federation.replies_needed[0] == 3
+    assert Settings.build("demo", {"federation.strategy": "krum", "federation.min_train_nodes": 5, "federation.krum_malicious_nodes": 1}).federation.replies_needed[0] == 5
+    assert Settings.build("demo", {"federation.strategy": "fedtrimmedavg", "federation.min_train_nodes": 5}).federation.replies_needed[0] == 5
+    assert Settings.build("demo", {"federation.strategy": "fedtrimmedavg", "federation.min_train_nodes": 4, "federation.trimmed_beta": 0.25}).federation.replies_needed[0] == 4
+    assert Settings.build("demo", {"federation.strategy": "fedmedian", "federation.min_train_nodes": 3}).federation.replies_needed[0] == 3
+    assert Settings().federation.replies_needed[0] == 1

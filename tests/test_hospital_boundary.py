@@ -21,10 +21,10 @@ import pytest
 from common.audit import files_under, find_identifying, identifying_strings
 from common.data.synthetic import break_hospital
 from tests.test_boundary import BREAKS
+from tests.run_support import TINY, tiny_settings
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False,
-        "node-wait-timeout": 90.0, "round-timeout": 300.0, "num-server-rounds": 1, "min-available-nodes": 5,
-        "min-train-nodes": 2, "min-evaluate-nodes": 0, "fraction-evaluate": 0.0, "dp-delta": 1e-5}
+RUN = {**TINY, "federation.node_wait_timeout": 90.0, "federation.round_timeout": 300.0, "federation.rounds": 1, "federation.min_available_nodes": 5,
+        "federation.min_train_nodes": 2, "federation.min_evaluate_nodes": 0, "federation.fraction_evaluate": 0.0, "privacy.delta": 1e-5}
 BROKEN = ("missing-images", "bad-header", "unknown-label")
 POLICY = ('[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\nmax-epsilon-total = 2.5\n'
           'ledger = "ledger.json"\n')
@@ -50,13 +50,13 @@ def test_nothing_identifying_reaches_the_server_and_the_site_policy_is_the_hospi
     work = tmp_path / "fed"
     fed = LocalFederation(work, hospitals, node_extra=extra)
     outs = {k: tmp_path / f"out-{k}" for k in "BC"}   # broken folders are named data-0010007N: ids too
-    rc = {**TINY, "data-path": str(synth_root), "server-data-path": str(synth_root / "holdout")}
+    rc = {**RUN, "data.path": str(synth_root), "federation.server_data_path": str(synth_root / "holdout")}
     try:
         fed.start()
-        b = fed.submit({**rc, "output-dir": str(outs["B"]), "dp-enabled": True, "dp-target-epsilon": 2.0},
+        b = fed.submit(tiny_settings({**rc, "output_dir": str(outs["B"]), "privacy.enabled": True, "privacy.target_epsilon": 2.0}),
                        timeout=600)
-        c = fed.submit({**rc, "output-dir": str(outs["C"]), "dp-enabled": True, "dp-target-epsilon": 2.0,
-                        "seed": 43}, timeout=400)
+        c = fed.submit(tiny_settings({**rc, "output_dir": str(outs["C"]), "privacy.enabled": True, "privacy.target_epsilon": 2.0,
+                        "train.seed": 43}), timeout=400)
         print(f"\nruns B {b.seconds:.0f} s, C {c.seconds:.0f} s", flush=True)
     finally:
         fed.stop()

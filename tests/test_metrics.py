@@ -184,17 +184,25 @@ def test_json_serialisable():
 
 def test_headline_table():
     r = compute_metrics(Y, P, NAMES)
-    text = format_headline_table({"centralised": r, "fedavg": r["headline"]}, title="Test split")
+    text = format_headline_table({"centralised": r, "fedavg": r["headline"]}, title="Test split",
+                                 reference=SEED_PAPER)
     header = next(line for line in text.splitlines() if "Accuracy" in line)
-    cols = ["Accuracy", "Precision", "Recall", "F1", "AUC"]
-    assert [header.index(c) for c in cols] == sorted(header.index(c) for c in cols)
+    assert header.split() == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "AUC"]
     assert text.startswith("Test split")
     row = next(line for line in text.splitlines() if line.startswith("centralised")).split()[1:]
-    assert row == [f"{100 * r['headline'][k]:.1f}" for k in HEADLINE]
+    assert row == [f"{100 * r[m][k]:.1f}" for m, k in (("headline", "accuracy"), ("headline", "precision"),
+                                                       ("headline", "recall"), ("macro", "specificity"),
+                                                       ("headline", "f1"), ("headline", "auc"))]
     seed = next(line for line in text.splitlines() if line.startswith("seed paper"))
-    assert seed.split()[2:] == ["91.4", "89.2", "92.5", "90.8", "94.1"]
-    assert "seed paper" not in format_headline_table({"x": r}, reference=None)
+    assert "ChestX-ray14" in seed and seed.split()[-6:] == ["91.4", "89.2", "92.5", "n/a", "90.8", "94.1"]
     assert SEED_PAPER["auc"] == 0.941
+    # the all-positive baseline on the same images: prevalence as accuracy and precision, recall 1, AUC 0.5
+    prev = [p["support"] / p["n"] for p in r["per_finding"].values()]
+    base = next(line for line in text.splitlines() if line.startswith("all-positive baseline")).split()[2:]
+    assert base == [f"{100 * np.mean(prev):.1f}", f"{100 * np.mean(prev):.1f}", "100.0", "0.0",
+                    f"{100 * np.mean([2 * p / (1 + p) for p in prev]):.1f}", "50.0"]
+    plain = format_headline_table({"x": r})
+    assert "seed paper" not in plain and "all-positive baseline" in plain
 
 
 def test_per_finding_table():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
-from common.config import ModelConfig
+from common.settings import ModelConfig
 from common.errors import FedxrayError
 from common.models import (build_model, cam_target_layer, classifier_head, count_parameters,
                            load_state_dict_file, make_dp_compatible, set_backbone_trainable)

@@ -6,9 +6,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import PrivacyBudget, unwrap
-from common.config import ModelConfig, PrivacyConfig
+from common.settings import ModelConfig, PrivacyConfig
 from common.models import build_model
 from common.training import MaskedBCELoss, train_epoch
+from tests.run_support import TINY
 
 
 def _data(n=64):
@@ -55,7 +56,6 @@ def test_fixed_noise_multiplier_and_default_delta():
 
 # ------------------------------------------------------------------------------------------ in the ClientApp
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False}
 
 
 def _train_msg(model, server_round: int):
@@ -76,12 +76,11 @@ def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(s
     from client.app import train
     from client.boundary import is_decline, parse_reply_error
     from client.privacy import DP_STATE
-    from client.settings import RunSettings
+    from common.settings import Settings
     from server.privacy import provenance, record_round
 
-    s = RunSettings(data_path=str(synth_root), dp_enabled=True, dp_target_epsilon=3.0, dp_delta=1e-5,
-                    num_server_rounds=2, **{k.replace("-", "_"): v for k, v in TINY.items()})
-    model = build_model(s.experiment().model.model_copy(update={"weights": "none"}), 4, 1)
+    s = Settings.build("demo", {"data.path": str(synth_root), "privacy.enabled": True, "privacy.target_epsilon": 3.0, "privacy.delta": 1e-5, "federation.rounds": 2, **TINY})
+    model = build_model(s.network.model_copy(update={"weights": "none"}), 4, 1)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())   # the Opacus-safe variant
     ctx = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                   run_config=s.to_run_config())
@@ -112,16 +111,16 @@ def test_client_reports_epsilon_each_round_then_declines_and_server_records_it(s
 
 
 def test_dp_settings_are_validated():
-    from client.settings import RunSettings
     from common.errors import FedxrayError
+    from common.settings import Settings
 
-    with pytest.raises(FedxrayError, match="dp-target-epsilon > 0 or dp-noise-multiplier"):
-        RunSettings.from_run_config({"dp-enabled": True, "dp-target-epsilon": 0.0})
+    with pytest.raises(FedxrayError, match="privacy.enabled needs privacy.target_epsilon or privacy.noise_multiplier"):
+        Settings.from_run_config({"privacy.enabled": True, "privacy.target_epsilon": ""})
     with pytest.raises(FedxrayError, match="proximal term"):
-        RunSettings.from_run_config({"dp-enabled": True, "strategy": "fedprox", "proximal-mu": 0.1})
+        Settings.from_run_config({"privacy.enabled": True, "federation.strategy": "fedprox", "federation.proximal_mu": 0.1})
     with pytest.raises(FedxrayError, match="SecAgg"):
-        RunSettings.from_run_config({"secure-aggregation": True, "strategy": "fedprox"})
-    assert RunSettings(dp_enabled=True).experiment().model.dp_compatible
+        Settings.from_run_config({"secagg.enabled": True, "federation.strategy": "fedprox"})
+    assert Settings.build("demo", {"privacy.enabled": True}).network.dp_compatible
 
 
 # ------------------------------------------------------------------------------------------ on the server
@@ -143,14 +142,13 @@ def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode
     from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
     from client.boundary import REFUSED, reason
-    from client.settings import RunSettings
+    from common.settings import Settings
     from server.grid import GuardedGrid
     from server.privacy import wrap_central_dp
     from tests.conftest import StandInGrid
     from server.strategies import build_strategy
 
-    s = RunSettings(central_dp=mode, central_dp_noise_multiplier=0.0, central_dp_clipping_norm=0.5,
-                    min_train_nodes=2, min_available_nodes=2)
+    s = Settings.build("demo", {"central_dp.mode": mode, "central_dp.noise_multiplier": 0.0, "central_dp.clipping_norm": 0.5, "federation.min_train_nodes": 2, "federation.min_available_nodes": 2})
     strategy = wrap_central_dp(build_strategy(s), s)
     cls = {"server-fixed": fs.DifferentialPrivacyServerSideFixedClipping,
            "client-fixed": fs.DifferentialPrivacyClientSideFixedClipping,
@@ -188,7 +186,7 @@ def test_client_side_clipping_mod_clips_the_update(task_identity):
     def mod(name, overrides=None):
         return next(m for m in make_mods(overrides) if m.__name__ == name)
 
-    central = mod("central_dp", {"central-dp": "client-fixed"})
+    central = mod("central_dp", {"central_dp.mode": "client-fixed"})
     msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
                               "config": ConfigRecord({KEY_CLIPPING_NORM: 0.5})}), dst_node_id=3,
                   message_type=MessageType.TRAIN)
@@ -219,10 +217,10 @@ def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(s
     from tests.conftest import REPO
 
     out, ray_tmp = tmp_path / "out", Path("/tmp") / f"raydp{os.getpid()}"
-    sets = {**TINY, "dp-enabled": True, "dp-target-epsilon": 5.0, "central-dp": "client-fixed",
-            "central-dp-noise-multiplier": 0.01, "central-dp-clipping-norm": 10.0, "min-train-nodes": 3,
-            "node-wait-timeout": 60.0, "round-timeout": 300.0}
-    cmd = [sys.executable, "-m", "common.cli", "federate", "--data", str(synth_root), "--out", str(out),
+    sets = {**TINY, "privacy.enabled": True, "privacy.target_epsilon": 5.0, "central_dp.mode": "client-fixed",
+            "central_dp.noise_multiplier": 0.01, "central_dp.clipping_norm": 10.0, "federation.min_train_nodes": 3,
+            "federation.node_wait_timeout": 60.0, "federation.round_timeout": 300.0}
+    cmd = [sys.executable, "-m", "fedxray", "federate", "--data", str(synth_root), "--out", str(out),
            "--supernodes", "3", "--rounds", "2", *[f"--set={k}={json.dumps(v)}" for k, v in sets.items()]]
     p = subprocess.Popen(cmd, cwd=REPO, env=flower_env(tmp_path / "home", ray_tmp), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -252,7 +250,7 @@ def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(s
 def test_dp_noise_and_sampling_are_not_reproducible_from_the_run_seed_by_default():
     """The run's seed is in the run config (which the server writes): with the default secure RNG the Poisson
     batches and the noise come from a generator seeded by the OS CSPRNG, and Opacus' floating-point-safe noise
-    is on; with dp-secure-rng=false (experiments) the same seed gives the same batches."""
+    is on; with privacy.secure_rng=false (experiments) the same seed gives the same batches."""
     ds = _data(256)
 
     def batches(secure: bool):

@@ -21,16 +21,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from tests.conftest import REPO
+from tests.run_support import TINY, tiny_settings
 
-TINY = {"image-size": 32, "batch-size": 8, "local-epochs": 1, "denoise-sigma": 0.0, "augment": False,
-        "node-wait-timeout": 90.0, "round-timeout": 300.0}
+RUN = {**TINY, "federation.node_wait_timeout": 90.0, "federation.round_timeout": 300.0}
 NODE_EXIT_S = 120          # a node with a bad identity / no CA gives up by itself well within this
 _ROOTS: list[str] = []     # folders whose processes must all be gone at the end
 
 
 # ------------------------------------------------------------------------------------------------ certs
 def test_certs_command_writes_a_ca_a_superlink_cert_node_keys_and_a_signing_key(tmp_path):
-    from common.cli import main
+    from fedxray.cli import main
 
     out = tmp_path / "certs"
     assert main(["certs", "--out", str(out), "--host", "superlink.hospital.net", "--host", "10.0.0.5",
@@ -133,9 +133,9 @@ def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
         fed = LocalFederation(work, hospitals, security=security)
         try:
             fed.start()
-            rc = {**TINY, "data-path": str(synth_root), "num-server-rounds": 1, "min-available-nodes": 2,
-                  "min-train-nodes": 2, "min-evaluate-nodes": 2}
-            ok = fed.submit({**rc, "output-dir": str(flower_tmp / "signed")}, timeout=600, app=f"{app_id}=={version}")
+            rc = {**RUN, "data.path": str(synth_root), "federation.rounds": 1, "federation.min_available_nodes": 2,
+                  "federation.min_train_nodes": 2, "federation.min_evaluate_nodes": 2}
+            ok = fed.submit(tiny_settings({**rc, "output_dir": str(flower_tmp / "signed")}), timeout=600, app=f"{app_id}=={version}")
             assert ok.ok, (ok.status, ok.log.read_text()[-3000:])
             assert set(ok.summary["provenance"]["federation"]["nodes"]) == set(hospitals)
 
@@ -154,7 +154,7 @@ def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
 
             for name, app in (("tampered", f"{app_id}==9.9.1"), ("unsigned", f"{app_id}==9.9.2"), ("local", None)):
                 t0 = time.monotonic()
-                bad = fed.submit({**rc, "output-dir": str(flower_tmp / name)}, timeout=300, app=app)
+                bad = fed.submit(tiny_settings({**rc, "output_dir": str(flower_tmp / name)}), timeout=300, app=app)
                 assert bad.status.get("state") == "failed", (name, bad.status, bad.log.read_text()[-2000:])
                 assert "The FAB could not be verified" in bad.status["message"], name
                 assert time.monotonic() - t0 < 300
@@ -183,9 +183,9 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
     runs = {}
     for mode in ("fedavg", "secagg"):
         out = flower_tmp / mode
-        sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
-        sets += ["--set=secure-aggregation=true", "--set=secagg-max-weight=60"] if mode == "secagg" else []
-        p = subprocess.Popen([sys.executable, "-m", "common.cli", "federate", "--data", str(synth_root), "--out",
+        sets = [f"--set={k}={json.dumps(v)}" for k, v in RUN.items()]
+        sets += ["--set=secagg.enabled=true", "--set=secagg.max_weight=60"] if mode == "secagg" else []
+        p = subprocess.Popen([sys.executable, "-m", "fedxray", "federate", "--data", str(synth_root), "--out",
                               str(out), "--supernodes", "3", "--rounds", "2", *sets], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import DataConfig
+from common.settings import DataConfig
 from common.data import load_manifest
 from common.errors import FedxrayError
 from simulations.arms import ARM_TYPES
@@ -55,14 +55,13 @@ def test_protocol_keeps_patients_in_one_place_and_pools_exactly_the_hospitals_tr
     assert again.to_json() == proto.to_json()   # seeded: the same experiment gives the same partition
 
 
-def test_config_matches_cost_and_expands_dp_arms_or_says_why_they_cannot_run():
+def test_config_matches_cost_and_expands_dp_arms():
     cfg = SimulationConfig.model_validate({"federation": {"rounds": 4, "local_epochs": 2},
                                            "arms": [{"kind": "centralised"}, {"kind": "dp", "epsilons": [1, 8]}]})
     assert cfg.train.epochs == 8 and cfg.train.early_stopping_patience == 0
     arms = planned_arms(cfg)
     assert [a.name for a, _ in arms] == ["centralised", "dp-fedavg-eps1", "dp-fedavg-eps8"]
-    for _, why in arms[1:]:
-        assert why is None or "privacy" in why or "Flower" in why
+    assert [why for _, why in arms] == [None, None, None]   # every kind of arm is always available
     with pytest.raises(ValueError, match="unique"):
         SimulationConfig.model_validate({"arms": [{"kind": "federated"}, {"kind": "federated"}]})
     with pytest.raises(ValueError, match="unknown arm kind"):
@@ -80,24 +79,27 @@ def test_shipped_experiments_load():
         assert cfg.arms and cfg.partitions
 
 
-def test_federated_arm_refuses_settings_the_flower_apps_cannot_reproduce(synth_root, tmp_path):
-    pytest.importorskip("server.federation")
+def test_federated_arm_gives_the_flower_apps_the_experiments_own_settings(synth_root, tmp_path):
+    """The apps train the very sections the other arms train (one Settings), plus the arm's own params."""
     from types import SimpleNamespace
 
     from simulations.arms.base import ArmContext
-    from simulations.arms.federated import run_config
+    from simulations.arms.federated import run_settings
 
-    cfg = tiny_config(synth_root, tmp_path, [{"kind": "federated"}], model={"arch": "smallcnn", "weights": "none",
-                                                                            "dropout": 0.2})
+    cfg = tiny_config(synth_root, tmp_path, [{"kind": "federated", "strategy": "fedprox",
+                                              "params": {"federation": {"proximal_mu": 0.01}, "train.lr": 0.0003}}],
+                      model={"arch": "smallcnn", "weights": "none", "dropout": 0.2})
     ctx = ArmContext(cfg, cfg.experiment(), SimpleNamespace(hospitals=[1, 2, 3]),
                      SimpleNamespace(findings=SYNTH_FINDINGS), tmp_path, None)
-    with pytest.raises(FedxrayError, match="model.dropout"):
-        run_config(ctx, cfg.arms[0], tmp_path, tmp_path)
-    # a deliberate per-arm choice (a client learning rate) is allowed, and what the apps get
-    cfg = tiny_config(synth_root, tmp_path, [{"kind": "federated", "params": {"lr": 0.0003}}])
-    ctx.cfg, ctx.exp = cfg, cfg.experiment()
-    rc = run_config(ctx, cfg.arms[0], tmp_path, tmp_path)
-    assert rc["lr"] == 0.0003 and rc["local-epochs"] == 1 and rc["num-server-rounds"] == 2
+    s = run_settings(ctx, cfg.arms[0], tmp_path, tmp_path / "out")
+    for section in ("preprocess", "augment", "model"):
+        assert getattr(s, section) == getattr(ctx.exp, section), section
+    assert s.model.dropout == 0.2 and s.train.lr == 0.0003 and ctx.exp.train.lr == 0.003
+    assert s.train.model_copy(update={"lr": 0.003}) == ctx.exp.train
+    f = s.federation
+    assert (f.strategy, f.proximal_mu, f.rounds, f.local_epochs, f.local_split) == ("fedprox", 0.01, 2, 1,
+                                                                                     "train-val-test")
+    assert s.data.findings == SYNTH_FINDINGS and s.output_dir == str(tmp_path / "out")
 
 
 def test_synthetic_data_is_written_once_and_a_changed_recipe_is_refused(tmp_path):
@@ -174,7 +176,6 @@ def _ray_processes(fragment: str) -> list[int]:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Centralised + FedAvg (Flower simulation runtime), 2 rounds, tiny images; private FLWR_HOME/RAY_TMPDIR."""
-    pytest.importorskip("server.federation")
     from common.data.synthetic import synthesize
 
     base = tmp_path_factory.mktemp("sim")
@@ -184,9 +185,8 @@ def e2e(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FLWR_HOME", str(base / "flwr-home"))
     mp.setenv("RAY_TMPDIR", str(ray_tmp))
-    arms = [{"kind": "centralised"}, {"kind": "federated", "strategy": "fedavg"}]
-    if ARM_TYPES["dp"].unavailable(SimulationConfig().arms[0]) is None:   # once the privacy work is in
-        arms.append({"kind": "dp", "strategy": "fedavg", "epsilons": [3.0], "delta": 1e-5})
+    arms = [{"kind": "centralised"}, {"kind": "federated", "strategy": "fedavg"},
+            {"kind": "dp", "strategy": "fedavg", "epsilons": [3.0], "delta": 1e-5}]
     cfg = tiny_config(data, base / "exp", arms)
     try:
         results = run_experiment(cfg, progress=False)
@@ -280,7 +280,7 @@ def test_rerun_of_a_finished_experiment_reruns_nothing_and_report_only_rebuilds(
     a, b = again["partitions"]["iid"]["arms"], results["partitions"]["iid"]["arms"]
     assert a == json.loads(json.dumps(b))
     (out / "report.md").unlink()
-    from common.cli import main
+    from fedxray.cli import main
 
     assert main(["simulate", str(out / "experiment.json"), "--report-only", "--no-progress"]) == 0
     assert (out / "report.md").read_text() == report_before

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import main as cli_main
-from common.config import ExperimentConfig, ModelConfig, TrainConfig, load_config
+from fedxray.cli import main as cli_main
+from common.settings import Settings, ModelConfig, TrainConfig, load_settings
 from common.models import build_model
-from common.pipeline import run_centralised
+from common.centralised import run_centralised
 from common.training import MaskedBCELoss, SoftmaxCELoss, make_criterion, seed_everything, train_epoch
 from tests.conftest import SYNTH_FINDINGS
 
@@ -46,7 +46,7 @@ def test_a_diverged_model_is_a_clear_error_naming_the_tensors_at_fault():
     with torch.no_grad():
         model.features[1][1].running_var[0] = -0.5    # what a server optimiser used to do to BatchNorm
     with pytest.raises(ModelDiverged, match=r"val: .*NaN/inf on 4 of 4 images.*negative BatchNorm running_var in "
-                                            r"features\.1\.1\.running_var.*Lower lr"):
+                                            r"features\.1\.1\.running_var.*Lower train\.lr"):
         predict(model, loader, desc="val")
     model = build_model(ModelConfig(arch="smallcnn", weights="none"), 2, 1)
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_a_diverged_model_is_a_clear_error_naming_the_tensors_at_fault():
 
 
 def _config(root, out, **train):
-    return ExperimentConfig.model_validate({
+    return Settings.model_validate({
         "data": {"path": str(root), "findings": SYNTH_FINDINGS},
         "preprocess": {"image_size": 48}, "model": {"arch": "smallcnn", "weights": "none"},
         "train": {"epochs": 6, "batch_size": 16, "lr": 3e-3, "early_stopping_patience": 0, **train},
@@ -88,7 +88,9 @@ def test_centralised_run_learns_and_writes_its_run_directory(synth_root, tmp_pat
     assert card["provenance"]["training"] == "centralised"
     assert card["findings"] == SYNTH_FINDINGS and set(card["thresholds"]) == set(SYNTH_FINDINGS)
     assert card["metrics"]["test"]["headline"]["auc"] == pytest.approx(test["headline"]["auc"])
-    assert "Accuracy  Precision     Recall         F1        AUC" in summary["table"]
+    header = summary["table"].splitlines()[1].split()
+    assert header == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "AUC"]
+    assert "all-positive baseline" in summary["table"] and "seed paper" not in summary["table"]
     # patient-level: no patient of the pooled hospitals in two splits
     rep = summary["data_report"]
     assert sum(s["images"] for s in rep["splits"].values()) == rep["images"]
@@ -105,10 +107,10 @@ def test_train_cli_config_file_overrides_and_clear_errors(synth_root, tmp_path, 
     toml.write_text(f'output_dir = "{tmp_path / "cli"}"\n[data]\npath = "{synth_root / "hospital_1"}"\n'
                     f'findings = {json.dumps(SYNTH_FINDINGS)}\n[preprocess]\nimage_size = 32\n'
                     '[model]\narch = "smallcnn"\nweights = "none"\n[train]\nepochs = 1\n')
-    assert load_config(toml, {"train.epochs": 2}).train.epochs == 2
+    assert load_settings(toml, {"train.epochs": 2}).train.epochs == 2
     assert cli_main(["train", "--config", str(toml), "--set", "train.batch_size=8"]) == 0
     assert "bundle:" in capsys.readouterr().out
     assert cli_main(["train", "--data", str(tmp_path / "nope")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(toml), "--set", "train.epochs=0"]) == 2
-    assert "invalid configuration" in capsys.readouterr().err
+    assert "invalid settings (train.epochs: Input should be greater than or equal to 1)" in capsys.readouterr().err

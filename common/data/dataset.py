@@ -35,7 +35,7 @@ class XrayDataset(Dataset):
         """Decode and prepare every image now (progress bar); drop and record the ones that fail."""
         keep, excluded = [], []
         for pos, i in enumerate(tqdm(self.indices, desc=f"loading {self.name}", unit="img", leave=False,
-                                     disable=not self.progress or len(self.indices) < 200)):
+                                     disable=True if not self.progress or len(self.indices) < 200 else None)):
             try:
                 img = self._prepare(i)
             except ImageError as e:

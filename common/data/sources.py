@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
+from common.settings import DataConfig
 from common.data.manifest import Box, Manifest, Sample
 from common.errors import DataError
 from common.labels import (
@@ -420,6 +420,8 @@ def load_manifest(cfg: DataConfig, site: str = "") -> Manifest:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DataError("no such file or folder", path=str(path), failure="data-not-found")
+    if cfg.source == "auto":   # one detection for every command
+        cfg = cfg.model_copy(update={"source": detect_source(path)})
     manifest = (load_multisite(path, cfg) if cfg.source in ("chestxray14", "chexpert") and site_folders(path)
                 else LOADERS[cfg.source](path, cfg, site))
     if cfg.frontal_only:

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from common.config import DataConfig
+from common.settings import DataConfig
 from common.data.manifest import Manifest
 from common.errors import DataError
 
@@ -77,7 +77,7 @@ def patient_split(manifest: Manifest, cfg: DataConfig) -> dict[str, list[int]]:
         splits = {k: sorted(rng.permutation(v)[: cfg.max_samples].tolist()) if len(v) > cfg.max_samples else v
                   for k, v in splits.items()}
     for name in SPLITS:
-        wanted = dict(zip(SPLITS, cfg.split_fractions))[name] > 0 or name in official
+        wanted = dict(zip(SPLITS, cfg.split_fractions))[name] > 0 or (cfg.use_official_test and name in official)
         if wanted and not splits[name]:
             raise DataError(f"the {name} split is empty ({len(manifest.samples)} images from "
                             f"{manifest.patients()} patients): add data or change data.split_fractions",

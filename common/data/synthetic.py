@@ -105,7 +105,7 @@ def write_hospital(out: Path, *, patients: int, size: int, acq: Acquisition, see
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows, box_rows, test_list, trainval_list = [], [], [], []
-    for p in tqdm(range(patients), desc=f"synth {out.name}", unit="patient", leave=False, disable=not progress):
+    for p in tqdm(range(patients), desc=f"synth {out.name}", unit="patient", leave=False, disable=None if progress else True):
         pid = patient_offset + p + 1
         # lists, not sets: iterating a set of strings follows PYTHONHASHSEED, so the rng draws (and the
         # whole data set) would differ between processes with the same seed

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import ExperimentConfig
+from common.settings import Settings
 from simulations.config import ArmConfig, SimulationConfig
 from simulations.evaluation import Evaluator, Scored
 from simulations.protocol import Protocol
@@ -23,7 +23,7 @@ def register(cls: type[ArmType]) -> type[ArmType]:
 @dataclass
 class ArmContext:
     cfg: SimulationConfig
-    exp: ExperimentConfig          # the common/ view: what the one training loop takes
+    exp: Settings          # the common/ view: what the one training loop takes
     proto: Protocol
     evaluator: Evaluator
     workdir: Path                  # this arm's scratch folder (models, Flower output)

@@ -8,71 +8,32 @@ other arm; the apps' own test figures are kept beside it as a consistency check.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 from common.errors import FedxrayError
+from common.settings import Settings, flatten, nest
 from simulations.arms.base import ArmContext, ArmType, predictions, register
 from simulations.config import ArmConfig
 from simulations.flower_data import materialise
 
-COMPARED_TRAIN_FIELDS = ("batch_size", "lr", "weight_decay", "pos_weight", "loss", "threshold_method")
 
 
-def flower_available() -> str | None:
-    """None when the Flower apps' Python entry can be imported, else why not."""
-    if importlib.util.find_spec("server.federation") is None or importlib.util.find_spec("client.app") is None:
-        return "the Flower apps (server/federation.py, client/app.py) are not in this checkout"
-    try:
-        from server.federation import run_federated_simulation  # noqa: F401
-    except ImportError as e:
-        return f"the Flower apps cannot be imported: {e}"
-    return None
-
-
-def run_config(ctx: ArmContext, spec: ArmConfig, data_root: Path, out: Path, extra: dict | None = None,
-               may_differ: tuple[str, ...] = ()) -> dict:
-    """Flower run-config overrides that reproduce this experiment's model, images and training.
-
-    Settings the apps would change are an error (an unfair comparison), except keys the arm sets on purpose
-    (its `params`, federation.run_config) and `may_differ` (e.g. the GroupNorm model DP-SGD needs)."""
-    from client.settings import RunSettings
-
-    exp, f, n = ctx.exp, ctx.cfg.federation, len(ctx.proto.hospitals)
-    rc = {
-        "num-server-rounds": f.rounds, "strategy": spec.strategy.lower(), "fraction-train": f.fraction_train,
-        "fraction-evaluate": 1.0, "min-train-nodes": max(1, math.ceil(n * f.fraction_train)),
-        "min-evaluate-nodes": n, "min-available-nodes": n, "fp16": f.fp16, "resume": True,
-        "local-epochs": f.local_epochs, "batch-size": exp.train.batch_size, "lr": exp.train.lr,
-        "weight-decay": exp.train.weight_decay, "pos-weight": exp.train.pos_weight,
-        "threshold-method": exp.train.threshold_method, "client-threads": exp.train.num_threads or 1,
-        "arch": exp.model.arch, "weights": exp.model.weights, "image-size": exp.preprocess.image_size,
-        "channels": exp.preprocess.channels, "denoise-sigma": exp.preprocess.denoise_sigma,
-        "augment": exp.augment.enabled, "data-path": str(data_root), "data-source": "medmnist",
-        "server-data-path": str(data_root / "holdout"), "findings": ",".join(ctx.evaluator.findings),
-        "output-dir": str(out), "seed": exp.train.seed, **f.run_config, **spec.params, **(extra or {}),
-    }
-    optional = {"dp_compatible": ("dp-compatible", exp.model.dp_compatible),   # GroupNorm model, when the apps
-                "dropout": ("dropout", exp.model.dropout)}                     # know these keys
-    rc.update({key: v for field, (key, v) in optional.items() if field in RunSettings.model_fields and key not in rc})
-    s = RunSettings.from_run_config({}, rc)
-    theirs = s.experiment(findings=ctx.evaluator.findings)
-    explicit = set(spec.params) | set(f.run_config) | set(may_differ)   # deliberate per-arm choices
-    fields = [(sec, k) for sec in ("preprocess", "augment", "model") for k in type(getattr(exp, sec)).model_fields]
-    fields += [("train", k) for k in COMPARED_TRAIN_FIELDS]
-    diffs = [f"{sec}.{k}: {getattr(getattr(exp, sec), k)!r} here, {getattr(getattr(theirs, sec), k)!r} in the apps"
-             for sec, k in fields if getattr(getattr(exp, sec), k) != getattr(getattr(theirs, sec), k)
-             and _key(sec, k) not in explicit]
-    if diffs:
-        raise FedxrayError("the federated arm cannot reproduce these settings through the Flower app's run config, "
-                           "so it would not be a fair comparison: " + "; ".join(diffs))
-    return rc
-
-
-def _key(section: str, field: str) -> str:
-    """The run-config key of a common/ setting (augment.enabled is `augment`)."""
-    return "augment" if (section, field) == ("augment", "enabled") else field.replace("_", "-")
+def run_settings(ctx: ArmContext, spec: ArmConfig, data_root: Path, out: Path, extra: dict | None = None) -> Settings:
+    """The experiment's own settings, as the Flower apps receive them: the same sections the other arms train
+    with (so nothing can differ by accident), this arm's strategy and `params`, and the protocol's hospitals
+    (`simulations.flower_data`: one folder per hospital, split as the protocol split it, plus holdout/)."""
+    f, n = ctx.cfg.federation, len(ctx.proto.hospitals)
+    return ctx.exp.updated(**{
+        "federation.strategy": spec.strategy.lower(), "federation.fraction_evaluate": 1.0,
+        "federation.min_train_nodes": max(1, math.ceil(n * f.fraction_train)), "federation.min_evaluate_nodes": n,
+        "federation.min_available_nodes": n, "federation.resume": True,
+        "federation.local_split": "train-val-test",   # each hospital keeps the protocol's own split
+        "federation.client_threads": ctx.exp.train.num_threads or 1,
+        "data.path": str(data_root), "data.source": "medmnist", "data.findings": list(ctx.evaluator.findings),
+        "federation.server_data_path": str(data_root / "holdout"), "output_dir": str(out),
+        **flatten(nest(spec.params)), **(extra or {}),
+    })
 
 
 def _rounds(summary: dict) -> list[dict]:
@@ -110,12 +71,8 @@ def _rounds(summary: dict) -> list[dict]:
 @register
 class Federated(ArmType):
     kind = "federated"
-    may_differ: tuple[str, ...] = ()
 
-    def unavailable(self, spec: ArmConfig) -> str | None:
-        return flower_available()
-
-    def extra_run_config(self, spec: ArmConfig) -> dict:
+    def extra_settings(self, spec: ArmConfig) -> dict:
         return {}
 
     def run(self, ctx: ArmContext, spec: ArmConfig):
@@ -124,9 +81,9 @@ class Federated(ArmType):
 
         data_root = materialise(ctx.proto, ctx.workdir.parent / "flower-data", ctx.exp.preprocess.image_size)
         out = ctx.workdir / "flower"
-        rc = run_config(ctx, spec, data_root, out, self.extra_run_config(spec), self.may_differ)
+        settings = run_settings(ctx, spec, data_root, out, self.extra_settings(spec))
         f = ctx.cfg.federation
-        summary = run_federated_simulation(rc, num_supernodes=len(ctx.proto.hospitals), cpus=f.cpus,
+        summary = run_federated_simulation(settings, num_supernodes=len(ctx.proto.hospitals), cpus=f.cpus,
                                            cpus_per_client=f.client_cpus)
         rounds = _rounds(summary)
         for r in rounds:
@@ -142,7 +99,7 @@ class Federated(ArmType):
         result = {
             "test": scored.metrics, "validation": summary.get("validation"), "best_round": summary.get("best_round"),
             "rounds": rounds, "train_images": len(ctx.proto.pooled_train), "strategy": spec.strategy.lower(),
-            "run_config": rc, "runtime": "flower simulation (server.federation.run_federated_simulation)",
+            "run_config": settings.to_run_config(), "runtime": "flower simulation (server.federation.run_federated_simulation)",
             "cost": {**ctx.cost, "schedule": f"{f.rounds} rounds x {f.local_epochs} local epoch(s) at every hospital"},
             "per_hospital_test": per_hospital, "cross_site": {spec.name: per_hospital},
             "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None),
@@ -154,25 +111,11 @@ class Federated(ArmType):
         return result, predictions(scored)
 
 
-DP_EPSILON_FIELDS = ("dp_target_epsilon", "dp_epsilon", "target_epsilon")
-
-
-def dp_epsilon_key() -> str | None:
-    """The run-config key that sets a target epsilon, once the privacy work has added one."""
-    try:
-        from client.settings import RunSettings
-    except ImportError:
-        return None
-    field = next((f for f in DP_EPSILON_FIELDS if f in RunSettings.model_fields), None)
-    return field.replace("_", "-") if field else None
-
-
 @register
 class DifferentiallyPrivate(Federated):
     """One federated arm per target epsilon (client-side DP-SGD), for the privacy-utility curve."""
 
     kind = "dp"
-    may_differ = ("dp-compatible",)   # DP-SGD trains the GroupNorm variant of the model
 
     def expand(self, spec: ArmConfig) -> list[ArmConfig]:
         if not spec.epsilons:
@@ -180,19 +123,8 @@ class DifferentiallyPrivate(Federated):
         base = spec.name
         return [spec.model_copy(update={"label": f"{base}-eps{e:g}", "epsilons": [e]}) for e in spec.epsilons]
 
-    def unavailable(self, spec: ArmConfig) -> str | None:
-        why = flower_available()
-        if why:
-            return why
-        if dp_epsilon_key() is None:
-            return ("differential privacy is not available in the Flower apps yet (no target-epsilon run-config "
-                    "key in client/settings.py RunSettings); DP arms are skipped")
-        return None
-
-    def extra_run_config(self, spec: ArmConfig) -> dict:
-        from client.settings import RunSettings
-
-        extra = {"dp-enabled": True, dp_epsilon_key(): spec.epsilons[0]}
-        if spec.delta is not None and "dp_delta" in RunSettings.model_fields:
-            extra["dp-delta"] = spec.delta
+    def extra_settings(self, spec: ArmConfig) -> dict:
+        extra = {"privacy.enabled": True, "privacy.target_epsilon": spec.epsilons[0]}
+        if spec.delta is not None:
+            extra["privacy.delta"] = spec.delta
         return extra

@@ -19,7 +19,7 @@ class LocalOnly(ArmType):
     def run(self, ctx: ArmContext, spec: ArmConfig):
         hospitals, curves, cross = {}, [], {}
         for k, h in enumerate(tqdm(ctx.proto.hospitals, desc="local-only hospitals", unit="hospital",
-                                   disable=not ctx.progress)):
+                                   disable=None if ctx.progress else True)):
             own_val = ctx.evaluator.hospital_loader(h.name, "val")
             model, res, rows, n = train_and_track(ctx, h.train, own_val, ctx.exp.train.seed + k, progress=False)
             test = ctx.evaluator.score(model, ctx.evaluator.loaders["test"], res.thresholds).metrics

@@ -1,71 +1,21 @@
-"""From an ExperimentConfig to datasets, and the centralised training run (`fedxray train`).
-
-`prepare_data` is the single path from a data source to cached torch datasets; the Flower client, the
-server's evaluation and the simulations use it too, so every arm sees identically prepared images.
-"""
+"""The centralised training run (`fedxray train`): one data source, the one training loop, a run folder
+with metrics.json, data_report.json, curves and ROC plots, and a bundle the inference API serves."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from common.config import ExperimentConfig
-from common.data.dataset import XrayDataset
-from common.data.manifest import Manifest
-from common.data.report import data_report
-from common.data.sources import load_manifest
-from common.data.splits import patient_split
-from common.errors import DataError
-from common.transforms import Augmenter, Preprocessor
+from common.data.prepare import prepare_data
+from common.fileio import write_json
+from common.settings import Settings
 
 
-@dataclass
-class PreparedData:
-    manifest: Manifest
-    splits: dict[str, list[int]]
-    datasets: dict[str, XrayDataset]
-
-    @property
-    def findings(self) -> list[str]:
-        return self.manifest.findings
-
-    def report(self) -> dict:
-        return data_report(self.manifest, {k: ds.indices for k, ds in self.datasets.items()})
-
-
-def build_datasets(manifest: Manifest, splits: dict[str, list[int]], cfg: ExperimentConfig, *,
-                   progress: bool = True) -> dict[str, XrayDataset]:
-    """Datasets for each split (augmentation on train only), preloaded so bad images are excluded up front."""
-    pre = Preprocessor(cfg.preprocess)
-    aug = Augmenter(cfg.augment)
-    out = {}
-    for name, idx in splits.items():
-        ds = XrayDataset(manifest, idx, pre, aug if name == "train" else None, cache=cfg.data.cache_images,
-                         min_resolution=cfg.data.min_resolution if manifest.arrays is None else 1,
-                         name=name, progress=progress)
-        ds.preload()
-        if idx and len(ds) == 0:
-            raise DataError(f"every image of the {name} split was excluded (see the data report)",
-                            path=str(manifest.root), failure="data-too-small")
-        out[name] = ds
-    return out
-
-
-def prepare_data(cfg: ExperimentConfig, *, site: str = "", progress: bool = True) -> PreparedData:
-    manifest = load_manifest(cfg.data, site)
-    splits = patient_split(manifest, cfg.data)
-    return PreparedData(manifest, splits, build_datasets(manifest, splits, cfg, progress=progress))
-
-
-def run_centralised(cfg: ExperimentConfig, *, progress: bool = True, run_id: str | None = None) -> dict:
+def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None = None,
+                    compare_paper: bool = False) -> dict:
     """Train on one data source and write a run directory: metrics.json, the bundle, curves and ROC plots."""
     from common.bundle import save_bundle
-    from common.metrics import format_headline_table
+    from common.metrics import SEED_PAPER, format_headline_table
     from common.models import build_model
     from common.plots import plot_per_finding_bars, plot_roc_curves, plot_training_curves
     from common.training import evaluate, fit, make_criterion, make_loader, predict, seed_everything
@@ -76,7 +26,7 @@ def run_centralised(cfg: ExperimentConfig, *, progress: bool = True, run_id: str
     seed_everything(cfg.train.seed, cfg.train.num_threads)
     data = prepare_data(cfg, progress=progress)
     report = data.report()
-    (out / "data_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "data_report.json", report)
     multilabel = cfg.train.loss == "bce"
     ds = data.datasets
     model = build_model(cfg.model, len(data.findings), cfg.preprocess.channels)
@@ -108,16 +58,7 @@ def run_centralised(cfg: ExperimentConfig, *, progress: bool = True, run_id: str
     summary = {"run_id": run_id, "history": res.history, "best_epoch": res.best_epoch,
                "stopped_early": res.stopped_early, "validation": res.val_metrics, "test": test,
                "bundle": str(bundle_dir), "train_seconds": train_seconds, "data_report": report}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False, default=_json_default))
-    summary["table"] = format_headline_table({"test (this run)": test}, title="Centralised - test split")
+    write_json(out / "metrics.json", summary)
+    summary["table"] = format_headline_table({"test (this run)": test}, title="Centralised - test split",
+                                             reference=SEED_PAPER if compare_paper else None)
     return summary
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -1,0 +1,1 @@
+"""The `fedxray` command: the top layer, above every package it gathers subcommands from."""

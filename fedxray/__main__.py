@@ -1,0 +1,5 @@
+import sys
+
+from fedxray.cli import main
+
+sys.exit(main())

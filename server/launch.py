@@ -34,8 +34,9 @@ import tomli_w
 
 from common.data.sources import site_folders
 from common.errors import FedxrayError
+from common.net import free_port, wait_http
 from server.federation import FLOWER_ENV, PROGRESS
-from server.processes import Proc, free_port, pids_with_arg, start, stop, stop_tree, wait_http
+from server.processes import Proc, pids_with_arg, start, stop, stop_tree
 
 if TYPE_CHECKING:
     from server.security import Security

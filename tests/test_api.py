@@ -17,13 +17,13 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from benchmarks.image_files import compressed_dicom, dicom_bytes, jpeg, patch_png_size, png
 from common.bundle import load_bundle
 from common.quality import CODES as GATE_CODES
 from inference_api import create_app
 from inference_api.predictor import Predictor
 from inference_api.settings import Settings
-from tests.inference_support import FINDINGS, jpeg, narrow, png, trained_bundle, with_markers, xray
-from tests.test_imageio import compressed_dicom, dicom_bytes, patch_png_size
+from tests.inference_support import FINDINGS, narrow, trained_bundle, with_markers, xray
 
 LIMITS = dict(min_resolution=32, max_pixels=2_000_000, max_upload_bytes=3_000_000, overlay_max_side=64)
 

@@ -2,7 +2,6 @@
 on the served bundle and settings (finding names as enums, the batch's file limit)."""
 from __future__ import annotations
 
-import copy
 import re
 
 from common.bundle import Bundle, read_card
@@ -69,9 +68,8 @@ def with_enums(spec: dict, findings: list[str] | None) -> dict:
 
 
 def for_server(spec: dict, settings: Settings, findings: list[str] | None) -> dict:
-    """FastAPI's schema made specific to this server: the finding names and the batch's file limit. A copy: the
-    bodies above are shared by every app, and FastAPI puts them into the schema as they are."""
-    spec = copy.deepcopy(spec)
+    """FastAPI's schema made specific to this server: the finding names and the batch's file limit. get_openapi
+    returns a fresh encoding, so this never touches the bodies above, which every app shares."""
     batch = spec["paths"].get("/v1/predict/batch", {}).get("post", {})
     files = batch.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
     if "files" in files.get("properties", {}):

@@ -391,6 +391,15 @@ def test_openapi_names_findings_and_security(bundle_dir, bundle):
     assert re.fullmatch(q["findings"]["pattern"], "Nodule,Pneumonia") and not re.fullmatch(q["findings"]["pattern"], "x")
 
 
+def test_openapi_states_each_servers_batch_limit(bundle_dir, bundle):
+    """The routers and their multipart bodies are shared by every app: each schema still states its own limit."""
+    specs = [create_app(Settings(bundle=str(bundle_dir), max_batch_files=n, **LIMITS), bundle=bundle).openapi()
+             for n in (3, 7)]
+    files = [s["paths"]["/v1/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+             ["properties"]["files"] for s in specs]
+    assert [f["maxItems"] for f in files] == [3, 7] and all(f["minItems"] == 1 for f in files)
+
+
 def test_web_page_is_self_contained(client):
     html = client.get("/").text
     assert "<table id=\"findings\"" in html and "/static/app.js" in html

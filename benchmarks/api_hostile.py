@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
 import random
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,71 +28,20 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import REPO, table  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(bundle: Path, key: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "FEDXRAY_API_KEY": key}
-    proc = subprocess.Popen([sys.executable, "-m", "fedxray", "serve", "--bundle", str(bundle), "--port", str(port),
-                             "--log-level", "warning"], env=env, cwd=REPO, stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"the server was not ready within 180 s (log: {log_path})")
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return psutil.Process(pid).memory_info().rss
+from benchmarks.image_files import compressed_dicom, dicom_bytes, patch_png_size, pil_bytes, png  # noqa: E402
+from common.errors import FedxrayError  # noqa: E402
+from common.process_memory import peak_rss  # noqa: E402
+from inference_api.local_server import serving  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- the corpus
 
 
-def _png(arr: np.ndarray, bits: int = 8) -> bytes:
-    from PIL import Image
-
-    img = Image.fromarray((arr * 65535).round().astype(np.uint16)) if bits == 16 else \
-        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode="L")
-    buf = BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _pil(arr: np.ndarray, fmt: str, frames: int = 1, **kw) -> bytes:
     from PIL import Image
 
-    imgs = [Image.fromarray((np.clip(np.roll(arr, 7 * i, axis=1), 0, 1) * 255).astype(np.uint8), mode="L")
-            for i in range(frames)]
-    buf = BytesIO()
-    imgs[0].save(buf, fmt, save_all=frames > 1, append_images=imgs[1:], **kw)
-    return buf.getvalue()
-
-
-def _dicom(arr16: np.ndarray, **attrs) -> bytes:
-    from tests.test_imageio import dicom_bytes
-
-    return dicom_bytes(arr16, **attrs)
+    return pil_bytes([Image.fromarray((np.clip(np.roll(arr, 7 * i, axis=1), 0, 1) * 255).astype(np.uint8), mode="L")
+                      for i in range(frames)], fmt, **kw)
 
 
 def corpus(size: int, seed: int = 0) -> dict[str, list[tuple[str, dict]]]:
@@ -101,42 +49,41 @@ def corpus(size: int, seed: int = 0) -> dict[str, list[tuple[str, dict]]]:
     from PIL import Image
 
     from common.data.synthetic import Acquisition, render
-    from tests.test_imageio import compressed_dicom, patch_png_size
 
     rng = np.random.default_rng(seed)
     chest, _ = render(size, {"Nodule", "Effusion"}, rng, Acquisition())
     chest[0, 0], chest[0, 1] = 0.0, 1.0  # its own range = the bit range, as a film's labels/collimation give
-    good = _png(chest)
+    good = png(chest)
     v12 = (np.round(chest * 2047) * 2).astype(np.uint16)
 
     def f(data: bytes, name="x.png", ctype="image/png", **kw):
         return {"files": {"file": (name, data, ctype)}, **kw}
 
     g: dict[str, list] = {}
-    g["valid X-rays"] = [("png8", f(good)), ("png16", f(_png(chest, 16))),
+    g["valid X-rays"] = [("png8", f(good)), ("png16", f(png(chest, 16))),
                          ("jpeg", f(_pil(chest, "JPEG", quality=92), "x.jpg", "image/jpeg")),
-                         ("dicom", f(_dicom(v12, bits_stored=12), "x.dcm", "application/dicom")),
-                         ("dicom slope 2, halved", f(_dicom(v12 // 2, bits_stored=12, RescaleSlope=2,
-                                                            RescaleIntercept=0), "y.dcm", "application/dicom")),
-                         ("dicom MONOCHROME1", f(_dicom(4094 - v12, bits_stored=12, pi="MONOCHROME1"), "z.dcm",
+                         ("dicom", f(dicom_bytes(v12, bits_stored=12), "x.dcm", "application/dicom")),
+                         ("dicom slope 2, halved", f(dicom_bytes(v12 // 2, bits_stored=12, RescaleSlope=2,
+                                                                 RescaleIntercept=0), "y.dcm", "application/dicom")),
+                         ("dicom MONOCHROME1", f(dicom_bytes(4094 - v12, bits_stored=12, pi="MONOCHROME1"), "z.dcm",
                                                  "application/dicom")),
                          ("explain all", f(good, params={"findings": "all"})),
-                         ("lateral (warns)", f(_dicom(v12, bits_stored=12, ViewPosition="LL"), "l.dcm"))]
+                         ("lateral (warns)", f(dicom_bytes(v12, bits_stored=12, ViewPosition="LL"), "l.dcm"))]
     gradient = np.zeros((size, size, 3), np.uint8)
     gradient[..., 0], gradient[..., 2] = np.linspace(0, 255, size)[None], np.linspace(255, 0, size)[:, None]
     buf = BytesIO()
     Image.fromarray(gradient).save(buf, "PNG")
     strip = np.tile(chest[:, : size // 2].mean(axis=1, keepdims=True), (1, 4000))[:64]
-    g["non-X-rays (gate)"] = [("uniform noise", f(_png(rng.random((size, size))))),
-                              ("colour gradient", f(buf.getvalue())), ("all white", f(_png(np.ones((size, size))))),
-                              ("all black", f(_png(np.zeros((size, size))))), ("inverted", f(_png(1 - chest))),
-                              ("strip 64x4000", f(_png(strip))),
-                              ("gray gradient", f(_png(np.tile(np.linspace(0, 1, size), (size, 1)))))]
+    g["non-X-rays (gate)"] = [("uniform noise", f(png(rng.random((size, size))))),
+                              ("colour gradient", f(buf.getvalue())), ("all white", f(png(np.ones((size, size))))),
+                              ("all black", f(png(np.zeros((size, size))))), ("inverted", f(png(1 - chest))),
+                              ("strip 64x4000", f(png(strip))),
+                              ("gray gradient", f(png(np.tile(np.linspace(0, 1, size), (size, 1)))))]
     g["formats"] = [(fmt, f(_pil(chest, fmt, **kw), f"x.{fmt.lower()}", f"image/{fmt.lower()}"))
                     for fmt, kw in (("TIFF", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("GIF", {}))]
     g["formats"] += [(f"{fmt} 3 frames", f(_pil(chest, fmt, 3, **kw), f"x.{fmt.lower()}", f"image/{fmt.lower()}"))
                      for fmt, kw in (("GIF", {}), ("PNG", {}), ("TIFF", {}), ("WEBP", {"lossless": True}))]
-    multi = _dicom(np.stack([v12, v12]), bits_stored=12, NumberOfFrames=2)
+    multi = dicom_bytes(np.stack([v12, v12]), bits_stored=12, NumberOfFrames=2)
     g["malformed uploads"] = [
         ("zero bytes", f(b"")), ("text", f(b"not an image " * 20, "a.txt", "application/octet-stream")),
         ("truncated png", f(good[: len(good) // 2])), ("truncated jpeg", f(_pil(chest, "JPEG")[:400], "x.jpg")),
@@ -161,7 +108,7 @@ def corpus(size: int, seed: int = 0) -> dict[str, list[tuple[str, dict]]]:
         ("GET on POST route", {"method": "GET"}), ("unknown path", {"method": "GET", "path": "/v2/x"}),
         ("explain unknown finding", f(good, path="/v1/explain/Fracture")),
     ]
-    seeds = [good, _png(chest, 16), _pil(chest, "JPEG"), _dicom(v12, bits_stored=12)]
+    seeds = [good, png(chest, 16), _pil(chest, "JPEG"), dicom_bytes(v12, bits_stored=12)]
     fuzzed = []
     pyrng = random.Random(seed)
     for k in range(200):
@@ -197,7 +144,7 @@ async def send_all(url: str, key: str, groups: dict) -> tuple[list[list], list[s
 
 
 async def oversized(url: str, key: str, n_batches: int, files: int) -> list[tuple[int, str, float]]:
-    zero = _png(np.zeros((6300, 6300)))
+    zero = png(np.zeros((6300, 6300)))
 
     async def one():
         async with httpx.AsyncClient(base_url=url, timeout=300, headers={"X-API-Key": key}) as c:
@@ -250,10 +197,13 @@ def main() -> None:
     if not (bundle / "model.json").is_file():
         raise SystemExit(f"no bundle at {bundle}: run `.venv/bin/fedxray demo` first (or pass --bundle)")
     key = secrets.token_urlsafe(16)
-    log = Path(tempfile.mkdtemp(prefix="fedxray-hostile-")) / "server.log"
-    proc, url = start_server(bundle, key, log)
-    ps = psutil.Process(proc.pid)
-    try:
+    logs = Path(tempfile.mkdtemp(prefix="fedxray-hostile-"))
+    with contextlib.ExitStack() as stack:
+        try:
+            url, proc = stack.enter_context(serving(bundle, logs, {"FEDXRAY_API_KEY": key}, timeout=180))
+        except FedxrayError as e:
+            raise SystemExit(f"the server did not come up: {e}") from None
+        ps = psutil.Process(proc.pid)
         groups = corpus(a.size)
         idle = ps.memory_info().rss
         rows, notes = asyncio.run(send_all(url, key, groups))
@@ -270,9 +220,6 @@ def main() -> None:
         upload = groups["valid X-rays"][0][1]["files"]["file"][1]
         load_rows = [asyncio.run(load(url, key, upload, n, a.seconds)) for n in a.clients]
         final, peak = ps.memory_info().rss, peak_rss(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(20)
     total = [sum(r[i] for r in rows) for i in range(1, 6)]
     print(table(["cases", "sent", "2xx", "4xx", "5xx", "connection errors"], rows + [["all", *total]],
                 title=f"fedxray serve {bundle} (pid {proc.pid}): hostile corpus"))

@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import run_worker, table  # noqa: E402
+from common.process_memory import PeakMemory  # noqa: E402
 
 ROLES = [("flower-superlink", "superlink"), ("flower-supernode", "supernode"), ("flower-superexec", "superexec"),
          ("flwr-clientapp", "flwr-clientapp"), ("flwr-serverapp", "flwr-serverapp"),
@@ -36,59 +37,15 @@ ROLES = [("flower-superlink", "superlink"), ("flower-supernode", "supernode"), (
 
 
 # ------------------------------------------------------------------------------------------- memory sampling
-def _ppid_map() -> dict[int, int]:
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                out[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def _role(pid: int, root: int) -> str:
-    if pid == root:
+def _role(proc: psutil.Process) -> str:
+    """What kind of process this is, for the peak-memory table."""
+    if proc.pid == os.getpid():
         return "benchmark process"
     try:
-        cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
         return "?"
     return next((name for key, name in ROLES if key in cmd), "other python")
-
-
-class PeakMemory(threading.Thread):
-    """Samples VmHWM (the kernel's peak RSS) of this process and all its descendants every 0.2 s."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.root, self.peaks, self.stop_event = os.getpid(), {}, threading.Event()
-
-    def run(self):
-        while not self.stop_event.wait(0.2):
-            self.sample()
-
-    def sample(self):
-        ppid = _ppid_map()
-        family, frontier = {self.root}, [self.root]
-        while frontier:
-            p = frontier.pop()
-            kids = [c for c, pp in ppid.items() if pp == p and c not in family]
-            family.update(kids)
-            frontier.extend(kids)
-        for pid in family:
-            try:
-                m = re.search(r"VmHWM:\s+(\d+) kB", (Path("/proc") / str(pid) / "status").read_text())
-            except OSError:
-                continue
-            if m:
-                role = _role(pid, self.root)
-                self.peaks[role] = max(self.peaks.get(role, 0.0), int(m.group(1)) / 1024)
-
-    def finish(self) -> dict:
-        self.sample()
-        self.stop_event.set()
-        return {k: round(v) for k, v in sorted(self.peaks.items())}
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -196,10 +153,9 @@ WORKERS = {"plain": worker_plain, "plain-mt": lambda a: worker_plain(a, os.cpu_c
 
 def run_one(a) -> None:
     os.environ["TQDM_DISABLE"] = "1"
-    mem = PeakMemory()
-    mem.start()
-    res = WORKERS[a.worker](a)
-    res["memory_mb"] = mem.finish()
+    with PeakMemory(interval=0.2, role=_role) as mem:
+        res = WORKERS[a.worker](a)
+    res["memory_mb"] = mem.by_role_mb()
     print(json.dumps(res))
 
 

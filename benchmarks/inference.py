@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import table  # noqa: E402
+from common.errors import FedxrayError  # noqa: E402
+from inference_api.local_server import serving  # noqa: E402
 
 CXR14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
@@ -171,12 +171,6 @@ class ModelRate:
         return n / t
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _load(url: str, upload: bytes, clients: int, seconds: float) -> tuple[int, float, list[float]]:
     """`clients` closed-loop clients for `seconds`: (requests done, elapsed seconds, latencies ms)."""
     import httpx
@@ -204,20 +198,9 @@ def throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: float, en
     """Server under `clients` concurrent clients vs model(x), in alternating phases so load hits both alike."""
     import httpx
 
-    port = _free_port()
-    env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "1", **env_extra}
-    proc = subprocess.Popen([sys.executable, "-m", "fedxray", "serve", "--bundle", str(bundle_dir),
-                             "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    env = {"FEDXRAY_MIN_RESOLUTION": "1", **env_extra}
+    logs = Path(tempfile.mkdtemp(prefix="fedxray-bench-serve-"))  # kept: the error names the server's log
+    with serving(bundle_dir, logs, env, timeout=120) as (url, _):
         post = lambda: httpx.post(url + "/v1/predict", files={"file": ("x.png", upload, "image/png")})  # noqa: E731
         single = timeit(post, 15)
         asyncio.run(_load(url, upload, clients, 2.0))  # warm-up under load
@@ -229,9 +212,6 @@ def throughput(bundle_dir: Path, upload: bytes, clients: int, seconds: float, en
             model.phase(seconds / phases)
         return {"rps": done / secs, "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                 "single_p50": single[0], "single_p95": single[1], "b1": model.rate(1), "b8": model.rate(8)}
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def main() -> None:
@@ -269,7 +249,10 @@ def main() -> None:
         env = {"FEDXRAY_BATCH_WINDOW_MS": str(a.batch_window_ms)} if a.batch_window_ms is not None else {}
         if a.threads:
             env["FEDXRAY_THREADS"] = str(a.threads)
-        srv = throughput(bundle_dir, upload, a.clients, a.seconds, env)
+        try:
+            srv = throughput(bundle_dir, upload, a.clients, a.seconds, env)
+        except FedxrayError as e:  # the server never answered /ready: no throughput to report
+            raise SystemExit(f"benchmarks/inference.py: the server did not come up: {e}") from None
         b1, b8 = srv["b1"], srv["b8"]
         print()
         print(table(["throughput (interleaved phases)", "images/s", "vs batched model"], [

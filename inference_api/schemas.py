@@ -1,6 +1,6 @@
 """Response models: every field has a description so the OpenAPI schema documents the whole contract.
 
-Finding names depend on the bundle: create_app puts them into the schema as enums (see app._openapi).
+Finding names depend on the bundle: create_app puts them into the schema as enums (see inference_api.openapi).
 """
 from __future__ import annotations
 

@@ -34,9 +34,10 @@ import tomli_w
 
 from common.data.sources import site_folders
 from common.errors import FedxrayError
+from common.net import free_port, wait_http
 from common.settings import Settings, nest
 from server.federation import FLOWER_ENV, PROGRESS, absolute_paths
-from server.processes import Proc, free_port, pids_with_arg, start, stop, stop_tree, wait_http
+from server.processes import Proc, pids_with_arg, start, stop, stop_tree
 
 if TYPE_CHECKING:
     from server.security import Security

@@ -9,22 +9,11 @@ each pid's creation time, so a recycled pid is never signalled.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-from common.errors import FedxrayError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -61,9 +50,13 @@ class Proc:
                 continue
         return out
 
+    def poll(self) -> int | None:
+        """The exit code once the process we started has exited (common.net.wait_http watches this)."""
+        return self.popen.poll()
+
     @property
     def exited(self) -> bool:
-        return self.popen.poll() is not None
+        return self.poll() is not None
 
 
 def start(name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:
@@ -138,18 +131,3 @@ def describe(pid: int) -> str:
         return f"pid {pid} ({' '.join(psutil.Process(pid).cmdline()[:3])})"
     except psutil.Error:
         return f"pid {pid}"
-
-
-def wait_http(url: str, timeout: float, proc: Proc | None = None, context=None) -> None:
-    """Poll `url` until it answers 200; fails at once when `proc` exits, and after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.exited:
-            raise FedxrayError(f"{proc.name} exited with code {proc.popen.returncode}; see {proc.log}")
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise FedxrayError(f"{url} did not answer within {timeout:.0f} s" + (f"; see {proc.log}" if proc else ""))

@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 
 from common.data.sources import load_manifest
 from common.errors import FedxrayError
+from common.process_memory import PeakMemory
 from common.training import seed_everything
 from simulations.arms import ARM_TYPES, ArmContext
 from simulations.config import ArmConfig, SimulationConfig
 from simulations.evaluation import Evaluator
-from simulations.memory import PeakMemory
 from simulations.protocol import PartitionSpec, Protocol, build_protocol
 from simulations.store import RESULTS_FILE, ResultStore, fingerprint, write_json
 from simulations.tracking import Tracker

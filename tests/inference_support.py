@@ -1,8 +1,7 @@
-"""Helpers for the inference tests: one tiny trained bundle per session, built by the real training run."""
+"""Helpers for the inference tests: one tiny trained bundle per session, built by the real training run, and
+synthetic chest images (encoded by benchmarks.image_files; run as a server by inference_api.local_server)."""
 from __future__ import annotations
 
-import contextlib
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -56,72 +55,3 @@ def with_markers(arr: np.ndarray) -> np.ndarray:
     out = arr.copy()
     out[0, 0], out[0, 1] = 0.0, 1.0
     return out
-
-
-def png(arr: np.ndarray, bits: int = 8, mode: str | None = None) -> bytes:
-    """PNG bytes of a [0, 1] image: 8-bit L, 16-bit I;16, or converted to `mode` (RGBA, P...)."""
-    if bits == 16:
-        img = Image.fromarray((arr * 65535).round().astype(np.uint16))
-    else:
-        img = Image.fromarray((arr * 255).round().astype(np.uint8), mode="L")
-    if mode:
-        img = img.convert(mode)
-    buf = BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpeg(arr: np.ndarray) -> bytes:
-    buf = BytesIO()
-    Image.fromarray((arr * 255).round().astype(np.uint8), mode="L").save(buf, "JPEG", quality=95)
-    return buf.getvalue()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(bundle: Path, log_dir: Path, env: dict | None = None, timeout: float = 90):
-    """`fedxray serve` in a subprocess on a free loopback port; yields (base URL, Popen) and always stops it."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-    import pytest
-
-    port = free_port()
-    env = {**os.environ, "FEDXRAY_MIN_RESOLUTION": "32", **(env or {})}
-    log = open(log_dir / f"server-{port}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "fedxray", "serve", "--bundle", str(bundle), "--port",
-                             str(port), "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}: {log.read()}")
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready within {timeout} s")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

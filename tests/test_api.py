@@ -17,13 +17,13 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from benchmarks.image_files import compressed_dicom, dicom_bytes, jpeg, patch_png_size, png
 from common.bundle import load_bundle
 from common.quality import CODES as GATE_CODES
 from inference_api import create_app
 from inference_api.predictor import Predictor
 from inference_api.settings import Settings
-from tests.inference_support import FINDINGS, jpeg, narrow, png, trained_bundle, with_markers, xray
-from tests.test_imageio import compressed_dicom, dicom_bytes, patch_png_size
+from tests.inference_support import FINDINGS, narrow, trained_bundle, with_markers, xray
 
 LIMITS = dict(min_resolution=32, max_pixels=2_000_000, max_upload_bytes=3_000_000, overlay_max_side=64)
 
@@ -389,6 +389,15 @@ def test_openapi_names_findings_and_security(bundle_dir, bundle):
     assert path["finding"]["enum"] == FINDINGS and "fast" in path["method"]["enum"]
     q = {p["name"]: p["schema"] for p in spec["paths"]["/v1/predict"]["post"]["parameters"]}
     assert re.fullmatch(q["findings"]["pattern"], "Nodule,Pneumonia") and not re.fullmatch(q["findings"]["pattern"], "x")
+
+
+def test_openapi_states_each_servers_batch_limit(bundle_dir, bundle):
+    """The routers and their multipart bodies are shared by every app: each schema still states its own limit."""
+    specs = [create_app(Settings(bundle=str(bundle_dir), max_batch_files=n, **LIMITS), bundle=bundle).openapi()
+             for n in (3, 7)]
+    files = [s["paths"]["/v1/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+             ["properties"]["files"] for s in specs]
+    assert [f["maxItems"] for f in files] == [3, 7] and all(f["minItems"] == 1 for f in files)
 
 
 def test_web_page_is_self_contained(client):

@@ -19,8 +19,10 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.inference_support import png, serving, trained_bundle, xray
-from tests.test_imageio import patch_png_size
+from benchmarks.image_files import png
+from common.process_memory import peak_rss
+from inference_api.local_server import serving
+from tests.inference_support import trained_bundle, xray
 
 pytestmark = pytest.mark.integration
 CAP = 1_000_000
@@ -30,7 +32,8 @@ KEY = "test-key"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     bundle = trained_bundle(tmp_path_factory)
-    env = {"FEDXRAY_MAX_UPLOAD_BYTES": str(CAP), "FEDXRAY_API_KEY": KEY, "FEDXRAY_MAX_PIXELS": "40000000"}
+    env = {"FEDXRAY_MAX_UPLOAD_BYTES": str(CAP), "FEDXRAY_API_KEY": KEY, "FEDXRAY_MAX_PIXELS": "40000000",
+           "FEDXRAY_MIN_RESOLUTION": "32"}
     with serving(bundle, tmp_path_factory.mktemp("server"), env) as (url, proc):
         yield url, proc
 
@@ -108,15 +111,7 @@ def test_declared_length_above_the_cap_is_refused_before_the_body(server):
     assert answer.startswith(b"HTTP/1.1 413") and b"upload_too_large" in answer, answer[:200]
 
 
-def _peak_rss(pid: int) -> int:
-    """The process's high-water mark of resident memory (VmHWM), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak is the kernel's VmHWM (Linux)")
 def test_memory_stays_bounded_under_the_oversized_batch(server):
     """The issue's request (16 all-zero 6300x6300 PNGs, 603 KB) took 11-12 GB: now bounded by the budgets."""
     url, proc = server
@@ -139,7 +134,7 @@ def test_memory_stays_bounded_under_the_oversized_batch(server):
         assert r.status_code == 413 and r.json()["code"] == "too_many_pixels", r.text
     for r in (four_a, four_b):  # 4 x 39.7 Mpx < 160 Mpx: decoded (at most 2 at once), then refused as blank
         assert r.status_code == 200 and [it["error"]["code"] for it in r.json()["items"]] == ["near_constant"] * 4
-    peak = _peak_rss(proc.pid)
+    peak = peak_rss(proc.pid)
     bound = 2**30  # the stated bound: idle + 1 GiB (decode budget 768 MiB + upload budget 256 MiB)
     assert peak - idle < bound, f"peak {peak / 2**20:.0f} MiB, idle {idle / 2**20:.0f} MiB"
 

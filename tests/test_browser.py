@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.inference_support import FINDINGS, png, serving, trained_bundle, xray
+from benchmarks.image_files import png
+from inference_api.local_server import serving
+from tests.inference_support import FINDINGS, trained_bundle, xray
 
 expect = pytest.importorskip("playwright.sync_api").expect
 from tests.test_api import dcm, image16
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.integration
 def server(tmp_path_factory):
     """`fedxray serve` in a subprocess; yields its base URL and always stops it."""
     bundle = trained_bundle(tmp_path_factory)
-    with serving(bundle, tmp_path_factory.mktemp("server"), {"FEDXRAY_OVERLAY_MAX_SIDE": "256"}) as (url, _):
+    env = {"FEDXRAY_OVERLAY_MAX_SIDE": "256", "FEDXRAY_MIN_RESOLUTION": "32"}
+    with serving(bundle, tmp_path_factory.mktemp("server"), env) as (url, _):
         yield url
 
 

@@ -1,23 +1,16 @@
-"""common.imageio: every fixture is generated here (Pillow / pydicom), every error asserts on its message."""
+"""common.imageio: every fixture is generated in memory (benchmarks.image_files: Pillow / pydicom), every error
+asserts on its message."""
 from __future__ import annotations
 
-import struct
-import zlib
 from io import BytesIO
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    JPEG2000,
-    JPEGBaseline8Bit,
-    generate_uid,
-)
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000, JPEGBaseline8Bit
 
+from benchmarks.image_files import compressed_dicom, dicom_bytes, dicom_dataset, patch_png_size, pil_bytes
 from common.errors import ImageError
 from common.imageio import (
     DEFAULT_MAX_PIXELS,
@@ -35,67 +28,8 @@ RNG = np.random.default_rng(0)
 # ------------------------------------------------------------------------------------------- builders
 
 
-def pil_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def png16(arr: np.ndarray) -> bytes:
     return pil_bytes(Image.fromarray(arr.astype(np.uint16)))
-
-
-def dicom_dataset(arr: np.ndarray, *, pi="MONOCHROME2", bits_stored=None, signed=False, **attrs) -> Dataset:
-    """A minimal DX data set holding `arr` (H, W), (frames, H, W) or (H, W, 3) uncompressed."""
-    ds = Dataset()
-    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.PatientName = "Doe^Jane"
-    color = arr.ndim == 3 and arr.shape[-1] == 3
-    ds.Rows, ds.Columns = arr.shape[-3:-1] if color else arr.shape[-2:]
-    ds.SamplesPerPixel = 3 if color else 1
-    if color:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = pi
-    ds.BitsAllocated = arr.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.PixelData = np.ascontiguousarray(arr).tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    return ds
-
-
-def dicom_bytes(arr: np.ndarray, *, ts=ExplicitVRLittleEndian, **kw) -> bytes:
-    ds = dicom_dataset(arr, **kw)
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ts
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    fds = FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
-    buf = BytesIO()
-    fds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def compressed_dicom(ts=JPEG2000, dtype=np.uint16, size: int = 8) -> bytes:
-    """A DICOM file with a compressed transfer syntax whose codestream cannot be decoded (garbage)."""
-    ds = dicom_dataset(np.zeros((size, size), dtype=dtype))
-    ds.PixelData = encapsulate([b"\x00garbage, not a codestream" * 4])
-    ds["PixelData"].VR = "OB"
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ts
-    buf = BytesIO()
-    FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128).save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def patch_png_size(data: bytes, width: int, height: int) -> bytes:
-    """Rewrite IHDR width/height (bytes 16..24) and its CRC: a header that lies about the size."""
-    ihdr = data[12:16] + struct.pack(">II", width, height) + data[24:29]
-    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
 
 
 def raises(data: bytes, *fragments: str, **kw) -> ImageError:
@@ -436,10 +370,7 @@ def test_probe_reads_the_header_only():
 
 
 def _frames(fmt: str, n: int, **kw) -> bytes:
-    frames = [Image.fromarray(np.full((32, 32), 40 * i, np.uint8)) for i in range(n)]
-    buf = BytesIO()
-    frames[0].save(buf, fmt, save_all=n > 1, append_images=frames[1:], **kw)
-    return buf.getvalue()
+    return pil_bytes([Image.fromarray(np.full((32, 32), 40 * i, np.uint8)) for i in range(n)], fmt, **kw)
 
 
 @pytest.mark.parametrize("fmt, kw, name", [("TIFF", {}, "tiff"), ("BMP", {}, "bmp"), ("WEBP", {"lossless": True}, "webp"),

@@ -209,7 +209,7 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
 
 
 def test_zz_nothing_left_running():
-    from server.processes import pids_with_arg
+    from server.processes import describe, pids_with_arg
 
     deadline = time.monotonic() + 30      # children finish their own shutdown a moment after their group's
     while True:
@@ -217,6 +217,4 @@ def test_zz_nothing_left_running():
         if not any(left.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pids in left.values() for pid in pids
-             if Path(f"/proc/{pid}").exists()}
-    assert not any(left.values()), f"processes left running: {names}"
+    assert not any(left.values()), f"processes left running: {[describe(p) for ps in left.values() for p in ps]}"

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,10 +60,26 @@ class DataConfig(_Section):
     frontal_only: bool = True
     min_resolution: int = Field(64, ge=1, description="Images whose shorter side is below this are excluded")
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
-    use_official_test: bool = True
+    official_split: Literal["keep", "resplit"] = Field(
+        "keep", description="keep: a split the source ships (test, val) is used as shipped; resplit: it is ignored "
+                            "and a fresh patient-level split is made with split_fractions")
     seed: int = 42
     cache_images: bool = True
     max_samples: int | None = Field(None, ge=1, description="Cap per split (debugging / benchmarks)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_use_official_test(cls, data: Any) -> Any:
+        """`use_official_test` (a bool) was this setting's name; False meant resplit. Still accepted as input."""
+        if isinstance(data, dict) and "use_official_test" in data:
+            data = dict(data)
+            keep = data.pop("use_official_test")
+            data.setdefault("official_split", "keep" if keep else "resplit")
+        return data
+
+    @property
+    def use_official_test(self) -> bool:
+        return self.official_split == "keep"
 
     @field_validator("split_fractions")
     @classmethod

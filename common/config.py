@@ -53,7 +53,8 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     """Where the images are and how to read them; see common/data/sources.py for each source."""
 
-    source: Literal["chestxray14", "chexpert", "medmnist", "folder", "csv"] = "chestxray14"
+    source: Literal["auto", "chestxray14", "chexpert", "medmnist", "folder", "csv"] = Field(
+        "auto", description="auto: detected from the path by common.data.sources.detect_source, for every command")
     path: str = ""
     findings: list[str] | None = Field(None, description="Subset/order of findings; None = all the source has")
     uncertainty: Literal["u-ones", "u-zeros", "u-ignore"] = "u-ones"

@@ -498,7 +498,12 @@ LOADERS = {"chestxray14": load_chestxray14, "chexpert": load_chexpert, "medmnist
 
 
 def detect_source(path: Path) -> str:
-    """Guess the layout of a folder or file, so `fedxray data check DIR` needs no flags."""
+    """The layout of a folder or file: what data.source=auto (the default) means, for every command.
+
+    Sub-folders (class folders, or split folders holding class folders) are the folder source, unless a CSV
+    beside them has a `path` column (then the CSV says which image is what). An ambiguous folder layout is
+    still "folder": its loader then says what is ambiguous.
+    """
     if path.is_file():
         return {".npz": "medmnist", ".csv": "csv"}.get(path.suffix.lower()) or _unknown(path)
     if not path.is_dir():
@@ -512,16 +517,27 @@ def detect_source(path: Path) -> str:
     sites = site_folders(path)
     if sites:
         return detect_source(sites[0])
-    if list(path.glob("*.csv")):
+    csvs = sorted(path.glob("*.csv"))
+    if any(_has_path_column(p) for p in csvs):
         return "csv"
-    if any(d.is_dir() for d in path.iterdir()):
+    if _visible_dirs(path):
         return "folder"
+    if csvs:
+        return "csv"
     return _unknown(path)
+
+
+def _has_path_column(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return "path" in (h.strip() for h in next(csv.reader(fh), []))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def _unknown(path: Path) -> str:
     raise DataError("cannot tell the data layout: expected a ChestX-ray14 or CheXpert folder, a MedMNIST .npz, "
-                    "a generic CSV or class sub-folders", path=str(path), failure="data-layout")
+                    f"a generic CSV or class sub-folders. {LAYOUTS_ACCEPTED}", path=str(path), failure="data-layout")
 
 
 def site_folders(root: Path) -> list[Path]:
@@ -560,12 +576,14 @@ def load_multisite(root: Path, cfg: DataConfig) -> Manifest:
 
 
 def load_manifest(cfg: DataConfig, site: str = "") -> Manifest:
-    """Read the source named in the config (or detected from the path) and drop non-frontal views if asked."""
+    """Read the source named in the config (data.source=auto: `detect_source`) and drop non-frontal views if asked."""
     if not cfg.path:
         raise DataError("no data path given (data.path / --data)", failure="data-not-found")
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DataError("no such file or folder", path=str(path), failure="data-not-found")
+    if cfg.source == "auto":
+        cfg = cfg.model_copy(update={"source": detect_source(path)})
     manifest = (load_multisite(path, cfg) if cfg.source in ("chestxray14", "chexpert") and site_folders(path)
                 else LOADERS[cfg.source](path, cfg, site))
     if cfg.frontal_only:

@@ -90,6 +90,11 @@ def patient_split(manifest: Manifest, cfg: DataConfig) -> dict[str, list[int]]:
     return splits
 
 
+def _shown(group: str) -> str:
+    """A patient as a person reads it: `site/id`, or the id alone when the data has no site."""
+    return group[1:] if group.startswith("/") else group
+
+
 def _owners(manifest: Manifest, splits: dict[str, list[int]]) -> dict[str, set[str]]:
     """Patient (group) -> the splits holding images of it."""
     owners: dict[str, set[str]] = defaultdict(set)
@@ -116,7 +121,7 @@ def _check_official_leak(manifest: Manifest, splits: dict[str, list[int]], examp
     manifest.notes.append(f"the shipped split puts {len(straddling)} patients in more than one split ({pairs}); "
                           "kept as shipped, so validation and test scores are optimistic. Set "
                           "data.official_split=resplit for a fresh patient-level split by data.split_fractions.")
-    shown = [g.split("/", 1)[1] if g.startswith("/") else g for g in straddling[:examples]]
+    shown = [_shown(g) for g in straddling[:examples]]
     manifest.notes.append(f"patients in more than one shipped split, for example: {', '.join(shown)}"
                           + (f" (and {len(straddling) - len(shown)} more)" if len(straddling) > len(shown) else ""))
 
@@ -128,7 +133,7 @@ def assert_no_patient_overlap(manifest: Manifest, parts: dict[str, list[int]] | 
         for i in idx:
             g = manifest.samples[i].group
             if owner.setdefault(g, name) != name:
-                raise AssertionError(f"patient {g} is in both {owner[g]!r} and {name!r}")
+                raise AssertionError(f"patient {_shown(g)} is in both {owner[g]!r} and {name!r}")
 
 
 # --------------------------------------------------------------------------------------------- partitions

@@ -90,7 +90,7 @@ def _node_settings(src: NodeSource, settings: Settings, findings: list[str] | No
                  "train-val": (1 - settings.federation.local_val_fraction, settings.federation.local_val_fraction, 0.0),
                  "train-val-test": tuple(settings.data.split_fractions)}[settings.federation.local_split]
     return settings.updated(**{"data.path": src.path, "data.source": source, "data.split_fractions": list(fractions),
-                               "data.use_official_test": settings.federation.local_split == "train-val-test",
+                               "data.official_split": "keep" if settings.federation.local_split == "train-val-test" else "resplit",
                                "data.findings": findings or settings.data.findings})
 
 

@@ -76,7 +76,9 @@ class DataConfig(_Section):
     frontal_only: bool = True
     min_resolution: int = Field(64, ge=1, description="Images whose shorter side is below this are excluded")
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
-    use_official_test: bool = True
+    official_split: Literal["keep", "resplit"] = Field(
+        "keep", description="keep: a split the source ships (test, val) is used as shipped; resplit: it is ignored "
+                            "and a fresh patient-level split is made with split_fractions")
     seed: int = 42
     cache_images: bool = True
     max_samples: int | None = Field(None, ge=1, description="Cap per split (debugging / benchmarks)")

@@ -114,10 +114,10 @@ def split_hospital(manifest: Manifest, indices: list[int], fractions: tuple[floa
     A hospital too small for the fractions (a split would be empty) still gets one patient in val and one
     in test when it has three or more patients, so every hospital can select a model and be scored."""
     sub = manifest.subset(indices)
-    cfg = DataConfig(split_fractions=fractions, use_official_test=False, seed=seed)
+    cfg = DataConfig(split_fractions=fractions, official_split="resplit", seed=seed)
     idx = np.asarray(indices)
     try:
-        local = patient_split(sub, cfg)   # use_official_test=False: the hospital splits its own data
+        local = patient_split(sub, cfg)   # official_split=resplit: the hospital splits its own data
     except DataError:
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(sub.samples):

@@ -250,14 +250,14 @@ def _synth_manifest(synth_root, name="hospital_1"):
 
 def test_patient_split_no_leak_deterministic_and_stratified(synth_root):
     m = _synth_manifest(synth_root)
-    cfg = DataConfig(use_official_test=False)
+    cfg = DataConfig(official_split="resplit")
     a, b = patient_split(m, cfg), patient_split(m, cfg)
     assert a == b
     assert_no_patient_overlap(m, a)
     n = len(m.samples)
     assert sum(len(v) for v in a.values()) == n
     assert abs(len(a["train"]) / n - 0.70) < 0.08
-    c = patient_split(m, DataConfig(use_official_test=False, seed=7))
+    c = patient_split(m, DataConfig(official_split="resplit", seed=7))
     assert c != a
     assert_no_patient_overlap(m, c)
     # every finding present in train is also represented in test (stratification)

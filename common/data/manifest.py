@@ -58,6 +58,7 @@ class Manifest:
     multilabel: bool = True
     arrays: dict[str, np.ndarray] | None = None   # in-memory pixels for array sources (MedMNIST)
     notes: list[str] = field(default_factory=list)
+    patient_ids: str = ""                          # where patient ids came from (the data report says so)
 
     def load(self, sample: Sample, min_resolution: int = 1) -> DecodedImage:
         """Decode one sample's image; raises ImageError (with the path) when it is unusable."""
@@ -82,7 +83,7 @@ class Manifest:
     def subset(self, indices: list[int]) -> "Manifest":
         """A manifest over some samples (e.g. one hospital's partition); shares the pixel arrays."""
         return Manifest(self.source, self.root, list(self.findings), [self.samples[i] for i in indices],
-                        [], self.multilabel, self.arrays, list(self.notes))
+                        [], self.multilabel, self.arrays, list(self.notes), self.patient_ids)
 
     def finding_counts(self, indices: list[int] | None = None) -> dict[str, int]:
         y = self.label_matrix(indices)

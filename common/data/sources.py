@@ -8,12 +8,14 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from common.settings import DataConfig
 from common.data.manifest import Box, Manifest, Sample
+from common.data.splits import SPLITS
 from common.errors import DataError
 from common.labels import (
     CHESTXRAY14_FINDINGS, CHESTXRAY14_NO_FINDING, CHEXPERT_COLUMNS, MEDMNIST_FINDINGS, canonical,
@@ -24,7 +26,12 @@ NIH_CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 NIH_HEADER = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age")
 NIH_BBOX = "BBox_List_2017.csv"
 CHEXPERT_REQUIRED = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
-NORMAL_CLASS_NAMES = {"normal", "no finding", "no_finding", "healthy", "negative"}
+#: Class-folder names of the negative class, once a numeric prefix is dropped and separators read as spaces.
+NORMAL_CLASS_NAMES = {"normal", "no finding", "healthy", "negative"}
+#: Split folders as public sets ship them (any case) -> the official split they are.
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_NUMERIC_PREFIX = re.compile(r"^\d+[\s._-]*(?=[^\W\d_])")     # "0_normal", "1-abnormal", "2 effusion"
+_NIH_NAME = re.compile(r"^(\d{8})_\d{3}$")                     # ChestX-ray14: 00012345_003.png, patient 00012345
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -71,11 +78,11 @@ def _index_images(root: Path, subdirs: list[Path]) -> dict[str, str]:
     return index
 
 
-def _missing_error(missing: list[tuple[int, str]], csv_path: Path, total: int) -> DataError:
+def _missing_error(missing: list[tuple[int, str]], csv_path: Path, total: int, hint: str = "") -> DataError:
     first = ", ".join(f"line {ln}: {name}" for ln, name in missing[:5])
     return DataError(f"{len(missing)} of {total} images listed are missing on disk (first: {first}); "
-                     "restore them or remove their rows", path=str(csv_path), line=missing[0][0],
-                     failure="data-missing-images")
+                     f"{hint + '; ' if hint else ''}restore them or remove their rows",
+                     path=str(csv_path), line=missing[0][0], failure="data-missing-images")
 
 
 # --------------------------------------------------------------------------------------------- ChestX-ray14
@@ -127,7 +134,7 @@ def load_chestxray14(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
                               tuple(b for b in boxes.get(name, ()) if b.finding in col)))
     if missing:
         raise _missing_error(missing, csv_path, len(rows))
-    return Manifest("chestxray14", root, findings, samples)
+    return Manifest("chestxray14", root, findings, samples, patient_ids="from the Patient ID column")
 
 
 def _read_list(path: Path) -> set[str]:
@@ -208,7 +215,7 @@ def load_chexpert(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
             samples.append(Sample(rel, m.group(1), y, split, site, view))
         if missing:
             raise _missing_error(missing, csv_path, total)
-    return Manifest("chexpert", root, findings, samples)
+    return Manifest("chexpert", root, findings, samples, patient_ids="from the image path (patientNNNNN)")
 
 
 def _resolve_chexpert_path(root: Path, path: str) -> str | None:
@@ -267,39 +274,164 @@ def load_medmnist(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
         cols = [available.index(f) for f in findings]
         for i in range(len(imgs)):
             samples.append(Sample(f"npz:{split}:{i}", f"{split}{i}", y_all[i, cols], split, site))
-    m = Manifest("medmnist", path.parent, findings, samples, multilabel=True, arrays=arrays)
+    m = Manifest("medmnist", path.parent, findings, samples, multilabel=True, arrays=arrays,
+                 patient_ids="one patient per image (MedMNIST ships none)")
     m.notes.append("MedMNIST ships no patient ids: each image is treated as its own patient; official splits used.")
     return m
 
 
 # --------------------------------------------------------------------------------------------- folder / CSV
 
+LAYOUTS_ACCEPTED = ("Accepted layouts: root/<class>/<images> (e.g. NORMAL/ PNEUMONIA/ or 0_normal/ 1_abnormal/), "
+                    "or root/<split>/<class>/<images> with split folders train, val (or valid, validation) and "
+                    "test that all hold the same class folders")
+
+
+def class_label(folder: str) -> str | None:
+    """The finding a class folder stands for; None for the negative class.
+
+    A numeric prefix is dropped (`1_abnormal` -> `abnormal`, `0_normal` -> negative) and case, `_`, `-`, `.`
+    do not matter for the negative names (`NORMAL`, `no_finding`, `No Finding`, `negative`, `healthy`).
+    """
+    bare = _NUMERIC_PREFIX.sub("", folder.strip())
+    return None if re.sub(r"[\s._-]+", " ", bare).lower() in NORMAL_CLASS_NAMES else canonical(bare)
+
+
+def _visible_dirs(d: Path) -> list[Path]:
+    """Sub-folders, leaving out hidden ones and archive debris (.ipynb_checkpoints, __MACOSX)."""
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+
+
+def _loose_images(d: Path) -> list[Path]:
+    return [f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+
+
+def _walk(d: Path) -> tuple[list[Path], list[Path]]:
+    """Image files anywhere below `d`, and the (visible) folders below it."""
+    images, dirs = [], []
+    for dirpath, dirnames, files in os.walk(d):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith((".", "__")))
+        dirs += [Path(dirpath) / n for n in dirnames]
+        images += [Path(dirpath) / f for f in sorted(files)
+                   if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith(".")]
+    return images, dirs
+
+
+def _folders_seen(top: list[Path], limit: int = 8) -> str:
+    """The top-level folders and the folders each holds, as the layout error lists them."""
+    def names(ds: list[Path]) -> str:
+        return ", ".join(f"{d.name}/" for d in ds[:limit]) + (f", ... ({len(ds)} in all)" if len(ds) > limit else "")
+    return "; ".join(f"{d.name}/" + (f" holding {names(sub)}" if (sub := _visible_dirs(d)) else "")
+                     for d in top[:limit * 2])
+
+
+def _layout_error(root: Path, problem: str, top: list[Path]) -> DataError:
+    return DataError(f"ambiguous folder layout: {problem}. Folders seen: {_folders_seen(top)}. {LAYOUTS_ACCEPTED}",
+                     path=str(root), failure="data-layout")
+
+
+_KNOWN_FINDINGS = {canonical(f) for f in CHESTXRAY14_FINDINGS + CHEXPERT_COLUMNS}
+
+
+def folder_layout(root: Path) -> list[tuple[str | None, Path]]:
+    """(official split or None, class folder) for each class folder of a folder source, in a fixed order.
+
+    Split folders (train, val/valid/validation, test; any case) above class folders are the official split.
+    Refused (DataError, data-layout), because any reading of it could be wrong: split folders beside other
+    folders, split folders holding different classes, and a split or class name inside a class folder.
+    """
+    top = _visible_dirs(root) if root.is_dir() else []
+    if not top:
+        raise DataError(f"no class sub-folders found. {LAYOUTS_ACCEPTED}", path=str(root), failure="data-layout")
+    split_dirs = [d for d in top if d.name.lower() in SPLIT_NAMES]
+    if split_dirs and len(split_dirs) < len(top):
+        others = [d.name for d in top if d not in split_dirs]
+        raise _layout_error(root, f"split folders ({', '.join(d.name for d in split_dirs)}) lie beside other "
+                                  f"folders ({', '.join(others)}) at the same level", top)
+    if split_dirs:
+        pairs, classes_of = [], {}
+        for d in split_dirs:
+            classes = _visible_dirs(d)
+            if not classes:
+                raise _layout_error(root, f"split folder {d.name}/ holds no class folders", top)
+            classes_of[d.name] = classes
+            pairs += [(SPLIT_NAMES[d.name.lower()], c) for c in classes]
+        if len({frozenset(class_label(c.name) for c in cs) for cs in classes_of.values()}) > 1:
+            listed = "; ".join(f"{s}/ holds {', '.join(c.name for c in cs)}" for s, cs in classes_of.items())
+            raise _layout_error(root, f"the split folders hold different class folders ({listed})", top)
+    else:
+        pairs = [(None, d) for d in top]
+    if all(re.fullmatch(r"images(_\d+)?", d.name) for d in top):
+        raise _layout_error(root, f"image folders without labels: no {' or '.join(NIH_CSV_NAMES)} beside them: "
+                                  "is this a ChestX-ray14 folder?", top)
+    labels = {class_label(c.name) for _, c in pairs}
+    for _, c in pairs:
+        for sub in _walk(c)[1]:
+            lab = class_label(sub.name)
+            if sub.name.lower() in SPLIT_NAMES or lab is None or lab in labels or lab in _KNOWN_FINDINGS:
+                raise _layout_error(root, f"{sub.relative_to(root).as_posix()}/ is named like a split or class "
+                                          f"folder but lies inside class folder {c.relative_to(root).as_posix()}/ "
+                                          "(class folders at different depths)", top)
+    if len(labels) < 2:
+        raise _layout_error(root, f"only one class ({', '.join(sorted({c.name for _, c in pairs}))}): nothing to "
+                                  "tell apart", top)
+    return pairs
+
+
+def _patient_ids(keys: list[str]) -> tuple[Callable[[str], str], str]:
+    """Patient id of each image path, and the rule: ChestX-ray14 names (00012345_003.png -> 00012345) when
+    every name follows that scheme, else one patient per file."""
+    if keys and all(_NIH_NAME.match(Path(k).stem) for k in keys):
+        return (lambda k: _NIH_NAME.match(Path(k).stem).group(1)), "from file names (NNNNNNNN_NNN)"
+    return (lambda k: k), "one patient per file"
+
+
 def load_folder(root: Path, cfg: DataConfig, site: str = "") -> Manifest:
-    """`root/<class>/*.png|jpg|dcm`. A class named normal/healthy/no finding is the negative class."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-    if not classes:
-        raise DataError("no class sub-folders found (expected root/<class>/<image files>)",
-                        path=str(root), failure="data-layout")
-    positives = [c for c in classes if c.lower() not in NORMAL_CLASS_NAMES]
-    findings = _select_findings([canonical(c) for c in positives], cfg.findings, str(root))
+    """Class folders, optionally below split folders (see `folder_layout`); images may be PNG, JPEG or DICOM.
+
+    A class folder named like normal / no finding / negative / healthy (see `class_label`) is the negative class;
+    every other class folder is one finding.
+    """
+    pairs = folder_layout(root)
+    label = {c.name: class_label(c.name) for _, c in pairs}
+    available = list(dict.fromkeys(lab for name in sorted(label) if (lab := label[name]) is not None))
+    findings = _select_findings(available, cfg.findings, str(root))
+    images = [(split, label[c.name], f) for split, c in pairs for f in _walk(c)[0]]
+    keys = [f.relative_to(root).as_posix() for _, _, f in images]
+    pid, rule = _patient_ids(keys)
     samples = []
-    for c in classes:
-        j = findings.index(canonical(c)) if canonical(c) in findings else None
-        for f in sorted((root / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                y = np.zeros(len(findings), np.float32)
-                if j is not None:
-                    y[j] = 1.0
-                rel = str(f.relative_to(root))
-                samples.append(Sample(rel, f"{c}/{f.stem}", y, None, site))
-    m = Manifest("folder", root, findings, samples)
-    m.notes.append("Plain folders carry no patient ids: each file is treated as its own patient. "
-                   "Use the CSV source with a patient_id column when patients have several images.")
+    for (split, lab, _), key in zip(images, keys):
+        y = np.zeros(len(findings), np.float32)
+        if lab in findings:
+            y[findings.index(lab)] = 1.0
+        samples.append(Sample(key, pid(key), y, split, site))
+    m = Manifest("folder", root, findings, samples, patient_ids=rule)
+    shipped = sorted({c.parent.name for split, c in pairs if split},
+                     key=lambda s: (SPLITS.index(SPLIT_NAMES[s.lower()]), s))
+    if shipped:
+        renamed = [f"{s}/ as {SPLIT_NAMES[s.lower()]}" for s in shipped if s != SPLIT_NAMES[s.lower()]]
+        m.notes.append(f"split folders {', '.join(f'{s}/' for s in shipped)} are the official split"
+                       + (f" ({', '.join(renamed)})" if renamed else "")
+                       + "; data.official_split=resplit ignores it")
+    m.notes.append("class folders read as: " + ", ".join(
+        f"{name}/ = {'no finding (negative)' if lab is None else repr(lab)}"
+        + (" (numeric prefix dropped)" if lab is not None and _NUMERIC_PREFIX.match(name) else "")
+        for name, lab in sorted(label.items())))
+    loose = _loose_images(root) + [f for d in {c.parent for s, c in pairs if s} for f in _loose_images(d)]
+    if loose:
+        m.notes.append(f"{len(loose)} image files lie outside any class folder and were left out")
+    if rule == "one patient per file":
+        m.notes.append("The file names carry no patient ids: each file is treated as its own patient. Name the "
+                       "files NNNNNNNN_NNN (patient_image, as ChestX-ray14 does) or use the CSV source with a "
+                       "patient_id column when patients have several images.")
+    else:
+        m.notes.append(f"patient ids {rule}: images of one patient stay in one split and one hospital")
     return m
 
 
 def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
-    """Generic CSV: `path` + one column per finding (1/0/-1/blank), optional patient_id, split, view."""
+    """Generic CSV: `path` (relative to the CSV's folder) + one column per finding (1/0/-1/blank), optional
+    patient_id, split (train, val/valid/validation, test), view."""
     if path.is_dir():
         cands = sorted(path.glob("*.csv"))
         if len(cands) != 1:
@@ -319,9 +451,19 @@ def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
     col = {canonical(h): k for k, h in enumerate(header)}
     policy = {"u-ones": 1.0, "u-zeros": 0.0, "u-ignore": np.nan}[cfg.uncertainty]
     root = path.parent
+
+    def get(row: list[str], name: str) -> str:
+        return row[header.index(name)].strip() if name in header and header.index(name) < len(row) else ""
+
+    if "patient_id" in header:
+        pid, rule = (lambda rel: rel), "from the patient_id column"
+        blank = sum(1 for _, row in rows if not get(row, "patient_id"))
+        if blank:
+            rule += f" ({blank} rows without one: one patient per file)"
+    else:
+        pid, rule = _patient_ids([get(row, "path") for _, row in rows])
     samples, missing = [], []
     for line, row in rows:
-        get = lambda name: row[header.index(name)].strip() if name in header and header.index(name) < len(row) else ""  # noqa: E731
         y = np.zeros(len(findings), np.float32)
         for j, f in enumerate(findings):
             v = row[col[f]].strip() if col[f] < len(row) else ""
@@ -334,18 +476,21 @@ def load_csv(path: Path, cfg: DataConfig, site: str = "") -> Manifest:
                 raise DataError(f"column {header[col[f]]!r} has value {v!r}; expected 1, 0, -1 or blank",
                                 path=str(path), line=line, failure="data-labels")
             y[j] = policy if num == -1.0 else num
-        rel = get("path")
+        rel = get(row, "path")
         if not (root / rel).is_file():
             missing.append((line, rel))
             continue
-        split = get("split").lower() or None
-        if split not in (None, "train", "val", "test"):
-            raise DataError(f"split must be train, val or test, got {split!r}",
+        shipped = get(row, "split")
+        split = SPLIT_NAMES.get(shipped.lower()) if shipped else None
+        if shipped and split is None:
+            raise DataError(f"split must be train, val (or valid, validation) or test, got {shipped!r}",
                             path=str(path), line=line, failure="data-csv")
-        samples.append(Sample(rel, get("patient_id") or rel, y, split, site, get("view").upper() or None))
+        samples.append(Sample(rel, get(row, "patient_id") or pid(rel), y, split, site,
+                              get(row, "view").upper() or None))
     if missing:
-        raise _missing_error(missing, path, len(rows))
-    return Manifest("csv", root, findings, samples)
+        raise _missing_error(missing, path, len(rows),
+                             hint=f"paths in a CSV are resolved relative to the CSV's folder ({root})")
+    return Manifest("csv", root, findings, samples, patient_ids=rule)
 
 
 LOADERS = {"chestxray14": load_chestxray14, "chexpert": load_chexpert, "medmnist": load_medmnist,
@@ -353,7 +498,12 @@ LOADERS = {"chestxray14": load_chestxray14, "chexpert": load_chexpert, "medmnist
 
 
 def detect_source(path: Path) -> str:
-    """Guess the layout of a folder or file, so `fedxray data check DIR` needs no flags."""
+    """The layout of a folder or file: what data.source=auto (the default) means, for every command.
+
+    Sub-folders (class folders, or split folders holding class folders) are the folder source, unless a CSV
+    beside them has a `path` column (then the CSV says which image is what). An ambiguous folder layout is
+    still "folder": its loader then says what is ambiguous.
+    """
     if path.is_file():
         return {".npz": "medmnist", ".csv": "csv"}.get(path.suffix.lower()) or _unknown(path)
     if not path.is_dir():
@@ -367,16 +517,27 @@ def detect_source(path: Path) -> str:
     sites = site_folders(path)
     if sites:
         return detect_source(sites[0])
-    if list(path.glob("*.csv")):
+    csvs = sorted(path.glob("*.csv"))
+    if any(_has_path_column(p) for p in csvs):
         return "csv"
-    if any(d.is_dir() for d in path.iterdir()):
+    if _visible_dirs(path):
         return "folder"
+    if csvs:
+        return "csv"
     return _unknown(path)
+
+
+def _has_path_column(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return "path" in (h.strip() for h in next(csv.reader(fh), []))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def _unknown(path: Path) -> str:
     raise DataError("cannot tell the data layout: expected a ChestX-ray14 or CheXpert folder, a MedMNIST .npz, "
-                    "a generic CSV or class sub-folders", path=str(path), failure="data-layout")
+                    f"a generic CSV or class sub-folders. {LAYOUTS_ACCEPTED}", path=str(path), failure="data-layout")
 
 
 def site_folders(root: Path) -> list[Path]:
@@ -408,13 +569,14 @@ def load_multisite(root: Path, cfg: DataConfig) -> Manifest:
         if m.findings != findings:
             raise DataError(f"site {m.root.name} labels {m.findings}, site {parts[0].root.name} labels {findings}: "
                             "pass data.findings to choose the shared ones", path=str(root), failure="data-labels")
-    merged = Manifest(cfg.source, root, findings, [s for m in parts for s in m.samples])
+    merged = Manifest(cfg.source, root, findings, [s for m in parts for s in m.samples],
+                      patient_ids=parts[0].patient_ids)
     merged.notes.append(f"pooled {len(parts)} sites: {', '.join(m.root.name for m in parts)}")
     return merged
 
 
 def load_manifest(cfg: DataConfig, site: str = "") -> Manifest:
-    """Read the source named in the config (or detected from the path) and drop non-frontal views if asked."""
+    """Read the source named in the config (data.source=auto: `detect_source`) and drop non-frontal views if asked."""
     if not cfg.path:
         raise DataError("no data path given (data.path / --data)", failure="data-not-found")
     path = Path(cfg.path).expanduser()

@@ -7,6 +7,7 @@ in two splits or two hospitals. Assignment is greedy towards target image counts
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import combinations
 
 import numpy as np
 
@@ -55,29 +56,33 @@ def _allocate(manifest: Manifest, indices: list[int], weights: list[float], seed
 
 
 def patient_split(manifest: Manifest, cfg: DataConfig) -> dict[str, list[int]]:
-    """train/val/test indices. A source's official test (and val) split is kept when it ships one."""
+    """train/val/test indices by patient.
+
+    data.official_split=keep: a test or val split the source ships is used as shipped, and the splits it does
+    not ship are made from the other patients by split_fractions. resplit: the shipped split is ignored.
+    """
     all_idx = list(range(len(manifest.samples)))
     official = {s.split for s in manifest.samples}
-    f_train, f_val, f_test = cfg.split_fractions
-    if cfg.use_official_test and "test" in official:
-        test = [i for i in all_idx if manifest.samples[i].split == "test"]
-        if "val" in official:
-            val = [i for i in all_idx if manifest.samples[i].split == "val"]
-            train = [i for i in all_idx if manifest.samples[i].split not in ("val", "test")]
-        else:
-            rest = [i for i in all_idx if manifest.samples[i].split != "test"]
-            train, val = _allocate(manifest, rest, [f_train, f_val], cfg.seed)
-        splits = {"train": train, "val": val, "test": test}
+    fractions = dict(zip(SPLITS, cfg.split_fractions))
+    shipped = [name for name in ("val", "test") if name in official]
+    if cfg.official_split == "keep" and shipped:
+        splits = {name: [i for i in all_idx if manifest.samples[i].split == name] for name in shipped}
+        rest = [i for i in all_idx if manifest.samples[i].split not in shipped]
+        made = [name for name in SPLITS if name not in shipped]
+        splits.update(zip(made, _allocate(manifest, rest, [fractions[n] for n in made], cfg.seed)))
+        splits = {name: splits[name] for name in SPLITS}
         _check_official_leak(manifest, splits)
     else:
-        train, val, test = _allocate(manifest, all_idx, [f_train, f_val, f_test], cfg.seed)
-        splits = {"train": train, "val": val, "test": test}
+        if shipped:
+            manifest.notes.append(f"the shipped {'/'.join(shipped)} split is ignored (data.official_split=resplit): "
+                                  f"a fresh patient-level split by data.split_fractions {cfg.split_fractions}")
+        splits = dict(zip(SPLITS, _allocate(manifest, all_idx, list(cfg.split_fractions), cfg.seed)))
     if cfg.max_samples:
         rng = np.random.default_rng(cfg.seed)
         splits = {k: sorted(rng.permutation(v)[: cfg.max_samples].tolist()) if len(v) > cfg.max_samples else v
                   for k, v in splits.items()}
     for name in SPLITS:
-        wanted = dict(zip(SPLITS, cfg.split_fractions))[name] > 0 or (cfg.use_official_test and name in official)
+        wanted = fractions[name] > 0 or (name in official and cfg.official_split == "keep")
         if wanted and not splits[name]:
             raise DataError(f"the {name} split is empty ({len(manifest.samples)} images from "
                             f"{manifest.patients()} patients): add data or change data.split_fractions",
@@ -85,16 +90,40 @@ def patient_split(manifest: Manifest, cfg: DataConfig) -> dict[str, list[int]]:
     return splits
 
 
-def _check_official_leak(manifest: Manifest, splits: dict[str, list[int]]) -> None:
-    """An official split that puts one patient on both sides would leak; say so instead of training on it."""
-    seen: dict[str, str] = {}
+def _shown(group: str) -> str:
+    """A patient as a person reads it: `site/id`, or the id alone when the data has no site."""
+    return group[1:] if group.startswith("/") else group
+
+
+def _owners(manifest: Manifest, splits: dict[str, list[int]]) -> dict[str, set[str]]:
+    """Patient (group) -> the splits holding images of it."""
+    owners: dict[str, set[str]] = defaultdict(set)
     for name, idx in splits.items():
         for i in idx:
-            g = manifest.samples[i].group
-            if seen.setdefault(g, name) != name:
-                manifest.notes.append(f"official split puts patient {g} in both {seen[g]} and {name}; "
-                                      "kept as shipped")
-                return
+            owners[manifest.samples[i].group].add(name)
+    return owners
+
+
+def split_overlap(manifest: Manifest, splits: dict[str, list[int]]) -> dict[str, int]:
+    """Patients with images in both splits of each pair, e.g. {"train/val": 15, "train/test": 8, "val/test": 9}."""
+    owners = _owners(manifest, splits).values()
+    return {f"{a}/{b}": sum(1 for o in owners if a in o and b in o) for a, b in combinations(splits, 2)}
+
+
+def _check_official_leak(manifest: Manifest, splits: dict[str, list[int]], examples: int = 3) -> None:
+    """An official split that puts one patient on two sides leaks; count every such patient, per pair of splits."""
+    counts = split_overlap(manifest, splits)
+    if not any(counts.values()):
+        return
+    owners = _owners(manifest, splits)
+    straddling = sorted(g for g, o in owners.items() if len(o) > 1)
+    pairs = ", ".join(f"{pair}: {n}" for pair, n in counts.items() if n)
+    manifest.notes.append(f"the shipped split puts {len(straddling)} patients in more than one split ({pairs}); "
+                          "kept as shipped, so validation and test scores are optimistic. Set "
+                          "data.official_split=resplit for a fresh patient-level split by data.split_fractions.")
+    shown = [_shown(g) for g in straddling[:examples]]
+    manifest.notes.append(f"patients in more than one shipped split, for example: {', '.join(shown)}"
+                          + (f" (and {len(straddling) - len(shown)} more)" if len(straddling) > len(shown) else ""))
 
 
 def assert_no_patient_overlap(manifest: Manifest, parts: dict[str, list[int]] | list[list[int]]) -> None:
@@ -104,7 +133,7 @@ def assert_no_patient_overlap(manifest: Manifest, parts: dict[str, list[int]] | 
         for i in idx:
             g = manifest.samples[i].group
             if owner.setdefault(g, name) != name:
-                raise AssertionError(f"patient {g} is in both {owner[g]!r} and {name!r}")
+                raise AssertionError(f"patient {_shown(g)} is in both {owner[g]!r} and {name!r}")
 
 
 # --------------------------------------------------------------------------------------------- partitions

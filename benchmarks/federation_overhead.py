@@ -68,7 +68,7 @@ def worker_plain(a, threads: int = 1) -> dict:
     import numpy as np
     import torch
 
-    from client.arrays import state_to_record
+    from common.arrays import state_to_record
     from client.data import load_node_data
     from common.settings import Settings
     from common.models import build_model
@@ -162,7 +162,7 @@ def run_one(a) -> None:
 # ------------------------------------------------------------------------------------------- report
 def model_bytes() -> list[list]:
     """Bytes of one weight transfer for the real-use models (14 findings, 3 channels), float32 vs float16."""
-    from client.arrays import record_bytes, state_to_record
+    from common.arrays import record_bytes, state_to_record
     from common.settings import ModelConfig
     from common.models import build_model
 
@@ -176,7 +176,7 @@ def model_bytes() -> list[list]:
 
 def fp16_roundtrip(data: Path, run_dir: Path) -> str:
     """AUC of the sim run's exported model before and after a float16 round trip (quantisation alone)."""
-    from client.arrays import load_record, state_to_record, to_fp32
+    from common.arrays import load_record, state_to_record, to_fp32
     from common.bundle import load_bundle
     from common.settings import Settings
     from server.evaluation import GlobalEvaluator

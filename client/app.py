@@ -16,7 +16,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.arrays import load_record, state_to_record, to_fp32
+from common.arrays import load_record, state_to_record, to_fp32
 from client.boundary import REFUSED, reason
 from client.data import NodeData, load_node_data
 from client.mods import UNDER_SECURE_AGGREGATION, make_mods

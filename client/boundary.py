@@ -21,27 +21,17 @@ import json
 import logging
 import re
 import secrets
-import zlib
 from pathlib import Path
 from typing import Any
 
+from client.site import safe_site
 from common.errors import FAILURES, FedxrayError, SettingsError
 
 PREFIX = "fedxray-error "
 DECLINES = ("dp-budget-spent", "policy-refused")   # refusals by choice: recorded, not failures
 FAILED, REFUSED = 1, 6                              # flwr ErrorCode CLIENT_APP_RAISED_EXCEPTION, MOD_FAILED_PRECONDITION
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:+-]{0,63}$")   # site names, rule names, setting keys, type names
-_SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 log = logging.getLogger("fedxray.hospital")
-
-
-def safe_site(name: str, fallback_key: str = "") -> str:
-    """The site name as it may leave the hospital: a short plain name, never a number that could be an id.
-    Anything else (a path fragment, an 8-digit patient-like id) becomes `site-<crc32 of fallback_key>`."""
-    name = str(name or "").strip()
-    if _SITE.match(name) and not name.isdigit():
-        return name
-    return f"site-{zlib.crc32((fallback_key or name).encode()):08x}"
 
 
 def _plain(value: Any) -> Any:
@@ -130,20 +120,6 @@ def failure_code(exc: BaseException) -> tuple[str, list[str]]:
     return "internal", []
 
 
-def node_site(ctx, overrides: dict | None = None) -> str:
-    """The site name this node's replies carry (client.data.resolve_source), or a fallback that never fails."""
-    cfg = dict(ctx.node_config or {})
-    try:
-        from client.data import resolve_source
-        from common.settings import Settings
-
-        return resolve_source(cfg, Settings.from_run_config(ctx.run_config, overrides)).site
-    except Exception:  # noqa: BLE001 - a broken node still needs a name for its failure reply
-        if cfg.get("data-path") or cfg.get("site"):
-            return safe_site(str(cfg.get("site") or Path(str(cfg["data-path"])).name), str(cfg.get("data-path")))
-        return f"partition-{cfg['partition-id']}" if "partition-id" in cfg else "unknown"
-
-
 def _leak(reply) -> str | None:
     """Why a reply must not leave as it is, or None: an Error reason outside the vocabulary, or a text value
     in any ConfigRecord other than an empty one or a plain `site` name (metrics are numbers by construction)."""
@@ -172,7 +148,7 @@ def make_boundary_mod(overrides: dict | None = None):
             code, keys = failure_code(exc)
             node_log.error("incident %s: %s message of run %s failed (%s): %s", incident,
                            msg.metadata.message_type, ctx.run_id, code, exc, exc_info=exc)
-            return Message(Error(FAILED, reason(code, site=node_site(ctx, overrides), exc_type=type(exc).__name__,
+            return Message(Error(FAILED, reason(code, site=_node_site(ctx, overrides), exc_type=type(exc).__name__,
                                                 keys=keys, incident=incident)), reply_to=msg)
         problem = _leak(reply)
         if problem is None:
@@ -180,7 +156,16 @@ def make_boundary_mod(overrides: dict | None = None):
         incident = secrets.token_hex(4)
         node_log.error("incident %s: reply withheld, it held %s: %r", incident, problem,
                        reply.error.reason if reply.has_error() else None)
-        return Message(Error(FAILED, reason("internal", site=node_site(ctx, overrides), exc_type="ReplyWithheld",
+        return Message(Error(FAILED, reason("internal", site=_node_site(ctx, overrides), exc_type="ReplyWithheld",
                                             incident=incident)), reply_to=msg)
 
     return boundary_mod
+
+
+def _node_site(ctx, overrides: dict | None) -> str:
+    """client.data.node_site, imported only when a reply fails (data preparation is heavy to import)."""
+    try:
+        from client.data import node_site
+    except Exception:  # noqa: BLE001 - the failure being reported may be this very import
+        return "unknown"
+    return node_site(ctx, overrides)

@@ -1,10 +1,12 @@
 """Which images a node trains on, prepared once per process.
 
 Deployment: the node config names the hospital's own folder (`data-path`, optional `source`, `site`).
-Simulation: the node config only has `partition-id`/`num-partitions`; the run config's `data-path` is either
+Simulation: the node config only has `partition-id`/`num-partitions`; the run config's `data.path` is either
 a folder of `hospital_*` sites (partition k -> hospital_{k+1}) or one source cut into patient-level
-partitions (iid / dirichlet / quantity). Either way each hospital splits ITS OWN patients into
-train/val/test with `patient_split`, so no patient is in two splits or two hospitals.
+partitions (iid / dirichlet / quantity; only its train split when the server evaluates on the val/test it
+ships, see common.data.sources.server_holdout). Either way each hospital splits ITS OWN patients with
+`patient_split` as `federation.local_split` says (by default a validation share, the rest trains), so no
+patient is in two splits or two hospitals.
 
 Decoding and resizing is the expensive part, so prepared datasets are cached per process: Flower's
 simulation keeps its Ray actors alive across rounds and they reuse the cache. (Deployment starts a fresh
@@ -20,10 +22,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.boundary import safe_site
+from client.site import safe_site
 from common.settings import Settings
 from common.data.dataset import XrayDataset
-from common.data.sources import detect_source, load_manifest, site_folders
+from common.data.sources import detect_source, load_manifest, server_holdout, site_folders
 from common.data.splits import MIN_SPLIT_PATIENTS, partition, patient_split
 from common.errors import DataError
 from common.data.prepare import build_datasets
@@ -119,6 +121,9 @@ def _prepare(src: NodeSource, settings: Settings, findings: list[str] | None) ->
     cfg = _node_settings(src, settings, findings)
     manifest = load_manifest(cfg.data, site=src.site)
     if src.partition_id is not None:
+        if server_holdout(settings.data.path, settings.federation.server_data_path) is None:
+            # the server evaluates on this source's shipped val/test: the hospitals share out the rest
+            manifest = manifest.subset([i for i, s in enumerate(manifest.samples) if s.split not in ("val", "test")])
         parts = partition(manifest, list(range(len(manifest.samples))), src.num_partitions,
                           settings.federation.partition_method, settings.federation.partition_alpha,
                           settings.train.seed, min_patients=MIN_SPLIT_PATIENTS)   # every node splits its part by patient
@@ -128,6 +133,17 @@ def _prepare(src: NodeSource, settings: Settings, findings: list[str] | None) ->
     log.info("node %s: %s images train/val/test (federation.local_split=%s)", src.site,
              {k: len(v) for k, v in datasets.items()}, settings.federation.local_split)
     return NodeData(src.site, list(manifest.findings), datasets, manifest.multilabel)
+
+
+def node_site(ctx, overrides: dict | None = None) -> str:
+    """The site name this node's replies carry (client.data.resolve_source), or a fallback that never fails."""
+    cfg = dict(ctx.node_config or {})
+    try:
+        return resolve_source(cfg, Settings.from_run_config(ctx.run_config, overrides)).site
+    except Exception:  # noqa: BLE001 - a broken node still needs a name for its failure reply
+        if cfg.get("data-path") or cfg.get("site"):
+            return safe_site(str(cfg.get("site") or Path(str(cfg["data-path"])).name), str(cfg.get("data-path")))
+        return f"partition-{cfg['partition-id']}" if "partition-id" in cfg else "unknown"
 
 
 def clear_cache() -> None:

@@ -21,7 +21,7 @@ import common
 from common.settings import ModelConfig, PreprocessConfig
 from common.errors import BundleError
 from common.fileio import jsonable, write_atomic
-from common.models import _strip_prefixes, _unwrap, build_model, count_parameters
+from common.models import strip_wrapper_prefixes, unwrapped, build_model, count_parameters
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -65,7 +65,7 @@ def _package_versions() -> dict[str, str]:
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """safetensors wants contiguous tensors that share no memory; wrapper prefixes are dropped."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in _strip_prefixes(model.state_dict()).items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in strip_wrapper_prefixes(model.state_dict()).items()}
 
 
 def _build_and_load(model_config: ModelConfig, num_outputs: int, channels: int,
@@ -122,7 +122,7 @@ def save_bundle(out_dir: str | Path, model: nn.Module, *, model_config: ModelCon
         "model_id": "fx-" + hashlib.sha256(identity.encode()).hexdigest()[:12],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "architecture": architecture,
-        "num_parameters": count_parameters(_unwrap(model)),
+        "num_parameters": count_parameters(unwrapped(model)),
         "findings": findings,
         "multilabel": bool(multilabel),
         "thresholds": dict(zip(findings, thr.tolist())),

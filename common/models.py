@@ -78,12 +78,12 @@ class _DPBottleneck(Bottleneck):
         return self.relu(out + identity)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrapped(model: nn.Module) -> nn.Module:
     """The user's network inside an Opacus GradSampleModule (`_module`) or DataParallel (`module`)."""
     for attr in ("_module", "module"):
         inner = getattr(model, attr, None)
         if isinstance(inner, nn.Module):
-            return _unwrap(inner)
+            return unwrapped(inner)
     return model
 
 
@@ -183,7 +183,7 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
     return model
 
 
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove DataParallel ('module.') and Opacus GradSampleModule ('_module.') prefixes."""
     out = {}
     for k, v in sd.items():
@@ -222,7 +222,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise FedxrayError(f"{p}: contains no tensors (keys: {list(obj)[:5]})")
-    return _strip_prefixes(tensors)
+    return strip_wrapper_prefixes(tensors)
 
 
 _OLD_DENSENET_KEY = re.compile(
@@ -269,7 +269,7 @@ def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str
 
 def classifier_head(model: nn.Module) -> nn.Linear:
     """The final Linear layer (inside fc/classifier, which may be Sequential(Dropout, Linear))."""
-    model = _unwrap(model)
+    model = unwrapped(model)
     head = getattr(model, "classifier", None) if isinstance(model, tvm.DenseNet) else getattr(model, "fc", None)
     if isinstance(head, nn.Linear):
         return head
@@ -282,13 +282,13 @@ def classifier_head(model: nn.Module) -> nn.Linear:
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     """Freeze (or unfreeze) everything but the head, for a warm-up that trains only the new classifier."""
     model.requires_grad_(trainable)
-    model = _unwrap(model)
+    model = unwrapped(model)
     getattr(model, _head_name(model)).requires_grad_(True)
 
 
 def cam_target_layer(model: nn.Module) -> nn.Module:
     """The last conv block, whose output is exactly what the global average pool sees."""
-    model = _unwrap(model)
+    model = unwrapped(model)
     if isinstance(model, SmallCNN):
         return model.features[-1]
     if hasattr(model, "layer4"):

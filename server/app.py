@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from client.arrays import load_record, state_to_record
+from common.arrays import load_record, state_to_record
 from client.boundary import DECLINES
 from common.settings import Settings
 from common.bundle import save_bundle
@@ -28,7 +28,7 @@ from common.models import build_model
 from common.training import seed_everything
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
-from server.federation import PROGRESS
+from server.progress import PROGRESS
 from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, who
 from server.guards import ReplyGuards
 from server.privacy import provenance as privacy_provenance
@@ -238,7 +238,8 @@ def _run(grid: Grid, s: Settings, out: Path, run_id: int) -> dict:
         title=f"Federated {s.federation.strategy}, {len(contributed)} hospitals in the selected round {state.best_round} "
               f"({', '.join(contributed)}), {state.rounds_done} rounds - server test split")
     write_json(out / SUMMARY_FILE, summary)
-    log.info("\n%s\nbundle: %s", summary["table"], bundle)
+    # one line: the table itself is printed once, by whoever started the run (it is in federation.json)
+    log.info("%sdone: round %d selected on validation, bundle %s", PROGRESS, state.best_round, bundle)
     return summary
 
 

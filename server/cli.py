@@ -75,6 +75,9 @@ def federate(settings, *, num_supernodes: int | None = None, synth: bool = False
         raise DataError("no such data folder: pass --data (data.path), write synthetic hospitals with "
                         "`fedxray data synth --out data/synth`, or run the embedded demo with --profile demo",
                         path=str(data))
+    from server.evaluation import server_data_path
+
+    server_data_path(settings)   # fail before Flower starts: the server needs its held-out data
     n = num_supernodes or hospital_count(data) or 3
     if runtime == "flwr":
         from server.launch import run_flwr_simulation
@@ -126,7 +129,7 @@ def _cmd_federate(a) -> int:
 
 
 def _progress_printer():
-    from server.launch import print_progress
+    from server.progress import print_progress
 
     return print_progress
 
@@ -147,7 +150,8 @@ def add_launch_arguments(p) -> None:
 
 def run_launch_command(a) -> int:
     from common.errors import FedxrayError
-    from server.launch import hospitals_in, launch, print_progress
+    from server.launch import hospitals_in, launch
+    from server.progress import print_progress
     from server.security import Security
 
     data = Path(a.data) if a.data else None

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
-from client.arrays import load_record
+from common.arrays import load_record
 from common.settings import Settings
-from common.data.sources import detect_source, load_manifest
+from common.data.sources import detect_source, load_manifest, server_holdout
 from common.data.splits import patient_split
 from common.errors import DataError
 from common.metrics import compute_metrics, tune_thresholds
@@ -24,14 +24,15 @@ from common.training import make_criterion, make_loader, predict
 
 
 def server_data_path(s: Settings) -> Path:
-    if s.federation.server_data_path:
-        path = Path(s.federation.server_data_path).expanduser().resolve()
-    else:
-        path = (Path(s.data.path).expanduser() / "holdout").resolve()
+    """The folder the server evaluates on (common.data.sources.server_holdout): its own held-out set, or
+    data.path itself when the server takes that source's shipped val/test splits."""
+    path = server_holdout(s.data.path, s.federation.server_data_path)
+    if path is None:
+        path = Path(s.data.path).expanduser().resolve()
     if not path.exists():
         raise DataError(f"the server needs held-out data for global evaluation (working directory {Path.cwd()}); "
-                        "set federation.server_data_path to a labelled folder the hospitals never train on, or create the "
-                        "demo data with `fedxray data synth --out data/synth`", path=str(path))
+                        "set federation.server_data_path to a labelled folder the hospitals never train on, or create "
+                        "the demo data with `fedxray data synth --out data/synth`", path=str(path))
     return path
 
 
@@ -50,6 +51,17 @@ class GlobalEval:
         return {"val": pick(self.val), "test": pick(self.test)}
 
 
+def shipped_evaluation_splits(manifest) -> dict[str, list[int]]:
+    """The val and test splits a source ships, for a server without its own held-out set."""
+    splits = {name: [i for i, smp in enumerate(manifest.samples) if smp.split == name] for name in ("val", "test")}
+    if not all(splits.values()):
+        raise DataError("the server has no held-out set (no federation.server_data_path, no <data.path>/holdout) "
+                        f"and the data ships no {' and no '.join(k for k, v in splits.items() if not v)} split to "
+                        "evaluate on: set federation.server_data_path to a labelled folder the hospitals never train "
+                        "on", path=str(manifest.root), failure="data-layout")
+    return splits
+
+
 class GlobalEvaluator:
     """Builds the server's datasets once; `__call__(arrays)` evaluates one set of global weights."""
 
@@ -61,8 +73,11 @@ class GlobalEvaluator:
             "data.path": str(path), "data.source": source, "data.split_fractions": [0.0, val_f, 1 - val_f],
             "data.max_samples": None, "model.dp_compatible": s.network.dp_compatible})
         manifest = load_manifest(self.cfg.data, site="server")
-        splits = patient_split(manifest, self.cfg.data)
-        splits.pop("train", None)
+        if server_holdout(s.data.path, s.federation.server_data_path) is None:
+            splits = shipped_evaluation_splits(manifest)
+        else:
+            splits = patient_split(manifest, self.cfg.data)
+            splits.pop("train", None)
         self.path, self.manifest = path, manifest
         self.findings = list(manifest.findings)
         self.multilabel = manifest.multilabel

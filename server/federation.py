@@ -16,8 +16,6 @@ from pathlib import Path
 from common.settings import Settings
 from common.errors import FedxrayError
 
-# The ServerApp's per-round progress lines carry this marker; launchers print those lines as they arrive.
-PROGRESS = "fedxray | "
 # Flower must stay local and must not reinstall the app's dependencies (see the 1.42 notes).
 FLOWER_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
               "FLWR_DISABLE_UPDATE_CHECK": "1"}

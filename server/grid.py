@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.arrays import record_bytes, to_fp16, to_fp32
+from common.arrays import record_bytes, to_fp16, to_fp32
 from client.boundary import describe, is_decline, parse_reply_error
 from common.errors import FedxrayError
 from server.guards import ReplyGuards

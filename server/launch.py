@@ -36,7 +36,7 @@ from common.data.sources import site_folders
 from common.errors import FedxrayError
 from common.net import free_port, wait_http
 from common.settings import Settings, nest
-from server.federation import FLOWER_ENV, PROGRESS, absolute_paths
+from server.federation import FLOWER_ENV, absolute_paths
 from server.processes import Proc, pids_with_arg, start, stop, stop_tree
 
 if TYPE_CHECKING:
@@ -181,14 +181,6 @@ def flwr_run(app_dir: Path | str, args: list[str], env: dict, log: Path, timeout
             stop_tree(p.pid, grace=5)
             reader.join(timeout=5)
     return rc, time.perf_counter() - t0
-
-
-def print_progress(line: str) -> None:
-    """`on_line` for a person watching: the ServerApp's per-round lines and errors, nothing else."""
-    if PROGRESS in line:
-        print(line.split(PROGRESS, 1)[1].rstrip(), flush=True)
-    elif re.match(r"^\s*ERROR\s*:", line):
-        print(line.rstrip(), flush=True)
 
 
 # ------------------------------------------------------------------------------------------- deployment

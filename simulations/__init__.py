@@ -1,6 +1,6 @@
 """Simulations: centralised vs federated (Flower simulation runtime) vs local-only on identical splits and
 seeds, with a report a researcher can publish from. `run_experiment(load_simulation(path))` or
-`python -m simulations [EXPERIMENT]`.
+`fedxray simulate [EXPERIMENT]`.
 """
 from simulations.config import SimulationConfig, load_simulation
 

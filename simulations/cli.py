@@ -1,8 +1,7 @@
-"""`fedxray simulate` and `python -m simulations`: run (or resume) an experiment and print its tables."""
+"""`fedxray simulate`: run (or resume) an experiment and print its tables."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -97,10 +96,3 @@ def summary_text(results: dict) -> str:
             if a.get("status") != "done":
                 out.append(f"  {n}: {a['status']}: {a.get('reason') or 'not finished'}")
     return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m simulations`: the same command, with the fedxray CLI's error handling."""
-    from fedxray.cli import main as fedxray_main
-
-    return fedxray_main(["simulate", *(sys.argv[1:] if argv is None else argv)])

@@ -18,8 +18,6 @@ from common.errors import FedxrayError, ImageError
 from common.labels import CHESTXRAY14_FINDINGS
 from simulations.protocol import Protocol
 
-SITE_MARKER = "train.csv"   # what common.data.sources.site_folders recognises as a hospital folder
-
 
 def npz_layout(findings: list[str]) -> tuple[str, list[str]]:
     """(file stem, label columns) so that load_medmnist names the findings exactly as the manifest does."""
@@ -82,9 +80,7 @@ def materialise(proto: Protocol, out: Path, image_size: int) -> Path:
         return out
     stem, columns = npz_layout(list(proto.manifest.findings))
     for h in proto.hospitals:
-        _write_npz(out / h.name, stem, proto.manifest, h.splits, columns, image_size)
-        (out / h.name / SITE_MARKER).write_text("# marker: this folder is one simulated hospital (see "
-                                                 f"{stem}.npz); written by simulations.flower_data\n")
+        _write_npz(out / h.name, stem, proto.manifest, h.splits, columns, image_size)   # a site folder: one .npz
     _write_npz(out / "holdout", stem, proto.manifest, {k: v for k, v in proto.global_splits.items() if k != "train"},
                columns, image_size)
     (out / "done").write_text("ok\n")

@@ -26,7 +26,7 @@ BREAKS = {"missing-images": "data-missing-images", "bad-header": "data-csv", "un
 
 
 def _msg(kind=MessageType.TRAIN, server_round=1, dp=False):
-    from client.arrays import state_to_record
+    from common.arrays import state_to_record
     from common.models import build_model
 
     model = build_model(Settings.build("demo", {"privacy.enabled": dp}).network, len(SYNTH_FINDINGS), 1)   # GroupNorm with DP
@@ -103,7 +103,7 @@ def test_an_invalid_run_config_is_named_by_its_keys_only(synth_root, task_identi
 
 
 def test_site_names_that_could_identify_are_replaced():
-    from client.boundary import safe_site
+    from client.site import safe_site
 
     assert safe_site("st-mary") == "st-mary" and safe_site("hospital_3") == "hospital_3"
     for bad in ("00012345", "/data/x", "name with spaces", "a" * 70, ""):

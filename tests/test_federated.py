@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from client.arrays import record_bytes, state_to_record, to_fp16, to_fp32
+from common.arrays import record_bytes, state_to_record, to_fp16, to_fp32
 from common.settings import STRATEGIES, Settings
 from tests.conftest import REPO, StandInGrid
 from tests.run_support import TINY, tiny_settings
@@ -397,7 +397,11 @@ def _check_result(out: Path, rounds: int, hospitals: int, evaluated: bool = True
     card = bundle.card
     assert card["provenance"]["training"] == "federated"
     assert card["provenance"]["federation"]["best_round"] == summary["best_round"] >= 1
-    assert card["metrics"]["test"]["macro"]["auc"] is not None
+    # it learned: on these hospitals (tiny settings) the initial model's validation AUC measured 0.44-0.45 and
+    # the selected round's 0.76-0.83 after 1-2 rounds (test 0.73-0.83), seeds 42 and 7
+    val_auc = {h["round"]: h["global"]["val"]["auc"] for h in summary["history"]}
+    assert val_auc[summary["best_round"]] >= val_auc[0] + 0.15, val_auc
+    assert card["metrics"]["test"]["macro"]["auc"] >= 0.65, card["metrics"]["test"]["macro"]
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     return summary
 
@@ -436,11 +440,12 @@ def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
     _STARTED_ROOTS.append(str(ray_tmp))
     env = flower_env(flower_tmp / "home", ray_tmp)
     sets = [f"--set={k}={v}" for k, v in _tiny_run(out).items() if k not in ("federation.rounds", "output_dir")]
-    cmd = ["-m", "fedxray", "federate", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
+    cmd = ["-m", "fedxray", "federate", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
     try:
         first = _run_cli([*cmd, "--rounds", "2", *sets], REPO, env, 600)
         assert first.returncode == 0, first.stdout[-3000:]
-        assert "seed paper" in first.stdout and "bundle:" in first.stdout
+        assert first.stdout.count("all-positive baseline") == 1 and "seed paper" not in first.stdout   # once
+        assert "bundle:" in first.stdout
         _check_result(out, 2, 3)
         second = _run_cli([*cmd, "--rounds", "3", *sets], REPO, env, 600)
         assert second.returncode == 0, second.stdout[-3000:]
@@ -471,7 +476,7 @@ def test_simulation_runtime_flwr_run(synth_root, flower_tmp):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synth_root, flower_tmp):
-    """`python -m server.launch` on the deployment runtime - TLS, SuperNode authentication, a signed app, float16
+    """`fedxray launch` on the deployment runtime - TLS, SuperNode authentication, a signed app, float16
     weights on the wire, a --workdir that does not exist yet - streams one progress line per round. The SuperLink
     is killed after round 2: the launcher ends at once, says so, and status.json says failed with the cause.
     The same command again resumes from the checkpoint (keys re-registered on the restarted SuperLink): every
@@ -488,7 +493,7 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
 
     out, work, certs = flower_tmp / "out", flower_tmp / "not" / "there" / "yet", flower_tmp / "certs"
     key, _ = make_signing_key(certs)
-    args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "3", "--workdir",
+    args = ["-m", "fedxray", "launch", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--rounds", "3", "--workdir",
             str(work), "--certs", str(certs), "--supernode-auth", "--sign-with", str(key), "--timeout", "500",
             *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()], "--set=federation.fp16=true",
             "--set=federation.node_wait_timeout=60.0", "--set=federation.fraction_evaluate=0.0", "--set=federation.min_evaluate_nodes=0"]
@@ -541,13 +546,13 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
 @pytest.mark.slow
 @pytest.mark.integration
 def test_launcher_fails_clearly_when_nodes_are_missing_and_stops_everything(synth_root, flower_tmp):
-    """`python -m server.launch` starts the topology and submits; a run needing 4 hospitals of 3 fails after
+    """`fedxray launch` starts the topology and submits; a run needing 4 hospitals of 3 fails after
     federation.node_wait_timeout with a message naming how many connected, and every process is stopped."""
     from server.launch import flower_env
     from server.processes import pids_with_arg
 
     out, work = flower_tmp / "out", flower_tmp / "launch"
-    args = ["-m", "server.launch", "--data", str(synth_root), "--out", str(out), "--rounds", "1",
+    args = ["-m", "fedxray", "launch", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--rounds", "1",
             "--workdir", str(work), "--timeout", "300", *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()],
             "--set=federation.min_available_nodes=4", "--set=federation.node_wait_timeout=5"]
     t0 = time.monotonic()

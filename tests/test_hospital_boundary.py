@@ -26,7 +26,7 @@ from tests.run_support import TINY, tiny_settings
 RUN = {**TINY, "federation.node_wait_timeout": 90.0, "federation.round_timeout": 300.0, "federation.rounds": 1, "federation.min_available_nodes": 5,
         "federation.min_train_nodes": 2, "federation.min_evaluate_nodes": 0, "federation.fraction_evaluate": 0.0, "privacy.delta": 1e-5}
 BROKEN = ("missing-images", "bad-header", "unknown-label")
-POLICY = ('[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\nmax-epsilon-total = 2.5\n'
+POLICY = ('[privacy]\nrequire-dp = true\nmax-epsilon-per-run = 2.5\nmax-epsilon-total = 2.3\n'
           'ledger = "ledger.json"\n')
 
 

@@ -61,7 +61,7 @@ def test_fixed_noise_multiplier_and_default_delta():
 def _train_msg(model, server_round: int):
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from client.arrays import state_to_record
+    from common.arrays import state_to_record
 
     return Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
         {"server-round": server_round, "findings": ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]})}),
@@ -220,7 +220,7 @@ def test_federated_run_with_dp_sgd_and_central_dp_records_epsilon_per_hospital(s
     sets = {**TINY, "privacy.enabled": True, "privacy.target_epsilon": 5.0, "central_dp.mode": "client-fixed",
             "central_dp.noise_multiplier": 0.01, "central_dp.clipping_norm": 10.0, "federation.min_train_nodes": 3,
             "federation.node_wait_timeout": 60.0, "federation.round_timeout": 300.0}
-    cmd = [sys.executable, "-m", "fedxray", "federate", "--data", str(synth_root), "--out", str(out),
+    cmd = [sys.executable, "-m", "fedxray", "federate", "--profile", "demo", "--data", str(synth_root), "--out", str(out),
            "--supernodes", "3", "--rounds", "2", *[f"--set={k}={json.dumps(v)}" for k, v in sets.items()]]
     p = subprocess.Popen(cmd, cwd=REPO, env=flower_env(tmp_path / "home", ray_tmp), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -185,7 +185,7 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
         out = flower_tmp / mode
         sets = [f"--set={k}={json.dumps(v)}" for k, v in RUN.items()]
         sets += ["--set=secagg.enabled=true", "--set=secagg.max_weight=60"] if mode == "secagg" else []
-        p = subprocess.Popen([sys.executable, "-m", "fedxray", "federate", "--data", str(synth_root), "--out",
+        p = subprocess.Popen([sys.executable, "-m", "fedxray", "federate", "--profile", "demo", "--data", str(synth_root), "--out",
                               str(out), "--supernodes", "3", "--rounds", "2", *sets], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:

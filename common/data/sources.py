@@ -61,7 +61,8 @@ def _select_findings(available: list[str], wanted: list[str] | None, where: str)
     chosen = [canonical(f) for f in wanted]
     unknown = [f for f in chosen if f not in available]
     if unknown:
-        raise DataError(f"findings {unknown} are not labelled by this source (it has {available})",
+        raise DataError(f"findings {unknown} are not labelled by this source (it has {available}); choose "
+                        "the findings with data.findings (e.g. --set data.findings=" + ",".join(available[:2]) + ")",
                         path=where, failure="data-labels")
     return chosen
 
@@ -541,7 +542,8 @@ def _unknown(path: Path) -> str:
 
 
 def site_folders(root: Path) -> list[Path]:
-    """Sub-folders that are datasets of their own (one per hospital), e.g. the synthetic `hospital_k/`.
+    """Sub-folders that are datasets of their own (one per hospital), e.g. the synthetic `hospital_k/`: each
+    holds a ChestX-ray14 CSV, a CheXpert train.csv or one MedMNIST .npz.
 
     `holdout/` is left out: by convention it is the server's held-out evaluation set, never training data.
     """
@@ -549,9 +551,21 @@ def site_folders(root: Path) -> list[Path]:
         return []
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "holdout"):
-        if any((d / n).is_file() for n in NIH_CSV_NAMES) or (d / "train.csv").is_file():
+        if (any((d / n).is_file() for n in NIH_CSV_NAMES) or (d / "train.csv").is_file()
+                or len(list(d.glob("*.npz"))) == 1):   # ChestX-ray14, CheXpert or MedMNIST layout
             out.append(d)
     return out
+
+
+def server_holdout(data_path: str, server_data_path: str = "") -> Path | None:
+    """Where a federation's server evaluates: `server_data_path`, else `<data_path>/holdout`; None when neither is
+    set or exists, and then the server evaluates on the val/test splits `data_path` itself ships (e.g. Kaggle's
+    train/ val/ test/ folders) while the simulated hospitals share out its train split only - so no image is both
+    trained on and evaluated."""
+    if server_data_path:
+        return Path(server_data_path).expanduser().resolve()
+    holdout = Path(data_path).expanduser() / "holdout"
+    return holdout.resolve() if holdout.exists() else None
 
 
 def load_multisite(root: Path, cfg: DataConfig) -> Manifest:

@@ -12,12 +12,12 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from common.errors import FedxrayError
-from common.models import _strip_prefixes, _unwrap
+from common.models import strip_wrapper_prefixes, unwrapped
 
 
 def state_to_record(model: nn.Module | dict[str, torch.Tensor], fp16: bool = False) -> ArrayRecord:
     """The model's state dict (wrapper prefixes removed) as an ArrayRecord."""
-    sd = model if isinstance(model, dict) else _strip_prefixes(_unwrap(model).state_dict())
+    sd = model if isinstance(model, dict) else strip_wrapper_prefixes(unwrapped(model).state_dict())
     rec = ArrayRecord({k: v.detach().cpu() for k, v in sd.items()})
     return to_fp16(rec) if fp16 else rec
 
@@ -44,7 +44,7 @@ def to_fp32(record: ArrayRecord) -> ArrayRecord:
 
 def load_record(model: nn.Module, record: ArrayRecord) -> None:
     """Copy the record into the model (dtypes are cast to the model's), strictly: same keys, same shapes."""
-    target = _unwrap(model)
+    target = unwrapped(model)
     sd = {k: torch.from_numpy(np.array(arr.numpy())) for k, arr in record.items()}
     missing = set(target.state_dict()) - set(sd)
     unexpected = set(sd) - set(target.state_dict())

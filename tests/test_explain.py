@@ -104,11 +104,33 @@ def test_peak_maps_back_to_original_pixels():
 
 
 def test_fit_within_and_colour_map():
+    import matplotlib
+
     assert fit_within(1000, 500, 512) == (512, 256) and fit_within(100, 50, 512) == (100, 50)
     assert fit_within(100, 50, None) == (100, 50)
+    mpl = matplotlib.colormaps["jet"](np.arange(256), bytes=True)[:, :3]      # uint8 (256, 3)
+    levels = jet(np.arange(256) / 255)
+    assert levels.dtype == np.uint8 and levels.shape == (256, 3) and np.array_equal(levels, mpl)
     lut = jet(np.array([0.0, 0.5, 1.0]))
     assert lut[0, 2] > 100 and lut[0, 0] == 0      # cold = blue
     assert lut[2, 0] > 100 and lut[2, 2] == 0      # hot = red
+
+
+def test_overlay_pixels_are_matplotlib_jet_blended_by_heat():
+    """The PNG the API sends, decoded: each pixel = gray + (heat x alpha) x (matplotlib jet(heat) - gray)."""
+    import matplotlib
+
+    gray = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(30, 40)
+    cam = torch.arange(30 * 40, dtype=torch.float32).reshape(30, 40)        # every level from cold to hot
+    ov = render_overlay(gray, cam, alpha=0.6)
+    img = np.asarray(Image.open(BytesIO(ov.png)))
+    assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+    heat = normalise_cams(cam[None], (30, 40))[0].numpy()
+    h8 = (np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8)
+    colour = matplotlib.colormaps["jet"](h8, bytes=True)[..., :3].astype(np.float32)
+    g, a = gray[..., None] * 255, h8[..., None].astype(np.float32) * (0.6 / 255)
+    assert np.array_equal(img, (g + a * (colour - g) + 0.5).astype(np.uint8))
+    assert len(np.unique(h8)) == 256
 
 
 def test_scores_pointing_game_and_iou():

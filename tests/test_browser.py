@@ -13,7 +13,8 @@ from PIL import Image
 
 from tests.inference_support import FINDINGS, png, serving, trained_bundle, xray
 
-expect = pytest.importorskip("playwright.sync_api").expect
+expect = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: it comes with the dev "
+                             "extra (pip install -e '.[dev]'); the browser tests need it").expect
 from tests.test_api import dcm, image16
 
 CHROMIUM = os.environ.get("FEDXRAY_CHROMIUM", "/usr/bin/chromium")

@@ -15,6 +15,7 @@ image and resizing it straight to (H, W) puts every value over the pixels it cam
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from io import BytesIO
@@ -195,28 +196,36 @@ def resize_gray(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
                          antialias=shrink)[0, 0].clamp_(0, 1).numpy()
 
 
+@functools.cache
+def _jet_lut(dtype: type = np.uint8) -> np.ndarray:
+    """matplotlib's 'jet' as a (256, 3) RGB table: its 256 entries as the bytes matplotlib makes of them."""
+    import matplotlib  # only the colormap registry: no pyplot, no backend, no fonts
+
+    lut = matplotlib.colormaps["jet"](np.arange(256), bytes=True)[:, :3].astype(dtype)
+    lut.setflags(write=False)
+    return lut
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> the 256 colour levels of the overlays (uint8, rounded)."""
+    return (np.clip(values, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def jet(values: np.ndarray) -> np.ndarray:
-    """[0, 1] -> uint8 RGB with the classic 'jet' colour map (blue = cold, red = hot), no cv2/matplotlib."""
-    v = np.clip(values, 0, 1)[..., None] * 4.0
-    rgb = np.clip(1.5 - np.abs(v - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0, 1)
-    return (rgb * 255).astype(np.uint8)
-
-
-_JET_LUT = None
+    """[0, 1] -> uint8 RGB (..., 3): matplotlib's 'jet' (blue = cold, red = hot) at the overlays' 256 levels."""
+    return _jet_lut()[_levels(values)]
 
 
 def blend(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Colour-mapped heatmap over a grayscale image; opacity grows with the heat so cold areas stay readable.
 
-    The heat is quantised to 256 levels and coloured through a lookup table: a few passes over the pixels.
+    gray (H, W) float [0, 1], heatmap (H, W) in [0, 1] -> uint8 (H, W, 3). The heat is quantised to 256 levels
+    and coloured through jet's lookup table: a few passes over the pixels.
     """
-    global _JET_LUT
-    if _JET_LUT is None:
-        _JET_LUT = jet(np.linspace(0, 1, 256, dtype=np.float32)).astype(np.float32)
-    h8 = (np.clip(heatmap, 0, 1) * 255 + 0.5).astype(np.uint8)
+    h8 = _levels(heatmap)
     g = (gray.astype(np.float32) * 255)[..., None]
     a = (h8.astype(np.float32) * (alpha / 255))[..., None]
-    return (g + a * (_JET_LUT[h8] - g) + 0.5).astype(np.uint8)
+    return (g + a * (_jet_lut(np.float32)[h8] - g) + 0.5).astype(np.uint8)
 
 
 def png_bytes(img: np.ndarray, compress_level: int = 1) -> bytes:

@@ -18,7 +18,8 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (multilabel_confusion_matrix, precision_recall_curve, precision_recall_fscore_support,
+                             roc_auc_score, roc_curve)
 
 HEADLINE = ("accuracy", "precision", "recall", "f1", "auc")  # the seed paper's order
 SEED_PAPER = {"accuracy": 0.914, "precision": 0.892, "recall": 0.925, "f1": 0.908, "auc": 0.941}
@@ -60,49 +61,33 @@ def _num(x) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-# ----------------------------------------------------------------------------- metric math
-def _rates(tn: float, fp: float, fn: float, tp: float) -> dict[str, float]:
-    """Threshold metrics from confusion counts, zero division -> 0 (scikit-learn's zero_division=0)."""
-    div = lambda a, b: a / b if b > 0 else 0.0  # noqa: E731
-    n = tn + fp + fn + tp
-    return {
-        "accuracy": div(tp + tn, n) if n > 0 else math.nan,
-        "precision": div(tp, tp + fp),
-        "recall": div(tp, tp + fn),
-        "specificity": div(tn, tn + fp),
-        "f1": div(2 * tp, 2 * tp + fp + fn),
-    }
+# ----------------------------------------------------------------------------- metric math (scikit-learn)
+def _scores(y: np.ndarray, yhat: np.ndarray, w: np.ndarray | None = None) -> dict[str, float]:
+    """Precision, recall, specificity and F1 of 0/1 labels and predictions: the one place they are computed.
 
-
-def _counts(y: np.ndarray, yhat: np.ndarray) -> list[int]:
-    """[tn, fp, fn, tp] of 0/1 arrays (also fine when empty, unlike sklearn's confusion_matrix)."""
-    y, yhat = y == 1, yhat == 1
-    return [int((~y & ~yhat).sum()), int((~y & yhat).sum()), int((y & ~yhat).sum()), int((y & yhat).sum())]
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC, NaN when only one class is present (undefined)."""
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
-
-
-def _tie_groups(p: np.ndarray) -> np.ndarray:
-    """Rank of each score among the distinct scores (equal scores share a group), for the weighted AUC."""
-    return np.unique(p, return_inverse=True)[1].ravel()
-
-
-def _weighted_auc(y: np.ndarray, groups: np.ndarray, w: np.ndarray) -> float:
-    """Mann-Whitney AUC with integer sample weights (bootstrap counts), ties counted 1/2.
-
-    Equal to roc_auc_score on the rows repeated w times, but O(n) with no re-sorting per resample.
+    scikit-learn's precision_recall_fscore_support over both classes with zero_division=0; specificity is the
+    recall of the negative class. `w`: sample weights (bootstrap counts). Needs at least one case.
     """
-    k = int(groups.max()) + 1 if len(groups) else 0
-    pos = np.bincount(groups, weights=w * y, minlength=k)
-    neg = np.bincount(groups, weights=w * (1 - y), minlength=k)
-    n_pos, n_neg = pos.sum(), neg.sum()
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+    prec, rec, f1, _ = precision_recall_fscore_support(y, yhat, labels=[0, 1], zero_division=0, sample_weight=w)
+    return {"precision": float(prec[1]), "recall": float(rec[1]), "specificity": float(rec[0]), "f1": float(f1[1])}
+
+
+def _rates(y: np.ndarray, yhat: np.ndarray) -> tuple[dict[str, float], list[list[int]]]:
+    """Accuracy and `_scores`, and the confusion [[tn, fp], [fn, tp]] from multilabel_confusion_matrix.
+
+    No labelled case: accuracy is undefined (NaN), the rest 0 (scikit-learn refuses empty input).
+    """
+    if len(y) == 0:
+        return {"accuracy": math.nan, "precision": 0.0, "recall": 0.0, "specificity": 0.0, "f1": 0.0}, [[0, 0], [0, 0]]
+    (tn, fp), (fn, tp) = multilabel_confusion_matrix(y, yhat, labels=[1])[0].tolist()
+    return {"accuracy": (tp + tn) / len(y), **_scores(y, yhat)}, [[int(tn), int(fp)], [int(fn), int(tp)]]
+
+
+def _auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    """ROC AUC (ties count 1/2), NaN when a class is missing (undefined); `w`: sample weights."""
+    w = np.ones(len(y)) if w is None else w
+    pos = float((w * y).sum())
+    return float(roc_auc_score(y, p, sample_weight=w)) if 0 < pos < float(w.sum()) else math.nan
 
 
 def _percentile_ci(values: list[float]) -> list[float] | None:
@@ -139,16 +124,12 @@ def tune_thresholds(y_true, y_prob, method: str = "f1", mask=None) -> np.ndarray
 
 
 def macro_f1(y_true, y_prob, thresholds, mask=None) -> float:
-    """Mean per-finding F1 at the given thresholds; cheap enough to select epochs/rounds with."""
+    """Mean per-finding F1 at the given thresholds (findings without a labelled case left out); what epochs and
+    rounds are selected by (compute_metrics counts a finding without labelled cases as F1 0 in its macro)."""
     y_true, y_prob, m = _prepare(y_true, y_prob, mask)
     pred = y_prob >= _thresholds(thresholds, y_true.shape[1])
-    pos = y_true == 1
-    tp = (pred & pos & m).sum(0)
-    fp = (pred & ~pos & m).sum(0)
-    fn = (~pred & pos & m).sum(0)
-    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
-    labelled = m.any(0)
-    return float(f1[labelled].mean()) if labelled.any() else math.nan
+    f1 = [_scores(y_true[m[:, j], j], pred[m[:, j], j])["f1"] for j in range(y_true.shape[1]) if m[:, j].any()]
+    return float(np.mean(f1)) if f1 else math.nan
 
 
 def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootstrap: int = 0, seed: int = 0) -> dict:
@@ -171,7 +152,8 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
     for j, name in enumerate(findings):
         mj = m[:, j]
         y, p = y_true[mj, j], y_prob[mj, j]
-        tn, fp, fn, tp = _counts(y, pred[mj, j])
+        rates, confusion = _rates(y, pred[mj, j])
+        (tn, fp), (fn, tp) = confusion
         auc = _auc(y, p)
         if len(y) == 0:
             notes.append(f"{name}: no labelled cases in this split; metrics undefined")
@@ -180,10 +162,10 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
         elif tn + fp == 0:
             notes.append(f"{name}: no negative cases in this split; AUC undefined")
         per_finding[name] = {
-            **{k: _num(v) for k, v in _rates(tn, fp, fn, tp).items()},
+            **{k: _num(v) for k, v in rates.items()},
             "auc": _num(auc),
             "support": int(tp + fn), "negatives": int(tn + fp), "n": int(len(y)), "threshold": float(thr[j]),
-            "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]], "auc_ci": None, "f1_ci": None,
+            "confusion": confusion, "auc_ci": None, "f1_ci": None,
         }
 
     def mean_of(key: str) -> float | None:
@@ -191,7 +173,7 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
         return float(np.mean(vals)) if vals else None
 
     macro = {k: mean_of(k) for k in (*_RATES, "auc")}
-    micro = {k: _num(v) for k, v in _rates(*_counts(y_true[m], pred[m])).items()}
+    micro = {k: _num(v) for k, v in _rates(y_true[m], pred[m])[0].items()}
     micro["auc"] = _num(_auc(y_true[m], y_prob[m]))
 
     result = {
@@ -205,24 +187,23 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
 
 
 def _bootstrap(result: dict, y_true, y_prob, pred, m, findings, n_boot: int, seed: int) -> None:
-    """Fill auc_ci/f1_ci and headline_ci in place. Resampling rows = integer weights per row (bincount)."""
+    """Fill auc_ci/f1_ci and headline_ci in place. A resample of the rows is a vector of integer weights (how
+    often each row was drawn), handed to scikit-learn as sample_weight: the same numbers as the resampled rows."""
     rng = np.random.default_rng(seed)
     n, n_find = y_true.shape
     cols = [np.flatnonzero(m[:, j]) for j in range(n_find)]
-    groups = [_tie_groups(y_prob[c, j]) for j, c in enumerate(cols)]
     defined = [result["per_finding"][f]["auc"] is not None for f in findings]
     aucs = np.full((n_boot, n_find), math.nan)
     f1s = np.full((n_boot, n_find), math.nan)
     for b in range(n_boot):
         w_all = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float)
         for j, c in enumerate(cols):
-            w, y, yhat = w_all[c], y_true[c, j], pred[c, j]
+            w = w_all[c]
             if w.sum() == 0:
                 continue
-            tp, fp, fn = (w * y * yhat).sum(), (w * (1 - y) * yhat).sum(), (w * y * (1 - yhat)).sum()
-            f1s[b, j] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
+            f1s[b, j] = _scores(y_true[c, j], pred[c, j], w)["f1"]
             if defined[j]:
-                aucs[b, j] = _weighted_auc(y, groups[j], w)
+                aucs[b, j] = _auc(y_true[c, j], y_prob[c, j], w)
     for j, name in enumerate(findings):
         if defined[j]:
             result["per_finding"][name]["auc_ci"] = _percentile_ci(aucs[:, j].tolist())

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -11,10 +14,93 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# Every process a test starts inherits this (subprocess and Flower pass os.environ on): how the session recognises
+# its own processes at the end, also those re-parented after their parent died or started in their own session.
+SESSION_MARK = "PYTEST_FEDXRAY_SESSION"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 PNEUMONIAMNIST = SHARED_DATA / "pneumoniamnist.npz"
 SYNTH_FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+
+
+# ------------------------------------------------------------------------------------------ nothing left running
+_PROGRAMS = ("flwr", "flower-", "fedxray", "raylet", "gcs_server")        # Flower's, ours and Ray's executables
+_MODULES = ("common.", "client.", "server.", "simulations.", "inference_api.", "flwr", "ray", "uvicorn")
+_PACKAGES = tuple(f"{os.sep}site-packages{os.sep}{p}{os.sep}" for p in ("flwr", "ray"))   # their scripts
+
+
+def is_fedxray_or_flower(cmdline: list[str]) -> bool:
+    """A fedxray, Flower or Ray process, by what it runs (program, `-m` module, script in their package, Ray's
+    `ray::` process titles), never by the folders in its command line (the repository's own path may be
+    .../fedxray/.venv/bin/python, as every Python process of the session is)."""
+    if not cmdline:
+        return False
+    if cmdline[0].startswith("ray::") or any(pkg in arg for arg in cmdline for pkg in _PACKAGES):
+        return True
+    args = cmdline[1:] if Path(cmdline[0]).name.startswith("python") else cmdline
+    args = [a for a in args if a not in ("-u", "-B", "-E", "-s", "-O")]   # interpreter flags before the program
+    if not args:
+        return False
+    if args[0] == "-m":
+        return len(args) > 1 and args[1].startswith(_MODULES)
+    return Path(args[0]).name.startswith(_PROGRAMS) or Path(args[0]).name == "ray"
+
+
+def started_here_and_running(basetemp: str) -> list[psutil.Process]:
+    """Live processes (zombies aside) of this session: carrying its SESSION_MARK, descending from this process, or
+    naming a folder under the session's base temp dir; of those, the ones that run fedxray/Flower/Ray, or name
+    such a folder."""
+    me, token = psutil.Process(), os.environ[SESSION_MARK]
+    try:
+        family = {p.pid for p in me.children(recursive=True)}
+    except psutil.Error:
+        family = set()
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.pid == me.pid or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = p.info["cmdline"] or []
+            names_tmp = any(basetemp in arg for arg in cmdline)
+            if not (names_tmp or p.pid in family or p.environ().get(SESSION_MARK) == token):
+                continue
+            if names_tmp or is_fedxray_or_flower(cmdline):
+                out.append(p)
+        except psutil.Error:   # gone meanwhile, or another user's (no environ to read): not ours
+            continue
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running(tmp_path_factory):
+    """After the last test, however the session was selected (-k, one file, one test): no fedxray, Flower or Ray
+    process a test started is still running. Children finish their own shutdown a moment after their parent, so
+    this waits up to 30 s for them; whatever is left fails the session (an error in the last test's teardown)
+    and is then stopped, so one leak does not pile up over runs."""
+    basetemp = str(tmp_path_factory.getbasetemp())
+    yield
+    deadline = time.monotonic() + 30
+    while (left := started_here_and_running(basetemp)) and time.monotonic() < deadline:
+        time.sleep(1)
+    if not left:
+        return
+    names = []
+    for p in left:
+        try:
+            names.append(f"pid {p.pid}: {' '.join(p.cmdline()[:4])}")
+            p.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(left, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    pytest.fail("processes started by the tests were still running at the end of the session (now stopped): "
+                + "; ".join(names), pytrace=False)
 
 
 @pytest.fixture(scope="session")

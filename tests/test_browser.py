@@ -15,7 +15,8 @@ from benchmarks.image_files import png
 from inference_api.local_server import serving
 from tests.inference_support import FINDINGS, trained_bundle, xray
 
-expect = pytest.importorskip("playwright.sync_api").expect
+expect = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: it comes with the dev "
+                             "extra (pip install -e '.[dev]'); the browser tests need it").expect
 from tests.test_api import dcm, image16
 
 CHROMIUM = os.environ.get("FEDXRAY_CHROMIUM", "/usr/bin/chromium")

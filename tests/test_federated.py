@@ -2,7 +2,7 @@
 
 Integration tests start real Flower processes (SuperLink, SuperNodes, `flwr run`, Ray) with private
 FLWR_HOME / RAY_TMPDIR folders and free ports, each in its own process group, and stop them in `finally`
-blocks; `test_zz_nothing_left_running` checks afterwards that no process of this module survived.
+blocks; the session fixture `nothing_left_running` (tests/conftest.py) fails the run if any survived.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from common.settings import STRATEGIES, Settings
 from tests.conftest import REPO, StandInGrid
 from tests.run_support import TINY, tiny_settings
 
-_STARTED_ROOTS: list[str] = []   # tmp folders whose processes must all be gone at the end
 
 
 def _reply(instruction: Message, arrays: dict[str, np.ndarray], n: int, **metrics) -> Message:
@@ -423,10 +422,8 @@ def _run_cli(args: list[str], cwd: Path, env: dict, timeout: float) -> subproces
 
 @pytest.fixture
 def flower_tmp(tmp_path_factory):
-    """A private folder for Flower/Ray state whose processes the final test checks for."""
-    root = tmp_path_factory.mktemp("flower")
-    _STARTED_ROOTS.append(str(root))
-    return root
+    """A private folder for Flower/Ray state (the session fixture checks no process naming it survives)."""
+    return tmp_path_factory.mktemp("flower")
 
 
 @pytest.mark.slow
@@ -437,7 +434,6 @@ def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
 
     out = flower_tmp / "out"
     ray_tmp = Path("/tmp") / f"rayfx{os.getpid()}"
-    _STARTED_ROOTS.append(str(ray_tmp))
     env = flower_env(flower_tmp / "home", ray_tmp)
     sets = [f"--set={k}={v}" for k, v in _tiny_run(out).items() if k not in ("federation.rounds", "output_dir")]
     cmd = ["-m", "fedxray", "federate", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
@@ -565,12 +561,3 @@ def test_launcher_fails_clearly_when_nodes_are_missing_and_stops_everything(synt
         "run.log", "superlink.log", "supernode-hospital_1.log", "supernode-hospital_2.log",
         "supernode-hospital_3.log"]
     assert not pids_with_arg(str(work)), "launcher left processes running"
-
-
-def test_zz_nothing_left_running():
-    """Every process a test here started (identified by its private folder in the command line) is gone."""
-    from server.processes import pids_with_arg
-
-    time.sleep(1)
-    left = {root: pids_with_arg(root) for root in _STARTED_ROOTS}
-    assert not any(left.values()), f"processes left running: {left}"

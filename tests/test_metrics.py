@@ -6,11 +6,9 @@ from itertools import product
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
-
 from common import plots
-from common.metrics import (HEADLINE, SEED_PAPER, _tie_groups, _weighted_auc, compute_metrics,
-                            format_headline_table, format_per_finding_table, macro_f1, tune_thresholds)
+from common.metrics import (HEADLINE, SEED_PAPER, compute_metrics, format_headline_table, format_per_finding_table,
+                            macro_f1, tune_thresholds)
 
 EXACT = dict(rel=1e-12, abs=1e-12)
 
@@ -149,14 +147,39 @@ def test_tune_thresholds_youden_separates():
         tune_thresholds(y, p, "bogus")
 
 
-def test_weighted_auc_matches_resampled_sklearn():
+def hand_f1(y, yhat):
+    """F1 by counting: 2 TP / (2 TP + FP + FN), 0 when there is nothing to count."""
+    tp = sum(1 for t, h in zip(y, yhat) if t == 1 and h == 1)
+    wrong = sum(1 for t, h in zip(y, yhat) if t != h)
+    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+
+
+def test_bootstrap_equals_hand_resampled_rows():
+    """The CIs come from weighted scikit-learn calls; here each resample's rows are repeated by hand (the same
+    draws from the same generator) and scored by pair counting, so the weights must mean "this row, k times"."""
     rng = np.random.default_rng(0)
-    y = (rng.random(60) < 0.3).astype(float)
-    p = np.round(rng.random(60), 1)  # many ties
-    for _ in range(5):
-        idx = rng.integers(0, 60, 60)
-        w = np.bincount(idx, minlength=60).astype(float)
-        assert _weighted_auc(y, _tie_groups(p), w) == pytest.approx(roc_auc_score(y[idx], p[idx]), abs=1e-12)
+    y = (rng.random((40, 2)) < 0.4).astype(float)
+    p = np.round(rng.random((40, 2)), 1)  # many ties
+    mask = rng.random((40, 2)) > 0.1
+    r = compute_metrics(y, p, NAMES, mask=mask, bootstrap=30, seed=11)
+    draws = np.random.default_rng(11)
+    aucs, f1s = [[], []], [[], []]
+    for _ in range(30):
+        idx = draws.integers(0, 40, size=40)
+        for j in range(2):
+            rows = idx[mask[idx, j]]
+            yy, pp = y[rows, j], p[rows, j]
+            f1s[j].append(hand_f1(yy, pp >= 0.5))
+            if 0 < yy.sum() < len(yy):
+                aucs[j].append(pair_auc(yy, pp))
+    for j, name in enumerate(NAMES):
+        pf = r["per_finding"][name]
+        assert pf["auc_ci"] == pytest.approx([np.percentile(aucs[j], 2.5), np.percentile(aucs[j], 97.5)], **EXACT)
+        assert pf["f1_ci"] == pytest.approx([np.percentile(f1s[j], 2.5), np.percentile(f1s[j], 97.5)], **EXACT)
+    assert len(aucs[0]) == len(aucs[1]) == 30  # no resample lost a class: the macro CI uses every one
+    macro_auc = [(a + b) / 2 for a, b in zip(*aucs)]
+    assert r["headline_ci"]["auc"] == pytest.approx([np.percentile(macro_auc, 2.5), np.percentile(macro_auc, 97.5)],
+                                                    **EXACT)
 
 
 def test_bootstrap_ci():

@@ -1,6 +1,7 @@
 """Client-side DP: noise calibrated to a target epsilon, accounting carried across rounds, budget refusal."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -170,9 +171,77 @@ def test_central_dp_wraps_flowers_strategy_and_survives_a_declined_hospital(mode
     replies = list(grid.send_and_receive(msgs, timeout=5))
     assert len(replies) == 2 and len(grid.replies) == 3      # the decline is recorded, not aggregated
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is not None
-    if mode.startswith("server"):                             # clipped on the server: ||update|| <= norm
-        assert np.linalg.norm(arrays["w"].numpy()) <= 0.5 + 1e-5
+    # updates 3 x (1, 1, 1, 1) and 6 x (1, 1, 1, 1), 10 examples each: clipped on the server to norm 0.5, i.e.
+    # 0.25 each; the client-side modes leave clipping to the hospitals' mod (not in this test): the plain mean 4.5
+    expected = 0.25 if mode.startswith("server") else 4.5
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, expected), rtol=1e-6)
+
+
+def _central_round(mode: str, noise: float, clip: float, current: np.ndarray, updates, examples, seed: int = 0):
+    """One round of Flower's central-DP wrapper (as wrap_central_dp builds it) around our FedAvg: the hospitals
+    reply current + update; in the client-side modes each reply goes through the ClientApp's own mods (Flower's
+    fixedclipping_mod / adaptiveclipping_mod), as on a SuperNode. Returns the new global array."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from client.mods import make_mods
+    from common.settings import Settings
+    from server.privacy import wrap_central_dp
+    from server.strategies import build_strategy
+    from tests.conftest import StandInGrid
+
+    n = len(updates)
+    s = Settings.build("demo", {"central_dp": {"mode": mode, "noise_multiplier": noise, "clipping_norm": clip},
+                                "federation": {"min_train_nodes": n, "min_available_nodes": n}})
+    strategy = wrap_central_dp(build_strategy(s), s)
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(current.astype(np.float32))}), ConfigRecord(),
+                                         StandInGrid(list(range(1, n + 1)))))
+    central = next(m for m in make_mods({"central_dp.mode": mode}) if m.__name__ == "central_dp")
+    ctx = Context(run_id=7, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    replies = []
+    for m, u, k in zip(msgs, updates, examples, strict=True):
+        answer = lambda msg, _c, u=u, k=k: _reply(msg, {"w": (current + u).astype(np.float32)}, k)  # noqa: E731
+        replies.append(central(m, ctx, answer) if mode.startswith("client") else answer(m, ctx))
+    np.random.seed(seed)   # Flower draws the noise from NumPy's global generator
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays["w"].numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed", "server-adaptive", "client-adaptive"])
+def test_central_dp_without_noise_is_exactly_the_clipped_weighted_mean(mode, task_identity):
+    """sigma = 0: every hospital's update (reply - global) is scaled to norm <= C, then FedAvg's example-weighted
+    mean, and nothing else. Hand-computed with C = 1 around a global of ones:
+      (3, 4, 0, 0)   norm 5   -> (0.6, 0.8, 0, 0)   x 10 examples
+      (0, 0, .3, .4) norm 0.5 -> unchanged          x 30
+      (0, 0, 0, -10) norm 10  -> (0, 0, 0, -1)      x 60
+      mean = (0.06, 0.08, 0.09, (30 x 0.4 - 60) / 100 = -0.48), + the global 1."""
+    import numpy as np
+
+    updates = [np.array([3.0, 4, 0, 0]), np.array([0, 0, 0.3, 0.4]), np.array([0, 0, 0, -10.0])]
+    out = _central_round(mode, 0.0, 1.0, np.ones(4), updates, [10, 30, 60])
+    np.testing.assert_allclose(out, 1 + np.array([0.06, 0.08, 0.09, -0.48]), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed"])
+def test_central_dp_noise_has_the_spread_sigma_c_over_n(mode, task_identity):
+    """sigma = 1.5, C = 0.5, 3 hospitals sampled: Gaussian noise of std sigma x C / n = 0.25 on every coordinate
+    of the clipped mean. Measured as the difference to the same round without noise, over 30 000 coordinates:
+    the sample std is within 1/sqrt(2 x 30 000) = 0.4% of the true one, so 5% can only fail when the
+    calibration is wrong (std sigma x C, or / sqrt(n), or the unclipped norm would be 2x off or more)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    d = 30_000
+    current = rng.normal(size=d)
+    updates = [rng.normal(size=d) * scale for scale in (0.001, 0.05, 1.0)]   # norms ~0.17, 8.7, 173: two clipped
+    examples = [10, 20, 30]
+    noisy = _central_round(mode, 1.5, 0.5, current, updates, examples, seed=1)
+    clean = _central_round(mode, 0.0, 0.5, current, updates, examples)
+    noise = noisy - clean
+    std = 1.5 * 0.5 / 3
+    assert noise.std() == pytest.approx(std, rel=0.05)
+    assert abs(noise.mean()) < 5 * std / np.sqrt(d)
+    assert np.linalg.norm(clean - current) <= 0.5 + 1e-4      # the noiseless step is the clipped one
 
 
 def test_client_side_clipping_mod_clips_the_update(task_identity):

@@ -1,9 +1,9 @@
 """Federation security on loopback: certificates, TLS, SuperNode authentication, signed apps, SecAgg+.
 
 Integration tests start real flower-superlink / flower-supernode / flwr processes, each with its own
-FLWR_HOME and free ports and in its own process group; `LocalFederation.stop()` runs in `finally` and the
-last test checks that nothing started here survived. Waits are bounded (a misconfigured node must exit by
-itself within NODE_EXIT_S).
+FLWR_HOME and free ports and in its own process group; `LocalFederation.stop()` runs in `finally`, and the
+session's `nothing_left_running` fixture (tests/conftest.py) checks that nothing started here survived. Waits
+are bounded (a misconfigured node must exit by itself within NODE_EXIT_S).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from tests.run_support import TINY, tiny_settings
 
 RUN = {**TINY, "federation.node_wait_timeout": 90.0, "federation.round_timeout": 300.0}
 NODE_EXIT_S = 120          # a node with a bad identity / no CA gives up by itself well within this
-_ROOTS: list[str] = []     # folders whose processes must all be gone at the end
 
 
 # ------------------------------------------------------------------------------------------------ certs
@@ -92,9 +91,7 @@ def test_security_flags_and_explicit_insecure(tmp_path):
 # ------------------------------------------------------------------------------------------------ loopback
 @pytest.fixture
 def flower_tmp(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sec")
-    _ROOTS.append(str(root))
-    return root
+    return tmp_path_factory.mktemp("sec")
 
 
 def _wait_exit(proc, timeout: float = NODE_EXIT_S) -> tuple[int | None, float]:
@@ -178,7 +175,6 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
     from server.processes import stop_tree
 
     ray_tmp = Path("/tmp") / f"raysec{os.getpid()}"
-    _ROOTS.append(str(ray_tmp))
     env = flower_env(flower_tmp / "home", ray_tmp)
     runs = {}
     for mode in ("fedavg", "secagg"):
@@ -206,15 +202,3 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
     assert sa["history"][1]["global"]["val"]["auc"] == pytest.approx(sb["history"][1]["global"]["val"]["auc"], abs=0.01)
     secs = {m: [h.get("seconds") for h in s["history"][1:]] for m, (_, s) in runs.items()}
     print(f"\nseconds per round (training + global evaluation): {secs}; max |w_fedavg - w_secagg| = {diff:.2e}")
-
-
-def test_zz_nothing_left_running():
-    from server.processes import describe, pids_with_arg
-
-    deadline = time.monotonic() + 30      # children finish their own shutdown a moment after their group's
-    while True:
-        left = {root: pids_with_arg(root) for root in _ROOTS}
-        if not any(left.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert not any(left.values()), f"processes left running: {[describe(p) for ps in left.values() for p in ps]}"

@@ -55,6 +55,13 @@ def test_a_diverged_model_is_a_clear_error_naming_the_tensors_at_fault():
         predict(model, loader)
 
 
+# Test macro AUC of _config on the session's synth_root (3 hospitals x 40 patients, seed 1), measured: 0.905 with
+# the default training seed (42), 0.854 / 0.924 with seeds 2 / 1; on other synthetic draws (data seeds 2, 3)
+# 0.786 .. 0.861. Not learning (lr 1e-12): 0.431 here, 0.447 .. 0.485 elsewhere. 0.82 sits below every seed on
+# this data and about 0.4 above a model that did not learn.
+LEARNED_AUC = 0.82
+
+
 def _config(root, out, **train):
     return Settings.model_validate({
         "data": {"path": str(root), "findings": SYNTH_FINDINGS},
@@ -75,10 +82,10 @@ def test_training_is_reproducible_on_cpu():
 
 
 def test_centralised_run_learns_and_writes_its_run_directory(synth_root, tmp_path):
-    """A tiny CNN trained for a few epochs beats chance on the held-out test split (a real assertion)."""
+    """A tiny CNN trained for a few epochs reaches what this config measured on the held-out test split."""
     summary = run_centralised(_config(synth_root, tmp_path / "run"), progress=False)
     test = summary["test"]
-    assert test["macro"]["auc"] > 0.65, test["macro"]
+    assert test["macro"]["auc"] >= LEARNED_AUC, test["macro"]
     assert len(summary["history"]) == 6 and 1 <= summary["best_epoch"] <= 6
     assert summary["validation"]["macro"]["f1"] == max(h["val_f1"] for h in summary["history"])
     for f in ("metrics.json", "data_report.json", "roc_test.png", "per_finding_test.png", "training_curves.png",

@@ -171,7 +171,7 @@ def _cmd_predict(a) -> int:
 
 def _cmd_explain_eval(a) -> int:
     from common.bundle import load_bundle, update_card
-    from inference_api.explain_eval import evaluate_explanations, format_report
+    from inference_api.explain_eval import card_section, evaluate_explanations, format_report
 
     bundle = load_bundle(a.bundle)
     report = evaluate_explanations(bundle, a.data, source=a.source, split=a.split, method=a.method,
@@ -181,6 +181,6 @@ def _cmd_explain_eval(a) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nreport: {out}")
     if not a.no_card:
-        update_card(a.bundle, "explanation_eval", report)
+        update_card(a.bundle, "explanation_eval", card_section(report))   # public: no paths, no file names
         print(f"recorded in {Path(a.bundle) / 'model.json'} under extra.explanation_eval")
     return 0

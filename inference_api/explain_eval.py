@@ -130,6 +130,14 @@ def evaluate_explanations(bundle: Bundle, data: str | Path, *, source: str | Non
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def card_section(report: dict) -> dict:
+    """The report as the model card may carry it (the card is public through /v1/model): the figures, without
+    the data folder's path or the names of the images that could not be read."""
+    out = {k: v for k, v in report.items() if k not in ("data", "skipped")}
+    out["skipped_images"] = len(report.get("skipped") or [])
+    return out
+
+
 def _score_chunk(bundle, pre, chunk, index, tallies, method, iou_threshold, tolerance) -> None:
     x = torch.stack([pre(pixels) for _, pixels in chunk])
     model = bundle.model.eval()

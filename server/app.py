@@ -73,13 +73,12 @@ class RoundKeeper:
                            best_changed=self.state.best_round == g)
             write_status(self.out, "running", round=g, rounds=self.s.federation.rounds)
         self._t = time.perf_counter()
-        v, t = ev.val["macro"], ev.test["macro"]
+        v = ev.val["macro"]
         log.info("%s", self._progress(row))
         nan = float("nan")
+        # what Flower prints in its round summary: validation only (the test split reports the selected round)
         return MetricRecord({"val-f1": v["f1"] if v["f1"] is not None else nan,
-                             "val-auc": v["auc"] if v["auc"] is not None else nan,
-                             "test-f1": t["f1"] if t["f1"] is not None else nan,
-                             "test-auc": t["auc"] if t["auc"] is not None else nan})
+                             "val-auc": v["auc"] if v["auc"] is not None else nan})
 
     def _progress(self, row: dict) -> str:
         """The per-round line an operator watches (the launcher prints the lines carrying PROGRESS): round,

@@ -78,6 +78,10 @@ def federate(settings, *, num_supernodes: int | None = None, synth: bool = False
     from server.evaluation import server_data_path
 
     server_data_path(settings)   # fail before Flower starts: the server needs its held-out data
+    if quiet:   # Flower's own per-round log lines; the result is printed by the caller
+        import logging
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     n = num_supernodes or hospital_count(data) or 3
     if runtime == "flwr":
         from server.launch import run_flwr_simulation

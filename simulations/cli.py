@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="any setting, e.g. --set model.arch=resnet18 --set federation.client_cpus=2")
     p.add_argument("--report-only", action="store_true", help="rewrite results.json/report.md from finished arms")
     p.add_argument("--list", action="store_true", help="list the shipped experiments and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress output, only the result")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -28,12 +28,13 @@ SYNTHETIC_MARKER = "synthetic.json"   # the [synthetic] settings the folder was 
 
 
 def ensure_data(cfg: SimulationConfig) -> None:
-    """Write the synthetic hospitals when the experiment asks for them and data.path is still empty."""
+    """Write the synthetic hospitals when the experiment asks for them and data.path is still empty. A folder
+    that holds anything is used as it is: nothing is ever written into a user's own data."""
     if cfg.synthetic is None:
         return
     root, wanted = Path(cfg.data.path), cfg.synthetic.model_dump(mode="json")
     marker = root / SYNTHETIC_MARKER
-    if root.is_dir() and any(root.glob("hospital_*")):
+    if root.is_dir() and any(root.iterdir()):
         if marker.is_file() and json.loads(marker.read_text()) != wanted:
             raise FedxrayError(f"{root} holds synthetic hospitals written with other [synthetic] settings "
                                f"({marker.read_text().strip()}); delete the folder or choose another data.path")

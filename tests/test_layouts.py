@@ -254,3 +254,24 @@ def test_detection_prefers_a_csv_with_a_path_column_and_ignores_other_csvs(tmp_p
     assert load_manifest(DataConfig(path=str(root))).source == "folder"
     (root / "labels.csv").write_text("path,Pneumonia\ntrain/NORMAL/a.png,0\ntrain/PNEUMONIA/b.png,1\n")
     assert detect_source(root) == "csv"
+
+
+def test_every_command_detects_the_layout_the_same_way(tmp_path, capsys):
+    """`fedxray data check` and `fedxray train` read a split/class folder with no --source: one detection."""
+    import json
+
+    from fedxray.cli import main
+
+    root = _tree(tmp_path / "kaggle", {f"{s}/{c}/{s}{c}.png": 6 for s in ("train", "val", "test")
+                                       for c in ("NORMAL", "PNEUMONIA")})
+    report = tmp_path / "report.json"
+    assert main(["data", "check", str(root), "--set", "data.min_resolution=8", "--json", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["source"] == "folder" and r["findings"] == ["Pneumonia"]
+    assert {k: v["images"] for k, v in r["splits"].items()} == {"train": 12, "val": 12, "test": 12}
+    assert main(["train", "--profile", "demo", "--data", str(root), "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", "data.findings=", "--set", "data.min_resolution=8", "--set", "preprocess.image_size=16",
+                 "--set", "train.epochs=1"]) == 0
+    card = json.loads((tmp_path / "run" / "bundle" / "model.json").read_text())
+    assert card["findings"] == ["Pneumonia"] and card["provenance"]["data"]["source"] == "folder"
+    capsys.readouterr()

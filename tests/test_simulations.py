@@ -114,6 +114,11 @@ def test_synthetic_data_is_written_once_and_a_changed_recipe_is_refused(tmp_path
                         synthetic={"hospitals": 3, "patients": 6, "size": 32})
     with pytest.raises(FedxrayError, match="other \\[synthetic\\] settings"):
         ensure_data(other)
+    # a folder with the user's own data is never written into
+    own = tmp_path / "own"
+    (own / "train" / "NORMAL").mkdir(parents=True)
+    ensure_data(tiny_config(own, tmp_path / "out", [{"kind": "centralised"}], synthetic={"hospitals": 2}))
+    assert sorted(p.name for p in own.iterdir()) == ["train"]
 
 
 # --------------------------------------------------------------------------------------------- resume

@@ -31,13 +31,10 @@ def add_settings_arguments(p: argparse.ArgumentParser, *, data_help: str = "data
 
 def settings_from_args(a: argparse.Namespace, *defaults: dict):
     """The run's Settings from the shared arguments; `defaults`: the command's own layers, under the file."""
-    from common.settings import Settings, parse_overrides, read_settings_file
+    from common.settings import load_settings, parse_overrides
 
-    raw = read_settings_file(a.config) if a.config else {}
-    profile = a.profile if a.profile is not None else str(raw.pop("profile", "") or "")
-    raw.pop("profile", None)
     flags = {k: v for k, v in (("data.path", a.data), ("output_dir", a.out)) if v is not None}
-    return Settings.build(profile, *defaults, raw, flags, parse_overrides(a.set))
+    return load_settings(a.config, {**flags, **parse_overrides(a.set)}, profile=a.profile, defaults=defaults)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -464,9 +464,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                  profile: str | None = None) -> Settings:
-    """A TOML file (optional; its own `profile = "demo"` picks the base) with dotted overrides applied."""
+                  profile: str | None = None, defaults: tuple[dict[str, Any], ...] = ()) -> Settings:
+    """The profile (given, else the file's own `profile = "demo"`, else the real-use defaults), then `defaults`
+    (a command's own), then the TOML file (optional), then the dotted overrides."""
     raw = read_settings_file(path) if path is not None else {}
-    base = profile if profile is not None else str(raw.pop("profile", "") or "")
+    base = profile if profile is not None else str(raw.get("profile", "") or "")
     raw.pop("profile", None)
-    return Settings.build(base, raw, overrides or {})
+    return Settings.build(base, *defaults, raw, overrides or {})

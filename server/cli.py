@@ -106,18 +106,16 @@ def federate_demo(data: str | Path = DEMO_DATA, out: str | Path = DEMO_OUT, *, r
     n = num_supernodes or hospital_count(Path(data)) or 3
     settings = Settings.build("demo", every_hospital(n), {"data.path": str(data), "output_dir": str(out)},
                               {"federation.rounds": rounds} if rounds else {}, overrides or {})
-    summary = federate(settings, num_supernodes=num_supernodes, synth=synth, runtime=runtime, quiet=quiet)
-    if not quiet:
-        print("\n" + summary["table"])
-        print(f"\nbundle: {summary['bundle']}   (serve it: fedxray serve)")
-    return summary
+    return federate(settings, num_supernodes=num_supernodes, synth=synth, runtime=runtime, quiet=quiet)
 
 
 def _cmd_demo(a) -> int:
     """The embedded default end to end: synthetic hospitals -> federated training in Flower's simulation
     runtime -> global metrics table -> bundle at <out>/bundle, where `fedxray serve` looks by default."""
     out = Path(a.out)
-    federate_demo(data=out / "data", out=out, quiet=a.quiet)
+    summary = federate_demo(data=out / "data", out=out, quiet=a.quiet)
+    print("\n" + summary["table"])
+    print(f"\nbundle: {summary['bundle']}   (serve it: fedxray serve --bundle {summary['bundle']})")
     return 0
 
 

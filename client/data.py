@@ -72,9 +72,9 @@ def resolve_source(node_config: dict, settings: Settings) -> NodeSource:
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
     root = Path(settings.data.path).expanduser().resolve()
     if not root.exists():
-        raise DataError(f"run config data-path does not exist (resolved from working directory {Path.cwd()}); "
+        raise DataError(f"run config data.path does not exist (resolved from working directory {Path.cwd()}); "
                         "create the demo data with `fedxray data synth --out data/synth` or pass an absolute "
-                        "path with --run-config \"data-path='/abs/path'\"", path=str(root), failure="data-not-found")
+                        "path with --run-config \"data.path='/abs/path'\"", path=str(root), failure="data-not-found")
     sites = sorted(site_folders(root), key=_natural_key)
     if sites:
         if pid >= len(sites):

@@ -41,10 +41,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _ensure_demo_data(data: Path, patients: int = 100, size: int = 128, quiet: bool = False) -> None:
-    from common.data.sources import site_folders
+    """Synthetic hospitals in `data`, unless it holds anything already (never written into a user's data)."""
     from common.data.synthetic import synthesize
 
-    if data.exists() and (site_folders(data) or any(data.iterdir())):
+    if data.exists() and any(data.iterdir()):
         return
     if not quiet:
         print(f"writing synthetic hospitals to {data} ...", flush=True)
@@ -85,9 +85,10 @@ def federate(settings, *, num_supernodes: int | None = None, synth: bool = False
     n = num_supernodes or hospital_count(data) or 3
     if runtime == "flwr":
         from server.launch import run_flwr_simulation
+        from server.progress import print_progress
 
         outcome = run_flwr_simulation(settings, num_supernodes=n, workdir=tempfile.mkdtemp(prefix="fedxray-sim-"),
-                                      on_line=None if quiet else _progress_printer())
+                                      on_line=None if quiet else print_progress)
         if not outcome.ok:
             raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log})")
         return outcome.summary
@@ -128,12 +129,6 @@ def _cmd_federate(a) -> int:
     print(summary["table"])
     print(f"\nbundle: {summary['bundle']}   (serve it: fedxray serve --bundle {summary['bundle']})")
     return 0
-
-
-def _progress_printer():
-    from server.progress import print_progress
-
-    return print_progress
 
 
 # ------------------------------------------------------------------------------------------- fedxray launch

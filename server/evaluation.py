@@ -1,8 +1,9 @@
 """The server's own held-out data and the global evaluation run after every round (Flower's `evaluate_fn`).
 
-The held-out set (by default `<data-path>/holdout`, which the synthetic generator writes) is split
-patient-level into validation (threshold tuning and best-round selection: the seed paper's rule of best
-validation macro-F1) and test (reported only, never used to choose anything).
+The held-out set (`federation.server_data_path`, by default `<data.path>/holdout`, which the synthetic generator
+writes) is split patient-level into validation (threshold tuning and best-round selection: the seed paper's
+rule of best validation macro-F1) and test (reported only, never used to choose anything). Without one, the
+server takes the val and test splits data.path itself ships (common.data.sources.server_holdout).
 """
 from __future__ import annotations
 

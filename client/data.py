@@ -25,7 +25,7 @@ from pathlib import Path
 from client.site import safe_site
 from common.settings import Settings
 from common.data.dataset import XrayDataset
-from common.data.sources import detect_source, load_manifest, server_holdout, site_folders
+from common.data.sources import load_manifest, server_holdout, site_folders
 from common.data.splits import MIN_SPLIT_PATIENTS, partition, patient_split
 from common.errors import DataError
 from common.data.prepare import build_datasets
@@ -87,7 +87,7 @@ def resolve_source(node_config: dict, settings: Settings) -> NodeSource:
 
 def _node_settings(src: NodeSource, settings: Settings, findings: list[str] | None) -> Settings:
     """The run's settings for this node's own folder; the hospital's split follows federation.local_split."""
-    source = detect_source(Path(src.path)) if src.source in ("", "auto") else src.source
+    source = src.source or "auto"   # load_manifest detects "auto", as for every command
     fractions = {"train": (1.0, 0.0, 0.0),
                  "train-val": (1 - settings.federation.local_val_fraction, settings.federation.local_val_fraction, 0.0),
                  "train-val-test": tuple(settings.data.split_fractions)}[settings.federation.local_split]

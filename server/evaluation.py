@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 
 from common.arrays import load_record
 from common.settings import Settings
-from common.data.sources import detect_source, load_manifest, server_holdout
+from common.data.sources import load_manifest, server_holdout
 from common.data.splits import patient_split
 from common.errors import DataError
 from common.metrics import compute_metrics, tune_thresholds
@@ -68,10 +68,9 @@ class GlobalEvaluator:
 
     def __init__(self, s: Settings):
         path = server_data_path(s)
-        source = detect_source(path) if s.data.source in ("", "auto") else s.data.source
         val_f = s.federation.server_val_fraction
         self.cfg: Settings = s.updated(**{   # the server always evaluates on its whole held-out set
-            "data.path": str(path), "data.source": source, "data.split_fractions": [0.0, val_f, 1 - val_f],
+            "data.path": str(path), "data.split_fractions": [0.0, val_f, 1 - val_f],
             "data.max_samples": None, "model.dp_compatible": s.network.dp_compatible})
         manifest = load_manifest(self.cfg.data, site="server")
         if server_holdout(s.data.path, s.federation.server_data_path) is None:

@@ -121,8 +121,8 @@ def _cmd_demo(a) -> int:
 
 
 def _cmd_federate(a) -> int:
-    data = Path(a.data) if a.data else None
-    n = a.supernodes or (hospital_count(data) if data else 0) or 3
+    data = Path(settings_from_args(a).data.path)   # from --data, the file or the profile
+    n = a.supernodes or hospital_count(data) or 3
     settings = settings_from_args(a, every_hospital(n), {"federation.rounds": a.rounds} if a.rounds else {})
     summary = federate(settings, num_supernodes=a.supernodes, synth=a.synth or settings.profile == "demo",
                        runtime=a.runtime, quiet=a.quiet)
@@ -151,12 +151,9 @@ def run_launch_command(a) -> int:
     from server.progress import print_progress
     from server.security import Security
 
-    data = Path(a.data) if a.data else None
-    hospitals = hospitals_in(data) if data else {}
-    settings = settings_from_args(a, every_hospital(len(hospitals)) if hospitals else {},
-                                  {"output_dir": "runs/deploy"}, {"federation.rounds": a.rounds} if a.rounds else {})
-    if not hospitals:
-        hospitals = hospitals_in(settings.data.path)
+    hospitals = hospitals_in(settings_from_args(a).data.path)   # from --data, the file or the profile
+    settings = settings_from_args(a, every_hospital(len(hospitals)), {"output_dir": "runs/deploy"},
+                                  {"federation.rounds": a.rounds} if a.rounds else {})
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
     try:
         workdir.mkdir(parents=True, exist_ok=True)

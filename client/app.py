@@ -8,16 +8,19 @@ record carries `findings` (the label order the server's model uses) and, from Fe
 """
 from __future__ import annotations
 
+import os
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.arrays import load_record, state_to_record, to_fp32
-from client.boundary import REFUSED, reason
+from client.boundary import REFUSED, hospital_log, reason
 from client.data import NodeData, load_node_data
 from client.mods import UNDER_SECURE_AGGREGATION, make_mods
 from client.policy import Refusal, SitePolicy, check_round, check_run
@@ -44,6 +47,18 @@ def _setup(msg: Message, context: Context, overrides: dict | None):
                         settings.preprocess.channels)
     load_record(model, to_fp32(msg.content["arrays"]))
     return settings, config, data, model
+
+
+def _process_age() -> float:
+    """Seconds since this ClientApp's task was launched (fedxray/warm_exec.py says when) or its process began."""
+    launched = os.environ.get("FEDXRAY_TASK_LAUNCHED")
+    if launched:
+        return time.time() - float(launched)
+    try:   # /proc's start time in clock ticks since boot: exact, where psutil's boot-time arithmetic is ~1 s off
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - psutil.Process().create_time()
 
 
 def _shared(metrics: dict, policy: SitePolicy | None) -> MetricRecord:
@@ -93,6 +108,10 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     if dp is not None:  # Opacus: per-sample clipping + noise, Poisson sampling over the same examples
         engine, model, optimizer, loader = dp.budget.attach(model, optimizer, loader)
+    # the cost of starting this message (process, imports, data) as the hospital's log sees it; benchmarks read it
+    hospital_log(dict(context.node_config)).info(
+        "round %d: first training step %.2f s after its process started (data and model ready %.2f s after)",
+        server_round, _process_age(), time.perf_counter() - t0)
     losses, steps = [], 0
     for _ in range(settings.federation.local_epochs):
         r = train_epoch(model, loader, optimizer, criterion, proximal_mu=mu, global_params=global_params)

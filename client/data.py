@@ -9,13 +9,16 @@ ships, see common.data.sources.server_holdout). Either way each hospital splits 
 patient is in two splits or two hospitals.
 
 Decoding and resizing is the expensive part, so prepared datasets are cached per process: Flower's
-simulation keeps its Ray actors alive across rounds and they reuse the cache. (Deployment starts a fresh
-`flwr-clientapp` process per message in Flower 1.42, so there each round re-reads the folder.)
+simulation keeps its Ray actors alive across rounds and they reuse the cache. Deployment starts a fresh
+ClientApp process per message (Flower 1.42), so a deployment node also keeps the prepared images on its own
+disk (common/data/prepared_cache.py) in node config `cache-dir` (default `$FLWR_HOME/fedxray-cache`;
+`cache-dir='none'` turns it off) and decodes its folder once, not once per message.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -53,6 +56,17 @@ class NodeSource:
     site: str
     partition_id: int | None = None     # set when one source is cut into partitions
     num_partitions: int | None = None
+    cache_dir: str | None = None        # a deployment node's prepared-image cache (None: this process only)
+
+
+def node_cache_dir(node_config: dict) -> str | None:
+    """Where a deployment node keeps its prepared images: node config `cache-dir`, else $FLWR_HOME's."""
+    value = str(node_config.get("cache-dir") or "")
+    if value.lower() == "none":
+        return None
+    if value:
+        return str(Path(value).expanduser().resolve())
+    return str(Path(os.environ.get("FLWR_HOME") or "~/.flwr").expanduser().resolve() / "fedxray-cache")
 
 
 def _natural_key(p: Path):
@@ -65,7 +79,7 @@ def resolve_source(node_config: dict, settings: Settings) -> NodeSource:
         path = Path(str(node_config["data-path"])).expanduser().resolve()
         source = str(node_config.get("source") or "auto")
         site = safe_site(str(node_config.get("site") or path.name), str(path))   # it leaves the hospital
-        return NodeSource(str(path), source, site)
+        return NodeSource(str(path), source, site, cache_dir=node_cache_dir(node_config))
     if "partition-id" not in node_config:
         raise DataError("this SuperNode has no data: start it with --node-config \"data-path='/path/to/hospital'\"",
                         failure="data-not-found")
@@ -129,7 +143,7 @@ def _prepare(src: NodeSource, settings: Settings, findings: list[str] | None) ->
                           settings.train.seed, min_patients=MIN_SPLIT_PATIENTS)   # every node splits its part by patient
         manifest = manifest.subset(parts[src.partition_id])
     splits = patient_split(manifest, cfg.data)
-    datasets = build_datasets(manifest, splits, cfg, progress=False)
+    datasets = build_datasets(manifest, splits, cfg, progress=False, cache_dir=src.cache_dir)
     log.info("node %s: %s images train/val/test (federation.local_split=%s)", src.site,
              {k: len(v) for k, v in datasets.items()}, settings.federation.local_split)
     return NodeData(src.site, list(manifest.findings), datasets, manifest.multilabel)

@@ -74,12 +74,35 @@ def superlink_command(host: str, port: int, database: str, transport: list[str] 
             "--database", database]
 
 
+EXECUTORS = ("warm", "subprocess")
+
+
 def supernode_command(superlink: str, port: int, data_path: str, site: str,
-                      transport: list[str] | None = None, **node: str) -> list[str]:
+                      transport: list[str] | None = None, *, executor: str = "warm",
+                      superexec_secret: str | None = None, **node: str) -> list[str]:
     """One hospital: its own data folder and site name (and, from its operator, e.g. `site-policy`, `log-file`)
-    travel in the node config, nothing else."""
+    travel in the node config, nothing else. `executor="warm"`: the SuperNode leaves starting ClientApps to
+    `superexec_command` (`--isolation process`); "subprocess": Flower starts a cold `flwr-clientapp` per message."""
+    isolation = ["--isolation", "process", "--superexec-auth-secret-file", superexec_secret] \
+        if executor == "warm" else []
     return ["flower-supernode", *(transport or ["--insecure"]), "--superlink", superlink, "--port", str(port),
-            "--node-config", node_config({"data-path": data_path, "site": site, **node})]
+            *isolation, "--node-config", node_config({"data-path": data_path, "site": site, **node})]
+
+
+def superexec_command(port: int, parent_pid: int, superexec_secret: str) -> list[str]:
+    """The hospital's warm SuperExec (fedxray/warm_exec.py) for the SuperNode whose Runtime API is on `port`:
+    loopback HTTP as Flower's own SuperExec uses it, and requests signed with the node's SuperExec secret."""
+    return [sys.executable, "-m", "fedxray.warm_exec", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",
+            "--parent-pid", str(parent_pid), "--superexec-auth-secret-file", superexec_secret]
+
+
+def write_superexec_secret(path: Path) -> Path:
+    """32 random bytes shared by one SuperNode and its SuperExec, readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path
 
 
 def add_connection(flwr_home: Path, name: str, address: str, transport: dict | None = None) -> None:
@@ -190,8 +213,13 @@ class LocalFederation:
     `node_extra`: per hospital, node-config keys its operator sets (e.g. {"hospital_1": {"site-policy": ...}})."""
 
     def __init__(self, workdir: str | Path, hospitals: dict[str, str], *, app_dir: Path = REPO,
-                 security: "Security | None" = None, node_extra: dict[str, dict] | None = None):
+                 security: "Security | None" = None, node_extra: dict[str, dict] | None = None,
+                 executor: str = "warm"):
         from server.security import Security
+
+        if executor not in EXECUTORS:
+            raise FedxrayError(f"unknown ClientApp executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+        self.executor = executor
 
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -251,10 +279,16 @@ class LocalFederation:
         """Start one hospital's SuperNode (`transport`: Security.supernode_args options, e.g. trust_ca=False)."""
         home = self.workdir / "supernodes" / name
         home.mkdir(parents=True, exist_ok=True)
-        cmd = supernode_command(f"127.0.0.1:{self.port}", free_port(), str(Path(data_path).resolve()), name,
-                                self.security.supernode_args(name, **transport), **self.node_extra.get(name, {}))
+        port = free_port()
+        secret = str(write_superexec_secret(home / "superexec.secret")) if self.executor == "warm" else None
+        cmd = supernode_command(f"127.0.0.1:{self.port}", port, str(Path(data_path).resolve()), name,
+                                self.security.supernode_args(name, **transport), executor=self.executor,
+                                superexec_secret=secret, **self.node_extra.get(name, {}))
         proc = start(f"supernode-{name}", cmd, flower_env(home), self.logs, cwd=self.workdir)
         self.procs.append(proc)
+        if secret is not None:
+            self.procs.append(start(f"superexec-{name}", superexec_command(port, proc.popen.pid, secret),
+                                    flower_env(home), self.logs, cwd=self.workdir))
         return proc
 
     def submit(self, settings: Settings, timeout: float = 900.0, app: str | None = None,

@@ -355,8 +355,10 @@ def test_docker_compose_runs_the_launchers_commands_secure_by_default():
     assert "--insecure" not in yaml.safe_dump(compose)
     for k in (1, 2, 3):
         svc = services[f"hospital-{k}"]
+        # a container runs one process: Flower's own SuperExec inside the SuperNode (fedxray/warm_exec.py is the
+        # launcher's second process per hospital)
         assert svc["command"] == supernode_command("superlink:9091", 9094, "/data/hospital", f"hospital_{k}",
-                                                   sec.supernode_args(f"hospital_{k}"))
+                                                   sec.supernode_args(f"hospital_{k}"), executor="subprocess")
         assert sorted(svc["volumes"]) == sorted([
             "./certs/ca.crt:/certs/ca.crt:ro", f"./certs/nodes/hospital_{k}:/certs/node.key:ro",
             f"./data/synth/hospital_{k}:/data/hospital:ro"])
@@ -537,6 +539,9 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
     per_client = summary["history"][3]["bytes_per_client"]
     assert per_client["down"] < 0.55 * fp32 and per_client["up"] < 0.55 * fp32
     assert not pids_with_arg(str(work / "superlink")), "launcher left processes running"
+    for k in (1, 2, 3):   # every task started warm (fedxray/warm_exec.py) and read the node's prepared images
+        assert "first training step" in (work / "logs" / f"superexec-hospital_{k}.log").read_text()
+        assert any((work / "supernodes" / f"hospital_{k}" / "fedxray-cache").iterdir())
 
 
 @pytest.mark.slow

@@ -31,15 +31,26 @@ class XrayDataset(Dataset):
         self._mask = ~np.isnan(y)
         self._labels = np.nan_to_num(y)
 
-    def preload(self) -> list[Exclusion]:
-        """Decode and prepare every image now (progress bar); drop and record the ones that fail."""
+    def preload(self, prepared: dict | None = None) -> list[Exclusion]:
+        """Decode and prepare every image now (progress bar); drop and record the ones that fail.
+
+        `prepared`: {sample key: (uint8 image, facts) or exclusion reason} from an earlier process
+        (common/data/prepared_cache.py); those samples are not decoded again."""
         keep, excluded = [], []
         for pos, i in enumerate(tqdm(self.indices, desc=f"loading {self.name}", unit="img", leave=False,
                                      disable=True if not self.progress or len(self.indices) < 200 else None)):
+            key = self.manifest.samples[i].key
+            known = prepared.get(key) if prepared is not None else None
+            if isinstance(known, str):
+                excluded.append(Exclusion(key, known))
+                continue
             try:
-                img = self._prepare(i)
+                if known is not None:
+                    img, self._facts[i] = known
+                else:
+                    img = self._prepare(i)
             except ImageError as e:
-                excluded.append(Exclusion(self.manifest.samples[i].key, e.reason))
+                excluded.append(Exclusion(key, e.reason))
                 continue
             keep.append(pos)
             if self.cache_enabled:
@@ -62,6 +73,10 @@ class XrayDataset(Dataset):
         i = self.indices[pos]
         img = self._cache.get(i)
         return img if img is not None else self._prepare(i)
+
+    def prepared_items(self) -> dict[str, tuple[torch.Tensor, dict]]:
+        """{sample key: (uint8 image, facts)} of every preloaded image (what the prepared-image cache keeps)."""
+        return {self.manifest.samples[i].key: (img, self._facts[i]) for i, img in self._cache.items()}
 
     def decode_facts(self, pos: int) -> dict:
         """Original width/height, colourfulness and view of item `pos` (what the input-quality gate reads)."""

@@ -6,9 +6,10 @@ arm sees identically prepared images.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
+from pathlib import Path
 
 from common.settings import Settings
+from common.data import prepared_cache
 from common.data.dataset import XrayDataset
 from common.data.manifest import Manifest
 from common.data.report import data_report
@@ -33,20 +34,33 @@ class PreparedData:
 
 
 def build_datasets(manifest: Manifest, splits: dict[str, list[int]], cfg: Settings, *,
-                   progress: bool = True) -> dict[str, XrayDataset]:
-    """Datasets for each split (augmentation on train only), preloaded so bad images are excluded up front."""
+                   progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, XrayDataset]:
+    """Datasets for each split (augmentation on train only), preloaded so bad images are excluded up front.
+
+    `cache_dir`: keep the prepared images there and reuse them in the next process (a deployment node:
+    common/data/prepared_cache.py); image files only, and only when cfg.data.cache_images."""
     pre = Preprocessor(cfg.preprocess)
     aug = Augmenter(cfg.augment)
+    min_res = cfg.data.min_resolution if manifest.arrays is None else 1
+    use_disk = cache_dir is not None and manifest.arrays is None and cfg.data.cache_images
+    fp = prepared = None
+    if use_disk:
+        fp = prepared_cache.fingerprint(manifest, [i for idx in splits.values() for i in idx],
+                                        cfg.preprocess.model_dump(mode="json"), min_res)
+        prepared = prepared_cache.load(cache_dir, fp)
+    excluded_before = len(manifest.excluded)
     out = {}
     for name, idx in splits.items():
         ds = XrayDataset(manifest, idx, pre, aug if name == "train" else None, cache=cfg.data.cache_images,
-                         min_resolution=cfg.data.min_resolution if manifest.arrays is None else 1,
-                         name=name, progress=progress)
-        ds.preload()
+                         min_resolution=min_res, name=name, progress=progress)
+        ds.preload(prepared)
         if idx and len(ds) == 0:
             raise DataError(f"every image of the {name} split was excluded (see the data report)",
                             path=str(manifest.root), failure="data-too-small")
         out[name] = ds
+    if use_disk and prepared is None:
+        items = {k: v for ds in out.values() for k, v in ds.prepared_items().items()}
+        prepared_cache.save(cache_dir, fp, items, {e.key: e.reason for e in manifest.excluded[excluded_before:]})
     return out
 
 

@@ -1,0 +1,31 @@
+"""The warm SuperExec's fork server: the heavy third-party libraries are imported before a task starts, and no
+module of the project is (a task must import the ClientApp from the FAB its run ships, see fedxray/warm_exec.py).
+The deployment tests (test_federated, test_security, test_hospital_boundary) run every ClientApp through it."""
+from __future__ import annotations
+
+import json
+
+from fedxray.warm_exec import PRELOAD, WarmExecutor
+
+PROJECT = ("client", "common", "server", "inference_api", "simulations", "benchmarks")
+
+
+def test_a_task_process_starts_with_the_libraries_and_without_the_app(tmp_path):
+    out = tmp_path / "modules.json"
+    executor = WarmExecutor()
+    executor.start()
+    try:
+        # builtins.exec as the target: the probe itself imports nothing of the project
+        probe = executor._ctx.Process(target=exec, args=(
+            "import sys, json\n"
+            f"open({str(out)!r}, 'w').write(json.dumps(sorted(sys.modules)))",))
+        probe.start()
+        probe.join(timeout=120)
+        assert probe.exitcode == 0
+    finally:
+        executor.close()
+    modules = set(json.loads(out.read_text()))
+    assert {"torch", "torchvision", "sklearn.metrics", "flwr.supernode.runtime.run_clientapp"} <= modules
+    assert {m for m in PRELOAD if m.split(".")[0] in ("torch", "flwr")} <= modules
+    leaked = sorted(m for m in modules if m.split(".")[0] in PROJECT)
+    assert not leaked, f"project modules in the fork server: {leaked}"

@@ -79,13 +79,17 @@ def forward_with_cams(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"the CAM target layer ran {len(captured)} times in one forward pass (expected once)")
-    acts = captured[0]
-    weight = head.weight.to(acts.dtype)
+    return logits, cams_from_activations(head.weight, captured[0])
+
+
+def cams_from_activations(weight: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Head weight (F, K) and the CAM target layer's output A (B, K, h, w) -> raw CAMs ReLU(sum_k w_ck A_k)
+    (B, F, h, w). Shared by the eager hook above and the exported forwards that output A (inference_api.forward)."""
+    weight = weight.detach().to(acts.dtype)
     if acts.ndim != 4 or acts.shape[1] != weight.shape[1]:
         raise TypeError(f"CAM target layer output {tuple(acts.shape)} does not feed the {tuple(weight.shape)} "
                         f"head through a global average pool; the fast path needs that architecture")
-    cams = torch.einsum("fk,bkhw->bfhw", weight, acts).clamp_min_(0)  # ReLU; the bias only shifts every pixel
-    return logits, cams
+    return torch.einsum("fk,bkhw->bfhw", weight, acts).clamp_min_(0)  # ReLU; the bias only shifts every pixel
 
 
 def _minmax(m: torch.Tensor) -> torch.Tensor:

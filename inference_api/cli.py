@@ -22,6 +22,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "images and read the model card); loopback never needs it")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    s.add_argument("--forward", choices=["auto", "eager", "torchscript", "onnx"], default=None,
+                   help="the model's forward pass (default: FEDXRAY_FORWARD, else auto = the fastest available: "
+                        "onnx with the optional onnxruntime (`pip install fedxray[onnx]`), else torchscript); "
+                        "each is checked against eager PyTorch on load and falls back to it on a mismatch")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_cmd_serve)
 
@@ -57,12 +61,19 @@ def _cmd_serve(a) -> int:
     import uvicorn
 
     from common.bundle import read_card
+    from inference_api import forward
     from inference_api.app import create_app
     from inference_api.settings import Settings
 
     read_card(a.bundle)  # fail fast with a clear message; the weights load in the background
-    overrides = {"bundle": a.bundle} | ({"threads": a.threads} if a.threads else {})
+    overrides = ({"bundle": a.bundle} | ({"threads": a.threads} if a.threads else {})
+                 | ({"forward": a.forward} if a.forward else {}))
     settings = Settings(**overrides)
+    try:
+        chosen = forward.resolve(settings.forward)
+    except forward.ForwardUnavailable as e:
+        print(f"cannot serve with forward {settings.forward}: {e}", file=sys.stderr)
+        return 2
     if not settings.api_key and not a.allow_unauthenticated and not is_loopback(a.host):
         print(f"refusing to serve {a.host}:{a.port} without an API key: clients beyond this machine could upload "
               f"X-rays unauthenticated. Set FEDXRAY_API_KEY (clients send it in the {settings.api_key_header} "
@@ -70,7 +81,9 @@ def _cmd_serve(a) -> int:
         return 2
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)"
-          + (" with API-key authentication" if settings.api_key else ""), file=sys.stderr)
+          + (" with API-key authentication" if settings.api_key else "")
+          + f"; forward: {chosen}" + (" (auto)" if settings.forward == "auto" else "")
+          + ", checked against eager on load (GET /ready names the one running)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level=a.log_level.lower())
     return 0
 

@@ -69,10 +69,13 @@ class AppState:
             service = Service(bundle, max_pixels=s.max_pixels, min_resolution=s.min_resolution,
                               overlay_max_side=s.overlay_max_side, frontal_only=s.frontal_only, max_side=s.max_side)
             predictor = Predictor(bundle, max_batch=s.max_batch, batch_window_s=s.batch_window_ms / 1000,
-                                  threads=s.threads).start()
+                                  threads=s.threads, forward=s.forward).start()
             self.runtime = Runtime(service, predictor, self.decoder)
-            log.info("model %s (%s, %d findings) ready", bundle.model_id, bundle.model_config.arch,
-                     len(bundle.findings))
+            fwd = predictor.forward
+            log.info("model %s (%s, %d findings) ready; forward %s (%s, built in %.1f s)", bundle.model_id,
+                     bundle.model_config.arch, len(bundle.findings), fwd.name, fwd.detail, fwd.build_s)
+            if fwd.name != s.forward and s.forward != "auto":
+                log.warning("forward %s was asked for but %s runs (see the warning above)", s.forward, fwd.name)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.error("could not load the model bundle: %s", self.error)

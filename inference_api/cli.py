@@ -23,9 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     s.add_argument("--forward", choices=["auto", "eager", "torchscript", "onnx"], default=None,
-                   help="the model's forward pass (default: FEDXRAY_FORWARD, else auto = the fastest available: "
-                        "onnx with the optional onnxruntime (`pip install fedxray[onnx]`), else torchscript); "
-                        "each is checked against eager PyTorch on load and falls back to it on a mismatch")
+                   help="the model's forward pass (default: FEDXRAY_FORWARD, else auto = the fastest here, timed "
+                        "on load among eager, torchscript and onnx (with the optional onnxruntime: `pip install "
+                        "fedxray[onnx]`)); each is checked against eager PyTorch on load, eager on a mismatch")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_cmd_serve)
 
@@ -82,9 +82,10 @@ def _cmd_serve(a) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)"
           + (" with API-key authentication" if settings.api_key else "")
-          + f"; forward: {chosen}" + (" (auto)" if settings.forward == "auto" else "")
-          + ", checked against eager on load (GET /ready names the one running)", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level=a.log_level.lower())
+          + ("; forward: auto, the fastest of " + ", ".join(n for n in forward.PREFERENCE if forward.available(n))
+             + " timed on load" if settings.forward == "auto" else f"; forward: {chosen}"), file=sys.stderr)
+    announce = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - once the model is loaded
+    uvicorn.run(create_app(settings, announce=announce), host=a.host, port=a.port, log_level=a.log_level.lower())
     return 0
 
 

@@ -13,8 +13,9 @@ and dropped, with a warning, for the next one when it differs or fails to export
 need gradients and hooks, so they always run on the eager model (Predictor.call).
 
 Exports run on load, in memory: nothing is downloaded, nothing unpickled, nothing written next to the bundle.
-`auto` = the fastest available: onnx (when the optional `onnxruntime` is installed: `pip install
-fedxray[onnx]`), else torchscript; eager is the fallback for both.
+`auto` = the fastest here, measured on load: every available forward that passes the check is timed at batch 1
+and the quickest serves (onnx needs the optional `onnxruntime`: `pip install fedxray[onnx]`); eager is the
+fallback for all.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FORWARDS = ("eager", "torchscript", "onnx")
 CHOICES = ("auto", *FORWARDS)
-PREFERENCE = ("onnx", "torchscript", "eager")   # fastest first, as measured (benchmarks/NOTES.md)
+PREFERENCE = ("onnx", "torchscript", "eager")   # fallback order of an explicit choice (fastest first, as measured)
 TOLERANCE = 1e-4   # max abs difference to eager: probabilities; feature map relative to its largest value
 
 
@@ -201,31 +202,64 @@ def max_differences(reference: Forward, other: Forward, x: torch.Tensor, multila
             "features": float((a[2] - b[2]).abs().max())}
 
 
+def _checked(model: nn.Module, name: str, reference: Forward, example: torch.Tensor, threads: int | None,
+             multilabel: bool, tolerance: float) -> Forward | None:
+    """The exported forward `name`, or None (with a warning saying why) when it is unavailable, fails to
+    export or differs from eager by more than `tolerance`."""
+    try:
+        t0 = time.perf_counter()
+        fwd = onnx(model, example, threads) if name == "onnx" else torchscript(model, example)
+        fwd.build_s = time.perf_counter() - t0
+        fwd.check = max_differences(reference, fwd, example, multilabel)
+    except ForwardUnavailable as e:
+        log.warning("forward %s unavailable: %s", name, e)
+        return None
+    except Exception as e:  # noqa: BLE001 - an export bug must not stop serving: eager still works
+        log.warning("forward %s failed to build (%s: %s)", name, type(e).__name__, e)
+        return None
+    worst = max(fwd.check["probabilities"], fwd.check["feature_map_rel"])
+    if worst > tolerance:
+        log.warning("forward %s differs from eager by %.2g (> %.0e) on the load check", name, worst, tolerance)
+        return None
+    return fwd
+
+
+def fastest(candidates: list[Forward], x: torch.Tensor, rounds: int = 5) -> Forward:
+    """The candidate with the lowest median time on `x`, timed round-robin (load from other processes hits
+    all alike) after one warm-up pass each; each one's median ms is recorded in its `check`."""
+    times: dict[str, list[float]] = {f.name: [] for f in candidates}
+    for f in candidates:
+        f(x)
+    for _ in range(rounds):
+        for f in candidates:
+            t0 = time.perf_counter()
+            f(x)
+            times[f.name].append((time.perf_counter() - t0) * 1000)
+    medians = {k: float(np.median(v)) for k, v in times.items()}
+    for f in candidates:
+        f.check = {**f.check, "measured_ms": {k: round(v, 2) for k, v in medians.items()}}
+    return min(candidates, key=lambda f: medians[f.name])
+
+
 def build(model: nn.Module, choice: str = "auto", *, image_size: int, channels: int = 3,
-          threads: int | None = None, multilabel: bool = True, tolerance: float = TOLERANCE) -> Forward:
-    """The forward for `choice`, checked against eager on a random input; on a failure or a mismatch the next
-    one in PREFERENCE is tried (with a warning naming why), down to eager, which always works."""
+          threads: int | None = None, multilabel: bool = True, tolerance: float = TOLERANCE,
+          rounds: int = 5) -> Forward:
+    """The forward for `choice`, each export checked against eager on a random input.
+
+    auto: every available forward that passes the check is timed here, on this machine, at batch 1 (`rounds`
+    passes each, interleaved) and the fastest serves. An explicit choice that fails to export or differs is
+    replaced by the next in PREFERENCE, with a warning naming why, down to eager, which always works.
+    """
     name = resolve(choice)
     reference = eager(model)
     example = torch.randn(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    for candidate in PREFERENCE[PREFERENCE.index(name):]:
-        if candidate == "eager":
-            return reference
-        try:
-            t0 = time.perf_counter()
-            fwd = onnx(model, example, threads) if candidate == "onnx" else torchscript(model, example)
-            fwd.build_s = time.perf_counter() - t0
-            fwd.check = max_differences(reference, fwd, example, multilabel)
-        except ForwardUnavailable as e:
-            log.warning("forward %s unavailable: %s; trying the next", candidate, e)
-            continue
-        except Exception as e:  # noqa: BLE001 - an export bug must not stop serving: eager still works
-            log.warning("forward %s failed to build (%s: %s); trying the next", candidate, type(e).__name__, e)
-            continue
-        worst = max(fwd.check["probabilities"], fwd.check["feature_map_rel"])
-        if worst > tolerance:
-            log.warning("forward %s differs from eager by %.2g (> %.0e) on the load check; trying the next",
-                        candidate, worst, tolerance)
-            continue
-        return fwd
+    if (choice or "auto").strip().lower() == "auto":
+        built = [f for n in PREFERENCE[:-1] if available(n)
+                 and (f := _checked(model, n, reference, example, threads, multilabel, tolerance)) is not None]
+        return fastest([*built, reference], example[:1], rounds) if built else reference
+    for candidate in PREFERENCE[PREFERENCE.index(name):-1]:
+        fwd = _checked(model, candidate, reference, example, threads, multilabel, tolerance)
+        if fwd is not None:
+            return fwd
+        log.warning("forward %s: trying the next of %s", candidate, ", ".join(PREFERENCE))
     return reference

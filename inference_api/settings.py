@@ -36,8 +36,9 @@ class Settings(BaseSettings):
                                    description="How long a batch waits for requests already being decoded")
     max_batch: int = Field(8, ge=1, le=256, description="Largest micro-batch the model runs at once")
     forward: Literal["auto", "eager", "torchscript", "onnx"] = Field(
-        "auto", description="The model's forward pass (inference_api.forward): auto = the fastest available "
-                            "(onnx when onnxruntime is installed, else torchscript), checked against eager on load")
+        "auto", description="The model's forward pass (inference_api.forward): auto = the fastest here, timed "
+                            "on load among those available (onnx needs onnxruntime); each is checked against "
+                            "eager on load")
     overlay_max_side: int = Field(512, ge=16, description="Longest side of overlays embedded in JSON responses")
     frontal_only: bool | None = Field(None, description="Warn on lateral views; None = what the bundle says")
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from common.bundle import Bundle, load_bundle
 from common.explain import FAST
@@ -50,8 +51,9 @@ class Runtime:
 class AppState:
     """What the routes need, filled in once the bundle is loaded."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, announce: Callable[[str], None] | None = None):
         self.settings = settings
+        self.announce = announce
         self.runtime: Runtime | None = None
         self.error: str | None = None
         self.load_finished = threading.Event()
@@ -72,8 +74,12 @@ class AppState:
                                   threads=s.threads, forward=s.forward).start()
             self.runtime = Runtime(service, predictor, self.decoder)
             fwd = predictor.forward
-            log.info("model %s (%s, %d findings) ready; forward %s (%s, built in %.1f s)", bundle.model_id,
-                     bundle.model_config.arch, len(bundle.findings), fwd.name, fwd.detail, fwd.build_s)
+            line = (f"model {bundle.model_id} ({bundle.model_config.arch}, {len(bundle.findings)} findings) ready; "
+                    f"forward: {fwd.name} ({fwd.detail}" + (f", built in {fwd.build_s:.1f} s" if fwd.build_s else "")
+                    + (f", timed on load: {fwd.check['measured_ms']} ms" if "measured_ms" in fwd.check else "") + ")")
+            log.info(line)
+            if self.announce is not None:
+                self.announce(line)
             if fwd.name != s.forward and s.forward != "auto":
                 log.warning("forward %s was asked for but %s runs (see the warning above)", s.forward, fwd.name)
         except Exception as e:

@@ -112,7 +112,8 @@ def eager(model: nn.Module) -> Forward:
 def torchscript(model: nn.Module, example: torch.Tensor) -> Forward:
     """jit.trace (with the feature map as an output) -> jit.freeze -> optimize_for_inference (oneDNN fusions)."""
     wrapped = WithFeatureMap(copy.deepcopy(model).eval())
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.freeze/optimize_for_inference's deprecation notes, on every load
         traced = torch.jit.trace(wrapped, example, check_trace=False)
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 

@@ -77,6 +77,7 @@ class Predictor:
         """`forward`: a built Forward, or a choice for inference_api.forward.build (auto|eager|torchscript|onnx)."""
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()   # set again on the worker: torch's count is per thread
         self.bundle = bundle
         self.model = bundle.model.eval()   # eager: the reference, and what pytorch-grad-cam's methods run on
         self.forward = forward if isinstance(forward, forwards.Forward) else forwards.build(
@@ -195,6 +196,7 @@ class Predictor:
         return batch
 
     def _work(self) -> None:
+        torch.set_num_threads(self.threads)  # not whatever a decode thread (limits.single_threaded_torch) left
         while True:
             job = self._next()
             if job is None:

@@ -56,6 +56,7 @@ class WithFeatureMap(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.train(model.training)  # a new Module starts in training mode: torch.onnx.export restores that mode
         # a tuple, not attributes: modules assigned to attributes would be registered twice (and exported twice)
         self._hooked = (cam_target_layer(model), classifier_head(model))
 
@@ -136,18 +137,19 @@ def onnxruntime_module():
     return onnxruntime
 
 
-def onnx(model: nn.Module, example: torch.Tensor, threads: int | None = None) -> Forward:
+def onnx(model: nn.Module, example: torch.Tensor, threads: int | None = None, spin: bool = False) -> Forward:
     """torch.onnx.export (TorchScript-based exporter, in memory, dynamic batch) -> an ONNX Runtime CPU session.
 
     `threads`: intra-op threads (default: torch's). Spinning worker threads are turned off: a serving process
-    also decodes uploads and answers HTTP on the same cores, and spinning threads would take their time.
+    also decodes uploads and answers HTTP on the same cores, and spinning threads would take their time
+    (`spin=True` turns them back on; measured no faster at batch 1 on a busy host, benchmarks/NOTES.md).
     """
     ort = onnxruntime_module()
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notes, on every load
-        # from a copy: exporting the live model gave a wrong graph here (probabilities off by 0.5) whenever the
-        # model had not been exported or run before; a fresh copy exported right every time (benchmarks/NOTES.md)
+        # from a copy: the exporter switches the module to eval and back to the mode it found, and whatever it
+        # (or a future exporter) leaves behind must never reach the live model that eager and Grad-CAM use
         torch.onnx.export(WithFeatureMap(copy.deepcopy(model).eval()), (example,), buf, dynamo=False, input_names=["x"],
                           output_names=["logits", "feature_map", "features"], opset_version=17,
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}, "feature_map": {0: "batch"},
@@ -157,7 +159,7 @@ def onnx(model: nn.Module, example: torch.Tensor, threads: int | None = None) ->
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = ort.InferenceSession(buf.getvalue(), sess_options=opts, providers=["CPUExecutionProvider"])
 
     def run(x):

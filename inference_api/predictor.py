@@ -196,7 +196,9 @@ class Predictor:
         return batch
 
     def _work(self) -> None:
-        torch.set_num_threads(self.threads)  # not whatever a decode thread (limits.single_threaded_torch) left
+        # torch's count is per thread: not whatever a decode thread (limits.single_threaded_torch) left. With ONNX
+        # Runtime (its own thread pool) torch only runs the CAM product and the sigmoid here: one thread for those
+        torch.set_num_threads(1 if self.forward.name == "onnx" else self.threads)
         while True:
             job = self._next()
             if job is None:

@@ -46,8 +46,14 @@ def bundle_dir(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
 def test_exported_forward_equals_eager_with_feature_map_and_features(arch, name):
     model = _model(arch)
+    x0 = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = model(x0)
     fwd = forward.build(model, name, image_size=64)
     assert fwd.name == name, "the export fell back: see the warning in the log"
+    assert not any(m.training for m in model.modules())   # exporting left the live (eager) model as it was
+    with torch.inference_mode():
+        assert torch.equal(model(x0), before)
     for batch in (1, 3):  # exported with batch 2: the batch axis is dynamic
         x = torch.randn(batch, 3, 64, 64)
         logits, acts, feats = fwd(x)

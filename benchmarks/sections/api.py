@@ -89,7 +89,7 @@ def rows(quick: bool) -> list[Row]:
     from common.process_memory import peak_rss
     from inference_api.local_server import serving
 
-    arch, size, phases, phase_s, load32_s = ("smallcnn", 64, 2, 0.6, 1.0) if quick else ("resnet50", 224, 4, 4.0, 12.0)
+    arch, size, phases, phase_s, load32_s = ("smallcnn", 64, 2, 0.6, 1.0) if quick else ("resnet50", 224, 4, 3.0, 8.0)
     key = secrets.token_urlsafe(16)
     upload = upload_png(512)
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,7 +80,7 @@ def rows(quick: bool) -> list[Row]:
     from inference_api.predictor import Predictor
     from inference_api.service import Service
 
-    arch, size, n, iters, side = ("smallcnn", 64, 14, 5, 128) if quick else ("resnet50", 224, 14, 30, 512)
+    arch, size, n, iters, side = ("smallcnn", 64, 14, 5, 128) if quick else ("resnet50", 224, 14, 20, 512)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = load_bundle(make_bundle(Path(tmp), arch, size, n))
     model = bundle.model

@@ -131,3 +131,24 @@ def test_serve_reports_its_forward(bundle_dir):
                         params={"findings": "all"})
         assert r.status_code == 200 and len(r.json()["explanations"]) == len(bundle.findings)
     assert len(lines) == 1 and "forward: torchscript" in lines[0]
+
+
+def test_fedxray_serve_prints_the_forward_it_runs(bundle_dir, monkeypatch, capsys):
+    import time
+
+    from fedxray.cli import main
+
+    def run_until_ready(app, **_kw):  # uvicorn's place: start the app, wait for the bundle, stop
+        with TestClient(app) as c:
+            deadline = time.monotonic() + 60
+            while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    monkeypatch.setattr("uvicorn.run", run_until_ready)
+    monkeypatch.delenv("FEDXRAY_FORWARD", raising=False)
+    assert main(["serve", "--bundle", str(bundle_dir), "--forward", "torchscript"]) == 0
+    err = capsys.readouterr().err
+    assert "; forward: torchscript" in err and "ready; forward: torchscript (torch " in err
+    assert main(["serve", "--bundle", str(bundle_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "forward: auto, the fastest of" in err and "timed on load: {" in err

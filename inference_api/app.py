@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,10 +82,12 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None) -> FastAPI:
-    """The service. Pass `bundle` to serve an already loaded bundle (tests, embedding) instead of settings.bundle."""
+def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None,
+               announce: Callable[[str], None] | None = None) -> FastAPI:
+    """The service. Pass `bundle` to serve an already loaded bundle (tests, embedding) instead of settings.bundle;
+    `announce` gets one line once the model is loaded (which forward runs), e.g. for `fedxray serve` to print."""
     settings = settings or Settings()
-    state = AppState(settings)
+    state = AppState(settings, announce)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -22,6 +22,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "images and read the model card); loopback never needs it")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    s.add_argument("--forward", choices=["auto", "eager", "torchscript", "onnx"], default=None,
+                   help="the model's forward pass (default: FEDXRAY_FORWARD, else auto = the fastest here, timed "
+                        "on load among eager, torchscript and onnx (with the optional onnxruntime: `pip install "
+                        "fedxray[onnx]`)); each is checked against eager PyTorch on load, eager on a mismatch")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_cmd_serve)
 
@@ -57,12 +61,19 @@ def _cmd_serve(a) -> int:
     import uvicorn
 
     from common.bundle import read_card
+    from inference_api import forward
     from inference_api.app import create_app
     from inference_api.settings import Settings
 
     read_card(a.bundle)  # fail fast with a clear message; the weights load in the background
-    overrides = {"bundle": a.bundle} | ({"threads": a.threads} if a.threads else {})
+    overrides = ({"bundle": a.bundle} | ({"threads": a.threads} if a.threads else {})
+                 | ({"forward": a.forward} if a.forward else {}))
     settings = Settings(**overrides)
+    try:
+        chosen = forward.resolve(settings.forward)
+    except forward.ForwardUnavailable as e:
+        print(f"cannot serve with forward {settings.forward}: {e}", file=sys.stderr)
+        return 2
     if not settings.api_key and not a.allow_unauthenticated and not is_loopback(a.host):
         print(f"refusing to serve {a.host}:{a.port} without an API key: clients beyond this machine could upload "
               f"X-rays unauthenticated. Set FEDXRAY_API_KEY (clients send it in the {settings.api_key_header} "
@@ -70,8 +81,11 @@ def _cmd_serve(a) -> int:
         return 2
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)"
-          + (" with API-key authentication" if settings.api_key else ""), file=sys.stderr)
-    uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level=a.log_level.lower())
+          + (" with API-key authentication" if settings.api_key else "")
+          + ("; forward: auto, the fastest of " + ", ".join(n for n in forward.PREFERENCE if forward.available(n))
+             + " timed on load" if settings.forward == "auto" else f"; forward: {chosen}"), file=sys.stderr)
+    announce = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - once the model is loaded
+    uvicorn.run(create_app(settings, announce=announce), host=a.host, port=a.port, log_level=a.log_level.lower())
     return 0
 
 

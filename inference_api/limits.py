@@ -105,12 +105,23 @@ class Budget:
             r.release()
 
 
+def single_threaded_torch() -> None:
+    """Run in each decode thread: its torch ops (resize, denoise, overlays) use one intra-op thread. The slots
+    already run side by side, beside the model's pass; with torch's default (every core) each small op fought
+    them for the cores: preprocessing a 512 px upload took 102 ms instead of 2.6 ms on a busy 2-core host
+    (benchmarks/NOTES.md). torch's thread count is per thread here: the model's worker keeps its own."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class Decoder:
     """`slots` threads for decoding and preprocessing, plus malloc_trim after big images (see trim)."""
 
     def __init__(self, slots: int, *, wait_s: float, retry_after_s: int):
         self.slots = max(1, int(slots))
-        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="fedxray-decode")
+        self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="fedxray-decode",
+                                        initializer=single_threaded_torch)
         self._free: asyncio.Semaphore | None = None
         self.wait_s, self.retry_after_s = wait_s, retry_after_s
 

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from common.bundle import Bundle
-from common.explain import forward_with_cams
-from common.quality import forward_with_features
+from common.explain import cams_from_activations
+from common.models import classifier_head
 from common.training import probabilities
+from inference_api import forward as forwards
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,17 @@ class Arrival:
 
 class Predictor:
     def __init__(self, bundle: Bundle, *, max_batch: int = 8, batch_window_s: float = 0.005,
-                 threads: int | None = None):
+                 threads: int | None = None, forward: str | forwards.Forward = "eager"):
+        """`forward`: a built Forward, or a choice for inference_api.forward.build (auto|eager|torchscript|onnx)."""
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()   # set again on the worker: torch's count is per thread
         self.bundle = bundle
-        self.model = bundle.model.eval()
+        self.model = bundle.model.eval()   # eager: the reference, and what pytorch-grad-cam's methods run on
+        self.forward = forward if isinstance(forward, forwards.Forward) else forwards.build(
+            self.model, forward, image_size=bundle.preprocess.image_size, channels=bundle.preprocess.channels,
+            threads=threads, multilabel=bundle.multilabel)
+        self._head_weight = classifier_head(self.model).weight.detach()
         self.max_batch = max(1, int(max_batch))
         self.batch_window_s = max(0.0, float(batch_window_s))
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -143,16 +150,14 @@ class Predictor:
     def run_batch(self, x: torch.Tensor, want_cams: bool) -> tuple[np.ndarray, torch.Tensor | None, np.ndarray]:
         """(B, C, S, S) -> probabilities (B, F), raw CAMs (B, F, h, w) or None, and penultimate features (B, D).
 
-        The one forward pass: the features the input gate needs are read on the way to the classifier head.
+        The one forward pass (self.forward: eager, TorchScript or ONNX Runtime) gives the logits, the CAM target
+        layer's feature map and the features the input gate needs; the CAMs are a small product of the last two.
         """
+        logits, acts, feats = self.forward(x)
         with torch.inference_mode():
-            if want_cams:
-                (logits, cams), feats = forward_with_features(self.model, x, forward_with_cams)
-            else:
-                logits, feats = forward_with_features(self.model, x)
-                cams = None
+            cams = cams_from_activations(self._head_weight, acts) if want_cams else None
             probs = probabilities(logits, self.bundle.multilabel).float().numpy()
-        return probs, cams, feats.numpy()
+        return probs, cams, feats.float().numpy()
 
     def stats(self) -> dict:
         passes = sum(self.batch_sizes.values())
@@ -191,6 +196,9 @@ class Predictor:
         return batch
 
     def _work(self) -> None:
+        # torch's count is per thread: not whatever a decode thread (limits.single_threaded_torch) left. With ONNX
+        # Runtime (its own thread pool) torch only runs the CAM product and the sigmoid here: one thread for those
+        torch.set_num_threads(1 if self.forward.name == "onnx" else self.threads)
         while True:
             job = self._next()
             if job is None:

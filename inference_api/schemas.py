@@ -143,6 +143,9 @@ class ModelCard(BaseModel):
                                                    "out-of-distribution calibration and false-rejection rates on "
                                                    "the bundle's validation and test images")
     limits: dict[str, Any] = Field(description="This server's upload, pixel and batch limits")
+    inference: dict[str, Any] = Field(default_factory=dict, description="How this server runs the model: the "
+                                      "forward pass (eager, torchscript, onnx), its runtime version, and its "
+                                      "largest difference to eager PyTorch on the load check")
 
 
 class Health(BaseModel):
@@ -152,4 +155,6 @@ class Health(BaseModel):
 class Ready(BaseModel):
     ready: bool = Field(description="Model loaded and the inference worker running")
     model_id: str | None = Field(None, description="Loaded bundle's id")
+    forward: str | None = Field(None, description="The forward pass that serves predictions: eager, torchscript "
+                                                  "or onnx (ONNX Runtime)")
     detail: str | None = Field(None, description="Why not ready (loading, or the load error)")

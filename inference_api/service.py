@@ -15,7 +15,7 @@ import torch
 
 from common.bundle import Bundle
 from common.errors import ImageError
-from common.explain import CAM_METHODS, FAST, fit_within, grad_cam_maps, render_overlay, resize_gray
+from common.explain import CAM_METHODS, FAST, fit_within, grad_cam_maps, render_overlays, resize_gray
 from common.imageio import DEFAULT_MAX_SIDE, DecodedImage, ImageHeader, decode_image, probe_image
 from common.quality import Gate, Issue, picture_stats, public_section
 from common.settings import FederationConfig, nest
@@ -227,9 +227,9 @@ class Service:
                      max_side: int | None = None) -> list[schemas.Explanation]:
         """Overlays for maps (T, h, w) of `targets`, at most `max_side` pixels (default: overlay_max_side)."""
         out = []
-        for j, c in enumerate(targets):
-            ov = render_overlay(img.pixels, maps[j], max_side=max_side or self.overlay_max_side,
-                                original_size=(img.width, img.height))
+        overlays = render_overlays(img.pixels, maps[:len(targets)], max_side=max_side or self.overlay_max_side,
+                                   original_size=(img.width, img.height)) if targets else []
+        for c, ov in zip(targets, overlays):
             out.append(schemas.Explanation(
                 finding=self.findings[c], method=method, overlay_png_base64=base64.b64encode(ov.png).decode(),
                 overlay_width=ov.width, overlay_height=ov.height, peak=schemas.Point(x=ov.peak_x, y=ov.peak_y)))

@@ -4,7 +4,7 @@ Lists (CORS origins) accept JSON (`["https://a"]`) or comma-separated text (`htt
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, le=1000,
                                    description="How long a batch waits for requests already being decoded")
     max_batch: int = Field(8, ge=1, le=256, description="Largest micro-batch the model runs at once")
+    forward: Literal["auto", "eager", "torchscript", "onnx"] = Field(
+        "auto", description="The model's forward pass (inference_api.forward): auto = the fastest here, timed "
+                            "on load among those available (onnx needs onnxruntime); each is checked against "
+                            "eager on load")
     overlay_max_side: int = Field(512, ge=16, description="Longest side of overlays embedded in JSON responses")
     frontal_only: bool | None = Field(None, description="Warn on lateral views; None = what the bundle says")
 

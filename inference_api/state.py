@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from common.bundle import Bundle, load_bundle
 from common.explain import FAST
@@ -50,8 +51,9 @@ class Runtime:
 class AppState:
     """What the routes need, filled in once the bundle is loaded."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, announce: Callable[[str], None] | None = None):
         self.settings = settings
+        self.announce = announce
         self.runtime: Runtime | None = None
         self.error: str | None = None
         self.load_finished = threading.Event()
@@ -69,10 +71,17 @@ class AppState:
             service = Service(bundle, max_pixels=s.max_pixels, min_resolution=s.min_resolution,
                               overlay_max_side=s.overlay_max_side, frontal_only=s.frontal_only, max_side=s.max_side)
             predictor = Predictor(bundle, max_batch=s.max_batch, batch_window_s=s.batch_window_ms / 1000,
-                                  threads=s.threads).start()
+                                  threads=s.threads, forward=s.forward).start()
             self.runtime = Runtime(service, predictor, self.decoder)
-            log.info("model %s (%s, %d findings) ready", bundle.model_id, bundle.model_config.arch,
-                     len(bundle.findings))
+            fwd = predictor.forward
+            line = (f"model {bundle.model_id} ({bundle.model_config.arch}, {len(bundle.findings)} findings) ready; "
+                    f"forward: {fwd.name} ({fwd.detail}" + (f", built in {fwd.build_s:.1f} s" if fwd.build_s else "")
+                    + (f", timed on load: {fwd.check['measured_ms']} ms" if "measured_ms" in fwd.check else "") + ")")
+            log.info(line)
+            if self.announce is not None:
+                self.announce(line)
+            if fwd.name != s.forward and s.forward != "auto":
+                log.warning("forward %s was asked for but %s runs (see the warning above)", s.forward, fwd.name)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.error("could not load the model bundle: %s", self.error)

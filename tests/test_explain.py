@@ -14,7 +14,7 @@ from common.bundle import load_bundle, read_card, sha256_file
 from common.settings import ModelConfig
 from common.data.manifest import Box
 from common.explain import (CAM_METHODS, explain_batch, fit_within, forward_with_cams, jet, normalise_cams, peak_xy,
-                            render_overlay)
+                            render_overlay, render_overlays)
 from common.models import build_model
 from inference_api.explain_eval import box_mask, evaluate_explanations, heat_iou, pointing_hit
 from tests.inference_support import trained_bundle
@@ -117,7 +117,8 @@ def test_fit_within_and_colour_map():
 
 
 def test_overlay_pixels_are_matplotlib_jet_blended_by_heat():
-    """The PNG the API sends, decoded: each pixel = gray + (heat x alpha) x (matplotlib jet(heat) - gray)."""
+    """The PNG the API sends, decoded: each pixel = gray + (heat x alpha) x (matplotlib jet(heat) - gray), gray and
+    heat at their 8-bit levels."""
     import matplotlib
 
     gray = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(30, 40)
@@ -128,9 +129,12 @@ def test_overlay_pixels_are_matplotlib_jet_blended_by_heat():
     heat = normalise_cams(cam[None], (30, 40))[0].numpy()
     h8 = (np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8)
     colour = matplotlib.colormaps["jet"](h8, bytes=True)[..., :3].astype(np.float32)
-    g, a = gray[..., None] * 255, h8[..., None].astype(np.float32) * (0.6 / 255)
+    g = ((gray * 255 + 0.5).astype(np.uint8)[..., None]).astype(np.float32)
+    a = h8[..., None].astype(np.float32) * (0.6 / 255)
     assert np.array_equal(img, (g + a * (colour - g) + 0.5).astype(np.uint8))
     assert len(np.unique(h8)) == 256
+    several = render_overlays(gray, torch.stack([cam, cam.flip(0)]), alpha=0.6)   # the batch renderer: the same
+    assert several[0].png == ov.png and several[1].png == render_overlay(gray, cam.flip(0), alpha=0.6).png
 
 
 def test_scores_pointing_game_and_iou():

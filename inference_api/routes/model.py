@@ -14,4 +14,4 @@ router = APIRouter(tags=["model"])
 @router.get("/v1/model", response_model=schemas.ModelCard, responses={401: ERRORS[401], 503: ERRORS[503]},
             summary="The served bundle's public model card")
 async def model_card(rt: Runtime = Depends(runtime), state: AppState = Depends(app_state)):
-    return rt.service.model_card(state.limits())
+    return rt.service.model_card(state.limits()).model_copy(update={"inference": rt.predictor.forward.describe()})

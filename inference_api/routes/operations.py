@@ -24,7 +24,7 @@ async def health():
 async def ready(state: AppState = Depends(app_state)):
     rt = state.runtime
     if rt is not None and rt.predictor.alive:
-        return schemas.Ready(ready=True, model_id=rt.service.model_ref.model_id)
+        return schemas.Ready(ready=True, model_id=rt.service.model_ref.model_id, forward=rt.predictor.forward.name)
     detail = state.error or ("inference worker stopped" if rt is not None else "loading the model bundle")
     return JSONResponse(schemas.Ready(ready=False, detail=detail).model_dump(), status_code=503,
                         headers={"Retry-After": str(state.settings.retry_after_s)})

@@ -71,7 +71,9 @@ class PrivacyBudget:
         return self.epsilon(steps) <= self.cfg.target_epsilon * BUDGET_TOLERANCE
 
     def attach(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, criterion=None):
-        """Wrap model/optimizer/loader for DP-SGD; returns (engine, model, optimizer, loader[, criterion])."""
+        """Wrap model/optimizer/loader for DP-SGD; returns (engine, model, optimizer, loader), and with a
+        `criterion` (engine, model, optimizer, loader, criterion): ghost clipping wraps the loss, the other modes
+        hand it back as it was."""
         if len(loader) != self.steps_per_epoch(self.num_examples, self.batch_size):
             raise ValueError(f"loader has {len(loader)} batches, the budget planned "
                              f"{self.steps_per_epoch(self.num_examples, self.batch_size)}: build it with "
@@ -91,7 +93,12 @@ class PrivacyBudget:
             wrapped = engine.make_private(**kwargs)
         if self.cfg.secure_rng:
             wrapped[1].secure_mode = True   # Opacus' noise robust to floating-point attacks (sum of 4 draws / 2)
-        return (engine, *wrapped)
+        if criterion is None:
+            return (engine, *wrapped)
+        if self.cfg.grad_sample_mode == "ghost":   # Opacus returns (module, optimizer, criterion, loader)
+            m, o, c, dl = wrapped
+            return engine, m, o, dl, c
+        return (engine, *wrapped, criterion)
 
     def record(self, engine) -> float:
         """Add the steps this round took to the carried history; returns epsilon spent so far."""
@@ -127,6 +134,27 @@ def secret_generator():
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside Opacus' GradSampleModule (its state_dict keys carry no `_module.` prefix)."""
     return getattr(model, "_module", model)
+
+
+def dp_trainable(cfg: PrivacyConfig, pretrained: bool) -> str:
+    """The part of the network DP-SGD trains (common.models.DP_TRAINABLE) for privacy.trainable.
+
+    auto: a pretrained model (model.weights = imagenet or a file: a non-private warm start) trains only its
+    normalisation layers and head privately: per-sample gradients of a few thousand GroupNorm parameters cost
+    next to nothing, so a DP step measured 0.4-0.7x a full non-DP step, while the last block + head (8.4 M of
+    ResNet-18's 11 M parameters) measured 10-15x and every layer 11-17x (benchmarks/sections/privacy.py). A
+    model from scratch has nothing worth keeping frozen, so it trains every layer.
+    Freezing changes no accounting: the frozen weights are the ones the model started from (public, or the
+    global model every hospital received), and Opacus clips and noises the gradient of every parameter that
+    changes; the accountant counts steps and sampling, which freezing leaves as they were."""
+    if cfg.trainable != "auto":
+        return cfg.trainable
+    return "norm+head" if pretrained else "all"
+
+
+def is_pretrained(weights: str) -> bool:
+    """model.weights names a starting point (imagenet or a file) rather than random initialisation."""
+    return weights.strip().lower() not in ("", "none")
 
 
 # ------------------------------------------------------------------------------------------ one Flower round

@@ -394,6 +394,21 @@ def test_denoise_is_torchvisions_gaussian_blur_and_preparation_ignores_the_threa
     assert torch.equal(out[0], out[1])
 
 
+def test_augmentation_through_pillow_keeps_orientation_and_seed_at_any_thread_count():
+    img = Preprocessor(PreprocessConfig(image_size=48)).prepare(np.random.default_rng(2).random((60, 50)))
+    flip = Augmenter(AugmentConfig(rotation_deg=0, zoom=0, hflip_p=1.0, contrast=0))
+    assert torch.equal(flip(img), torch.flip(img, dims=[-1]))   # Pillow's image is the tensor's, not transposed
+    threads, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            out.append(Augmenter(AugmentConfig())(img))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1]) and out[0].dtype == torch.uint8 and not torch.equal(out[0], img)
+
+
 def test_augmentation_is_seeded_and_can_be_switched_off():
     img = Preprocessor(PreprocessConfig(image_size=64)).prepare(np.random.default_rng(1).random((64, 64)))
     aug = Augmenter(AugmentConfig())

@@ -1,7 +1,7 @@
 """Training throughput with the product's data pipeline vs pre-made tensors, data preparation vs thread count,
 and the peak memory of a hospital's training round with and without DP.
 
-- Loader overhead: image files on disk (`common.data.synthetic`), read by the product (`prepare_data`: decode,
+- Loader overhead (at the ClientApp's thread count, federation.client_threads): image files on disk (`common.data.synthetic`), read by the product (`prepare_data`: decode,
   resize, denoise, cached uint8; then per item augmentation and normalisation in `XrayDataset`, batches from
   `make_loader`), trained by `common.training.train_epoch`; the reference is the same epoch over the same
   images as float tensors already in memory (no decode, no augmentation), in the same process, interleaved,
@@ -51,7 +51,8 @@ def loader_overhead(folder: Path, *, size: int, arch: str, batch: int, max_sampl
     from common.training import make_criterion, make_loader, make_optimizer, seed_everything, train_epoch
 
     s = _settings(folder, size, arch, batch, max_samples)
-    seed_everything(0)
+    threads = s.federation.client_threads or torch.get_num_threads()   # what a hospital's ClientApp trains with
+    seed_everything(0, threads)
     ds = prepare_data(s, progress=False).datasets["train"]
     premade = TensorDataset(torch.stack([ds.pre.finalize(ds.prepared(i)) for i in range(len(ds))]),
                             torch.from_numpy(ds.labels).float(), torch.from_numpy(ds.mask))
@@ -69,6 +70,7 @@ def loader_overhead(folder: Path, *, size: int, arch: str, batch: int, max_sampl
                ours=1000 * best["pipeline"], unit="ms/img", reference=1000 * best["tensors"],
                reference_what="the same epoch over pre-made tensors", goal_max=1.10,
                detail={"arch": arch, "size": size, "batch": batch, "images": len(ds), "repeats": repeats,
+                       "torch_threads": threads,
                        "images_per_s": {k: 1 / v for k, v in best.items()}})
 
 
@@ -138,13 +140,19 @@ def rss_worker(folder: str, dp: bool, size: int, batch: int, max_samples: int) -
             "trainable": dp_trainable(s.privacy, is_pretrained(s.model.weights)) if dp else "all"}
 
 
-def _rss(folder: Path, dp: bool, size: int, batch: int, max_samples: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.sections.training", "--rss-worker", str(folder),
-                           "dp" if dp else "nodp", str(size), str(batch), str(max_samples)],
-                          cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"peak-RSS worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _rss_both(folder: Path, size: int, batch: int, max_samples: int) -> dict[bool, dict]:
+    """Both arms at once, each in its own fresh interpreter (a process's high-water mark is its own)."""
+    procs = {dp: subprocess.Popen([sys.executable, "-m", "benchmarks.sections.training", "--rss-worker", str(folder),
+                                   "dp" if dp else "nodp", str(size), str(batch), str(max_samples)],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for dp in (False, True)}
+    out = {}
+    for dp, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"peak-RSS worker (dp={dp}) failed:\n{stderr[-3000:]}")
+        out[dp] = json.loads(stdout.strip().splitlines()[-1])
+    return out
 
 
 def rows(quick: bool) -> list[Row]:
@@ -159,7 +167,7 @@ def rows(quick: bool) -> list[Row]:
                                    label="32 px resnet18 (quick)" if quick else "224 px ResNet50"))
         out.append(preparation_threads(small, size=64, repeats=1 if quick else 2))
         size, batch, cap = (32, 4, 8) if quick else (224, 16, 32)
-        rss = {dp: _rss(large, dp, size, batch, cap) for dp in (False, True)}
+        rss = _rss_both(large, size, batch, cap)
         what = f"peak RSS, ClientApp round, ResNet50 {size} px batch {batch}"
         out.append(Row(what=f"{what}, no DP", ours=rss[False]["peak_rss_mb"], unit="MiB",
                        detail={**rss[False], "size": size, "batch": batch}))

@@ -85,6 +85,9 @@ class PrivacyBudget:
                       max_grad_norm=self.cfg.max_grad_norm, grad_sample_mode=self.cfg.grad_sample_mode,
                       poisson_sampling=True)
         if self.cfg.grad_sample_mode == "ghost":
+            if criterion is None:
+                raise ValueError("privacy.grad_sample_mode=ghost clips per-sample losses: pass the criterion to "
+                                 "attach(), which returns it wrapped")
             kwargs["criterion"] = criterion
             _use_conv_ghost_norms()
         if self.cfg.secure_rng:

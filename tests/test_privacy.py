@@ -35,8 +35,8 @@ def test_dp_rounds_spend_about_the_target_and_then_decline():
         assert b.allows(steps)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
-        engine, m, o, loader = b.attach(model, opt, DataLoader(ds, batch_size=batch))
-        train_epoch(m, loader, o, MaskedBCELoss())
+        engine, m, o, loader, crit = b.attach(model, opt, DataLoader(ds, batch_size=batch), MaskedBCELoss())
+        train_epoch(m, loader, o, crit)
         eps = b.record(engine)
         state = b.state()
         weights = {k: v.detach().clone() for k, v in unwrap(m).state_dict().items()}
@@ -326,8 +326,8 @@ def test_dp_noise_and_sampling_are_not_reproducible_from_the_run_seed_by_default
         torch.manual_seed(0)
         b = PrivacyBudget(PrivacyConfig(enabled=True, noise_multiplier=1.0, secure_rng=secure), len(ds), 16, 16)
         model = build_model(ModelConfig(arch="smallcnn", weights="none", dp_compatible=True), 1)
-        _, _, opt, loader = b.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                     DataLoader(ds, batch_size=16, drop_last=True))
+        _, _, opt, loader, _ = b.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        DataLoader(ds, batch_size=16, drop_last=True), MaskedBCELoss())
         return opt, [len(x) for x, *_ in loader]
 
     opt, first = batches(True)

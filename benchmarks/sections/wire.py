@@ -136,7 +136,7 @@ def rows(quick: bool) -> list[Row]:
     out.append(Row(what="test macro AUC, the float32 run's model after a float16 round trip", ours=rt["float16"],
                    unit="AUC", reference=rt["float32"], reference_what="the same model in float32", goal_min=0.999,
                    note=f"AUC change {rt['float16'] - rt['float32']:+.5f} (quantisation alone)"))
-    out += reply_bytes(("smallcnn",) if quick else ("smallcnn", "resnet18", "resnet50", "densenet121"))
+    out += reply_bytes(("smallcnn", "resnet18", "resnet50", "densenet121"))   # --quick too: ~3 s, same rows
     out.append(Row(what="bfloat16 wire", ours=None, unit="", note="not supported: Flower's Array is numpy's .npy "
                    "format, which has no bfloat16, and 16-bit words carried as integers would reach Flower's client "
                    "mods (central-DP clipping, SecAgg+) as numbers; its bytes would equal float16's"))

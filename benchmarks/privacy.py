@@ -45,9 +45,7 @@ def _tensors(images, labels, size: int):
 def _attach(budget, mode: str, model, opt, loader, criterion):
     """PrivacyBudget.attach in grad-sample mode `mode`; ghost clipping wraps the loss too (per-sample norms
     without grad_sample). Returns (engine, model, optimizer, criterion, loader)."""
-    if mode == "ghost":
-        return budget.attach(model, opt, loader, criterion)
-    engine, model, opt, loader = budget.attach(model, opt, loader)
+    engine, model, opt, loader, criterion = budget.attach(model, opt, loader, criterion)
     return engine, model, opt, criterion, loader
 
 

@@ -24,10 +24,10 @@ from client.boundary import REFUSED, hospital_log, reason
 from client.data import NodeData, load_node_data
 from client.mods import UNDER_SECURE_AGGREGATION, make_mods
 from client.policy import Refusal, SitePolicy, check_round, check_run
-from client.privacy import RoundPrivacy, unwrap
+from client.privacy import RoundPrivacy, dp_trainable, is_pretrained, unwrap
 from common.settings import Settings
 from common.errors import DataError
-from common.models import build_model
+from common.models import build_model, set_trainable
 from common.training import evaluate, make_criterion, make_loader, make_optimizer, seed_everything, train_epoch
 
 
@@ -103,11 +103,13 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
         return Message(dp.decline(data.site), reply_to=msg)
     criterion = make_criterion(settings.train, ds["train"].labels)
     loader = make_loader(ds["train"], settings.train.batch_size, shuffle=True, seed=seed, drop_last=True)
+    if dp is not None:   # privacy.trainable: e.g. only the last block + head of a pretrained model
+        set_trainable(model, dp_trainable(settings.privacy, is_pretrained(settings.model.weights)))
     optimizer = make_optimizer(model, settings.train)
     mu = float(config.get("proximal-mu", settings.federation.proximal_mu))
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     if dp is not None:  # Opacus: per-sample clipping + noise, Poisson sampling over the same examples
-        engine, model, optimizer, loader = dp.budget.attach(model, optimizer, loader)
+        engine, model, optimizer, loader, criterion = dp.budget.attach(model, optimizer, loader, criterion)
     # the cost of starting this message (process, imports, data) as the hospital's log sees it; benchmarks read it
     hospital_log(dict(context.node_config)).info(
         "round %d: first training step %.2f s after its process started (data and model ready %.2f s after)",

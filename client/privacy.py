@@ -71,7 +71,9 @@ class PrivacyBudget:
         return self.epsilon(steps) <= self.cfg.target_epsilon * BUDGET_TOLERANCE
 
     def attach(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, criterion=None):
-        """Wrap model/optimizer/loader for DP-SGD; returns (engine, model, optimizer, loader[, criterion])."""
+        """Wrap model/optimizer/loader for DP-SGD; returns (engine, model, optimizer, loader), and with a
+        `criterion` (engine, model, optimizer, loader, criterion): ghost clipping wraps the loss, the other modes
+        hand it back as it was."""
         if len(loader) != self.steps_per_epoch(self.num_examples, self.batch_size):
             raise ValueError(f"loader has {len(loader)} batches, the budget planned "
                              f"{self.steps_per_epoch(self.num_examples, self.batch_size)}: build it with "
@@ -83,7 +85,11 @@ class PrivacyBudget:
                       max_grad_norm=self.cfg.max_grad_norm, grad_sample_mode=self.cfg.grad_sample_mode,
                       poisson_sampling=True)
         if self.cfg.grad_sample_mode == "ghost":
+            if criterion is None:
+                raise ValueError("privacy.grad_sample_mode=ghost clips per-sample losses: pass the criterion to "
+                                 "attach(), which returns it wrapped")
             kwargs["criterion"] = criterion
+            _use_conv_ghost_norms()
         if self.cfg.secure_rng:
             kwargs["noise_generator"] = engine.secure_rng = secret_generator()
         with warnings.catch_warnings():
@@ -91,7 +97,12 @@ class PrivacyBudget:
             wrapped = engine.make_private(**kwargs)
         if self.cfg.secure_rng:
             wrapped[1].secure_mode = True   # Opacus' noise robust to floating-point attacks (sum of 4 draws / 2)
-        return (engine, *wrapped)
+        if criterion is None:
+            return (engine, *wrapped)
+        if self.cfg.grad_sample_mode == "ghost":   # Opacus returns (module, optimizer, criterion, loader)
+            m, o, c, dl = wrapped
+            return engine, m, o, dl, c
+        return (engine, *wrapped, criterion)
 
     def record(self, engine) -> float:
         """Add the steps this round took to the carried history; returns epsilon spent so far."""
@@ -105,6 +116,47 @@ class PrivacyBudget:
 
     def load_state(self, state: dict) -> None:
         self.history = list(zip(state.get("dp-noise", []), state.get("dp-rate", []), state.get("dp-steps", [])))
+
+
+def conv2d_norm_sample(layer: nn.Conv2d, activations: list, backprops) -> dict:
+    """Per-sample gradient norms of a Conv2d for Opacus' ghost clipping, without per-sample gradients.
+
+    Opacus 1.6 has norm samplers for Linear and Embedding only, so ghost clipping materialised every conv's
+    per-sample gradients (B x its weights: 1.4 GB per batch of 32 for ResNet-18) and was slower than hooks. A
+    convolution is a linear layer over unfolded patches: with A (T x d) the patches of one sample and G (T x p)
+    its output gradients, the weight gradient is G^T A and ||G^T A||^2 = <A A^T, G G^T> (the ghost norm, T^2
+    (d + p) work); when T^2 exceeds d p the gradient itself is cheaper and is formed instead. Grouped,
+    non-zero-padded or non-2d cases use Opacus' own per-sample gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        from opacus.grad_sample.conv import compute_conv_grad_sample
+
+        return {p: g.reshape(n, -1).norm(2, dim=1) for p, g in compute_conv_grad_sample(layer, activations,
+                                                                                         backprops).items()}
+    a = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    a = a.transpose(1, 2)                          # (n, T, d)
+    g = backprops.reshape(n, backprops.shape[1], -1).transpose(1, 2)   # (n, T, p)
+    t, d, p = a.shape[1], a.shape[2], g.shape[2]
+    out = {}
+    if layer.weight.requires_grad:
+        if t * t <= d * p:
+            sq = torch.einsum("nij,nij->n", torch.bmm(g, g.transpose(1, 2)), torch.bmm(a, a.transpose(1, 2)))
+        else:
+            sq = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+        out[layer.weight] = sq.clamp(min=0).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum(1).norm(2, dim=1)
+    return out
+
+
+def _use_conv_ghost_norms() -> None:
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
+
+    GradSampleHooksFastGradientClipping.NORM_SAMPLERS.setdefault(nn.Conv2d, conv2d_norm_sample)
 
 
 def secret_generator():
@@ -127,6 +179,27 @@ def secret_generator():
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside Opacus' GradSampleModule (its state_dict keys carry no `_module.` prefix)."""
     return getattr(model, "_module", model)
+
+
+def dp_trainable(cfg: PrivacyConfig, pretrained: bool) -> str:
+    """The part of the network DP-SGD trains (common.models.DP_TRAINABLE) for privacy.trainable.
+
+    auto: a pretrained model (model.weights = imagenet or a file: a non-private warm start) trains only its
+    normalisation layers and head privately: per-sample gradients of a few thousand GroupNorm parameters cost
+    next to nothing, so a DP step measured 0.4-0.7x a full non-DP step, while the last block + head (8.4 M of
+    ResNet-18's 11 M parameters) measured 10-15x and every layer 11-17x (benchmarks/sections/privacy.py). A
+    model from scratch has nothing worth keeping frozen, so it trains every layer.
+    Freezing changes no accounting: the frozen weights are the ones the model started from (public, or the
+    global model every hospital received), and Opacus clips and noises the gradient of every parameter that
+    changes; the accountant counts steps and sampling, which freezing leaves as they were."""
+    if cfg.trainable != "auto":
+        return cfg.trainable
+    return "norm+head" if pretrained else "all"
+
+
+def is_pretrained(weights: str) -> bool:
+    """model.weights names a starting point (imagenet or a file) rather than random initialisation."""
+    return weights.strip().lower() not in ("", "none")
 
 
 # ------------------------------------------------------------------------------------------ one Flower round

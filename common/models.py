@@ -286,6 +286,40 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     getattr(model, _head_name(model)).requires_grad_(True)
 
 
+DP_TRAINABLE = ("all", "last-block+head", "norm+head")   # privacy.trainable's concrete choices (besides "auto")
+
+
+def last_block(model: nn.Module) -> list[nn.Module]:
+    """The modules after the last stage boundary: ResNet layer4, DenseNet denseblock4 + norm5, SmallCNN's last
+    conv block. With the head, what partial fine-tuning trains."""
+    model = unwrapped(model)
+    if isinstance(model, SmallCNN):
+        return [model.features[-1]]
+    if hasattr(model, "layer4"):
+        return [model.layer4]
+    if isinstance(model, tvm.DenseNet):
+        return [model.features.denseblock4, model.features.norm5]
+    raise TypeError(f"no last block known for {type(model).__name__}")
+
+
+_NORMS = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+def set_trainable(model: nn.Module, part: str) -> list[str]:
+    """Make only `part` trainable (DP_TRAINABLE): everything, the last block + head, or every normalisation
+    layer + head. Frozen parameters get no gradient, so Opacus computes, clips and noises per-sample gradients
+    for the trainable ones only. Returns the names of the trainable parameters."""
+    if part not in DP_TRAINABLE:
+        raise ValueError(f"trainable part must be one of {DP_TRAINABLE}, got {part!r}")
+    net = unwrapped(model)
+    net.requires_grad_(part == "all")
+    if part != "all":
+        parts = last_block(net) if part == "last-block+head" else [m for m in net.modules() if isinstance(m, _NORMS)]
+        for m in [*parts, getattr(net, _head_name(net))]:
+            m.requires_grad_(True)
+    return [n for n, p in net.named_parameters() if p.requires_grad]
+
+
 def cam_target_layer(model: nn.Module) -> nn.Module:
     """The last conv block, whose output is exactly what the global average pool sees."""
     model = unwrapped(model)

@@ -159,7 +159,13 @@ class PrivacyConfig(_Section):
     delta: float | None = Field(None, gt=0, lt=1, description="None = 1/(10 n), below 1/n as DP-SGD needs")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm")
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["hooks", "ew", "functorch", "ghost"] = "hooks"
+    grad_sample_mode: Literal["hooks", "ew", "functorch", "ghost"] = Field(
+        "ghost", description="how Opacus gets per-sample gradient norms: ghost clipping (no per-sample gradients; "
+        "Conv2d norms by client/privacy.py) measured fastest for all layers, hooks/ew/functorch materialise them")
+    trainable: Literal["auto", "all", "last-block+head", "norm+head"] = Field(
+        "auto", description="what DP-SGD trains; the rest stays as the model starts. auto: norm+head (every "
+        "normalisation layer and the head) when model.weights is pretrained (imagenet or a file), all layers from "
+        "scratch (see client/privacy.py)")
     secure_rng: bool = Field(True, description="Noise and Poisson sampling from a generator seeded by the OS "
                                                "CSPRNG, noise robust to floating-point attacks (see client/privacy)")
 

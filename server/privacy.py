@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from client.privacy import dp_trainable, is_pretrained
 from common.settings import Settings
 
 TRAIN = "train"
@@ -61,6 +62,8 @@ def provenance(s: Settings, nodes: dict[str, dict]) -> dict:
             "per_hospital": per, "target_epsilon": s.privacy.target_epsilon or None,
             "noise_multiplier": s.privacy.noise_multiplier or None, "max_grad_norm": s.privacy.max_grad_norm,
             "accountant": s.privacy.accountant, "sampling": "Poisson (Opacus DPDataLoader)",
+            "trainable": dp_trainable(s.privacy, is_pretrained(s.model.weights)),
+            "grad_sample_mode": s.privacy.grad_sample_mode,
             "note": "epsilon as reported by each hospital's Opacus accountant; a patient's guarantee is that of "
                     "the hospital holding their images"}
     return out

@@ -370,6 +370,45 @@ def test_preprocessing_shapes_ranges_and_normalisation():
     assert one.shape == (1, 32, 32) and torch.all(one == -1)
 
 
+def test_denoise_is_torchvisions_gaussian_blur_and_preparation_ignores_the_thread_count():
+    """The scipy denoise (thread-count independent) keeps torchvision's kernel and reflect padding, and data
+    preparation gives the same bytes with 1 and 2 torch threads."""
+    from torchvision.transforms import v2
+
+    from common.transforms import gaussian_denoise
+
+    px = np.random.default_rng(0).random((48, 40)).astype(np.float32)
+    for sigma in (0.5, 1.0, 2.0):
+        k = 2 * int(np.ceil(3 * sigma)) + 1
+        ref = v2.functional.gaussian_blur(torch.from_numpy(px)[None, None], [k, k], [sigma, sigma])[0, 0].numpy()
+        assert np.abs(gaussian_denoise(px, sigma) - ref).max() < 1e-5, sigma
+    pre = Preprocessor(PreprocessConfig(image_size=32, denoise_sigma=1.0))
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(pre.prepare(np.random.default_rng(1).random((100, 90))))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1])
+
+
+def test_augmentation_through_pillow_keeps_orientation_and_seed_at_any_thread_count():
+    img = Preprocessor(PreprocessConfig(image_size=48)).prepare(np.random.default_rng(2).random((60, 50)))
+    flip = Augmenter(AugmentConfig(rotation_deg=0, zoom=0, hflip_p=1.0, contrast=0))
+    assert torch.equal(flip(img), torch.flip(img, dims=[-1]))   # Pillow's image is the tensor's, not transposed
+    threads, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            out.append(Augmenter(AugmentConfig())(img))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1]) and out[0].dtype == torch.uint8 and not torch.equal(out[0], img)
+
+
 def test_augmentation_is_seeded_and_can_be_switched_off():
     img = Preprocessor(PreprocessConfig(image_size=64)).prepare(np.random.default_rng(1).random((64, 64)))
     aug = Augmenter(AugmentConfig())

@@ -35,8 +35,8 @@ def test_dp_rounds_spend_about_the_target_and_then_decline():
         assert b.allows(steps)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
-        engine, m, o, loader = b.attach(model, opt, DataLoader(ds, batch_size=batch))
-        train_epoch(m, loader, o, MaskedBCELoss())
+        engine, m, o, loader, crit = b.attach(model, opt, DataLoader(ds, batch_size=batch), MaskedBCELoss())
+        train_epoch(m, loader, o, crit)
         eps = b.record(engine)
         state = b.state()
         weights = {k: v.detach().clone() for k, v in unwrap(m).state_dict().items()}
@@ -326,8 +326,8 @@ def test_dp_noise_and_sampling_are_not_reproducible_from_the_run_seed_by_default
         torch.manual_seed(0)
         b = PrivacyBudget(PrivacyConfig(enabled=True, noise_multiplier=1.0, secure_rng=secure), len(ds), 16, 16)
         model = build_model(ModelConfig(arch="smallcnn", weights="none", dp_compatible=True), 1)
-        _, _, opt, loader = b.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                     DataLoader(ds, batch_size=16, drop_last=True))
+        _, _, opt, loader, _ = b.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                        DataLoader(ds, batch_size=16, drop_last=True), MaskedBCELoss())
         return opt, [len(x) for x, *_ in loader]
 
     opt, first = batches(True)
@@ -335,3 +335,77 @@ def test_dp_noise_and_sampling_are_not_reproducible_from_the_run_seed_by_default
     assert first != batches(True)[1]                         # same torch seed, other batches
     opt, plain = batches(False)
     assert not opt.secure_mode and plain == batches(False)[1]
+
+
+# ------------------------------------------------------------------------------------------ what DP-SGD trains
+def test_privacy_trainable_auto_is_norm_layers_and_head_when_pretrained_and_everything_from_scratch():
+    from client.privacy import dp_trainable, is_pretrained
+    from common.models import set_trainable
+
+    auto = PrivacyConfig()
+    assert auto.trainable == "auto"
+    assert dp_trainable(auto, is_pretrained("imagenet")) == dp_trainable(auto, is_pretrained("/w.safetensors")) == "norm+head"
+    assert dp_trainable(auto, is_pretrained("none")) == "all"
+    assert dp_trainable(PrivacyConfig(trainable="last-block+head"), False) == "last-block+head"
+    model = build_model(ModelConfig(arch="resnet18", weights="none", dp_compatible=True), 3)
+    norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm) for p in ("weight", "bias")}
+    assert len(norms) == 2 * 20                    # every GroupNorm of ResNet-18 (BatchNorms swapped by Opacus)
+    assert set(set_trainable(model, "norm+head")) == norms | {"fc.weight", "fc.bias"}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".conv" in n or n == "conv1.weight")
+    last = set(set_trainable(model, "last-block+head"))
+    assert last == {n for n, _ in model.named_parameters() if n.startswith(("layer4.", "fc."))}
+    assert len(set_trainable(model, "all")) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_round_of_a_warm_started_model_trains_only_norms_and_head_within_the_budget(mode, synth_root, tmp_path,
+                                                                                      task_identity):
+    """The ClientApp with privacy on and a pretrained start (a weights file): the reply changes the normalisation
+    layers and the head only, and the epsilon it reports stays within the target (Opacus' accountant)."""
+    from flwr.app import Context, RecordDict
+    from safetensors.torch import save_file
+
+    from client.app import train
+    from common.settings import Settings
+
+    warm = tmp_path / "warm.safetensors"
+    s = Settings.build("demo", {"data.path": str(synth_root), "privacy.enabled": True, "privacy.target_epsilon": 3.0,
+                                "privacy.grad_sample_mode": mode, "model.weights": str(warm), "federation.rounds": 2,
+                                **TINY})
+    model = build_model(s.network.model_copy(update={"weights": "none"}), 4, 1)
+    save_file(model.state_dict(), str(warm))     # what the server starts from; the client gets it as the round's weights
+    ctx = Context(run_id=9, node_id=3, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
+                  run_config=s.to_run_config())
+    reply = train(_train_msg(model, 1), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    m = reply.content["metrics"]
+    assert 0 < m["dp-epsilon"] <= 3.0 * 1.02
+    sent = model.state_dict()
+    got = {k: torch.from_numpy(np.array(a.numpy())) for k, a in reply.content["arrays"].items()}
+    norms = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.GroupNorm)}
+    changed = {k for k in sent if not torch.equal(sent[k], got[k])}
+    trainable = {k for k in sent if k.rsplit(".", 1)[0] in norms or k.startswith("fc.")}
+    assert changed <= trainable, changed - trainable
+    assert any(k.rsplit(".", 1)[0] in norms for k in changed) and any(k.startswith("fc.") for k in changed)
+    assert all(torch.equal(sent[k], got[k]) for k in sent if k not in trainable)   # every conv exactly as sent
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 3, 1, 1, 8, True), (4, 6, 7, 2, 3, 16, False), (64, 64, 3, 1, 1, 1, False)])
+def test_conv_ghost_norms_equal_the_norms_of_per_sample_gradients(shape):
+    """Ghost clipping's Conv2d norm sampler (client.privacy.conv2d_norm_sample) against per-sample gradients
+    computed one sample at a time by autograd; the shapes take both branches (A A^T . G G^T and G^T A)."""
+    from client.privacy import conv2d_norm_sample
+
+    cin, cout, k, stride, pad, hw, bias = shape
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=bias)
+    x = torch.randn(4, cin, hw, hw)
+    ref = []
+    for i in range(len(x)):
+        layer.zero_grad()
+        layer(x[i:i + 1]).pow(2).sum().backward()
+        ref.append(torch.cat([p.grad.flatten() for p in layer.parameters()]).norm())
+    norms = conv2d_norm_sample(layer, [x], 2 * layer(x).detach())   # d(sum y^2)/dy = 2y per sample
+    assert set(norms) == set(layer.parameters())
+    got = torch.stack(list(norms.values())).pow(2).sum(0).sqrt()
+    assert torch.allclose(got, torch.stack(ref), rtol=1e-4), (got, ref)

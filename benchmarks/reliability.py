@@ -67,9 +67,9 @@ def run_case(case: str, synth: Path, work: Path, a) -> dict:
             victims = {"one node killed": ["hospital_2"], "two nodes killed": ["hospital_2", "hospital_3"],
                        "SuperLink killed + rerun": ["superlink"]}.get(case, [])
             time.sleep(1.0)                                  # round 2 is under way
-            for v in victims:
-                proc = next(p for p in fed.procs if p.name in (v, f"supernode-{v}"))
-                _kill_family(proc)
+            for v in victims:   # a hospital is its SuperNode and its SuperExec
+                for proc in [p for p in fed.procs if p.name in (v, f"supernode-{v}", f"superexec-{v}")]:
+                    _kill_family(proc)
                 killed.append(v)
             if victims:
                 print(f"  [{case}] killed {', '.join(victims)} during round 2", flush=True)

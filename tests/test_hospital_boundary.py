@@ -97,7 +97,9 @@ def test_nothing_identifying_reaches_the_server_and_the_site_policy_is_the_hospi
 
     # ... while each broken hospital's own log has the detail under the incident id the server recorded
     failures = [r for r in rows if not r["ok"]]
+    def node_log(site: str) -> str:   # the SuperNode's output and its SuperExec's (where the ClientApps write)
+        return "".join((work / "logs" / f"{kind}-{site}.log").read_text() for kind in ("supernode", "superexec"))
+
     for r in failures:
-        node_log = (work / "logs" / f"supernode-{r['site']}.log").read_text()
-        assert f"incident {r['failure']['incident']}" in node_log
-    assert "missing on disk" in (work / "logs" / "supernode-broken-0.log").read_text()
+        assert f"incident {r['failure']['incident']}" in node_log(r["site"])
+    assert "missing on disk" in node_log("broken-0")

@@ -56,7 +56,7 @@ def _deployment(data: Path, work: Path, rounds: int, executor: str) -> tuple[flo
 def rows(quick: bool) -> list[Row]:
     from common.data.synthetic import synthesize
 
-    rounds = 2 if quick else 4
+    rounds = 2 if quick else 3
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     synthesize(work / "data", hospitals=3, patients=20 if quick else 60, size=128, seed=3, progress=False)
     t0 = time.perf_counter()

@@ -8,8 +8,9 @@ is judged against *in the same run* (absolute times on a shared 2-core host swin
 by side do not). A row: what, our figure, the reference, ratio = ours / reference, the goal on that ratio,
 met or not. `--quick` is the smoke run a test executes: tiny sizes, the same code, the table's shape only.
 
-Writes <out>/bench.json (the latest full run, committed) or <out>/bench-quick.json, with the machine: CPU
-model, cores, torch / flwr / opacus / onnxruntime versions, load average at start and end.
+Writes <out>/bench.json (the latest full run, committed; a subset of sections: bench-<a+b>.json, --quick:
+...-quick.json), with the machine: CPU model, cores, torch / flwr / opacus / onnxruntime versions, load
+average at start and end.
 """
 from __future__ import annotations
 
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
               "ended": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg": list(os.getloadavg())},
               "seconds": round(time.perf_counter() - t0, 1), "sections": names, "rows": [r.to_json() for r in rows]}
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / ("bench-quick.json" if a.quick else "bench.json")
+    subset = "" if names == sections() else "-" + "+".join(names)   # a partial run never replaces the full one
+    path = a.out / f"bench{subset}{'-quick' if a.quick else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(rows))
     print(f"\n{len(rows)} rows in {result['seconds']} s; load average {started['loadavg'][0]:.2f} at start, "

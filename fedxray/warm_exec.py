@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # only (see the module docstring); a module that is not installed is skipped.
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "torchvision.models", "torchvision.transforms.v2",
            "scipy.ndimage", "sklearn.metrics", "opacus", "pydicom", "safetensors.torch", "tqdm.auto",
-           "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
+           "httpx", "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp")
 
 LAUNCHED_ENV = "FEDXRAY_TASK_LAUNCHED"   # wall-clock time the SuperExec launched this task
 

@@ -24,7 +24,9 @@ def test_quick_suite_prints_one_table_and_writes_json_with_the_machine(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--sections", ",".join(sections),
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "bench-quick.json").read_text())
+    written = list(tmp_path.glob("*.json"))   # a subset's quick run: bench-<sections>-quick.json, never bench.json
+    assert [p.name for p in written] == [f"bench-{'+'.join(sections)}-quick.json"]
+    result = json.loads(written[0].read_text())
     assert result["quick"] is True and result["sections"] == sections
     assert {"cpu", "cores", "versions"} <= set(result["machine"]) and result["machine"]["versions"]["torch"]
     assert len(result["started"]["loadavg"]) == 3 and len(result["ended"]["loadavg"]) == 3

@@ -18,13 +18,11 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from common.models import cam_target_layer, classifier_head

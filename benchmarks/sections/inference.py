@@ -126,7 +126,7 @@ def rows(quick: bool) -> list[Row]:
     out.append(Row(f"predict + all {n} overlays as PNG ({w}x{h}, base64)", p50["overlays"], "ms", p50["predict"],
                    "predict", goal_max=2.0, detail={"p95_ms": t["overlays"][1], "upload_side": side,
                                                     "setting": setting}))
-    out.append(Row(f"the same, overlays at 256 px (FEDXRAY_OVERLAY_MAX_SIDE=256)", p50["overlays_256"], "ms",
+    out.append(Row("the same, overlays at 256 px (FEDXRAY_OVERLAY_MAX_SIDE=256)", p50["overlays_256"], "ms",
                    p50["predict"], "predict", detail={"p95_ms": t["overlays_256"][1], "setting": setting},
                    note="informational: the default embeds 512 px overlays; PNG deflate of 14 of them is the floor"))
     return out

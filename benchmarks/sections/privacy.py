@@ -11,7 +11,6 @@ trained image, so the ratio is how many times slower than a full non-DP step it 
 """
 from __future__ import annotations
 
-import time
 
 from benchmarks.suite import Row
 

@@ -160,29 +160,13 @@ async def oversized(url: str, key: str, n_batches: int, files: int) -> list[tupl
 
 
 async def load(url: str, key: str, upload: bytes, clients: int, seconds: float) -> list:
-    lat, errors, statuses = [], Counter(), Counter()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers={"X-API-Key": key}) as c:
-        stop = time.monotonic() + seconds
+    """One table row: the suite's closed-loop load (benchmarks/sections/api.py) at `clients` clients."""
+    from benchmarks.sections.api import closed_loop_load
 
-        async def client():
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
-                try:
-                    r = await c.post("/v1/predict", files={"file": ("x.png", upload, "image/png")})
-                    statuses[r.status_code] += 1
-                    if r.status_code == 200:
-                        lat.append((time.perf_counter() - t0) * 1000)
-                    else:
-                        errors[f"http {r.status_code}"] += 1
-                except httpx.HTTPError as e:
-                    errors[type(e).__name__] += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+    r = await closed_loop_load(url, key, upload, clients, seconds)
+    lat, errors = r["lat"], r["errors"]
     p = np.percentile(lat, [50, 95, 99]) if lat else [float("nan")] * 3
-    return [clients, len(lat), round(len(lat) / wall, 1), round(p[0]), round(p[1]), round(p[2]),
+    return [clients, len(lat), round(len(lat) / r["seconds"], 1), round(p[0]), round(p[1]), round(p[2]),
             sum(errors.values()), ", ".join(f"{k}: {v}" for k, v in errors.items()) or "-"]
 
 

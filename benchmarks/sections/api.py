@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.suite import Row
 
 
-async def _load(url: str, key: str, upload: bytes, clients: int, seconds: float) -> dict:
+async def closed_loop_load(url: str, key: str, upload: bytes, clients: int, seconds: float) -> dict:
     """`clients` closed-loop clients for `seconds`: images done, wall seconds, latencies (ms), errors."""
     import httpx
 
@@ -100,14 +100,14 @@ def rows(quick: bool) -> list[Row]:
         with serving(bundle_dir, logs, env, timeout=240) as (url, proc):
             forward = httpx.get(url + "/ready").json().get("forward") or "eager"
             idle_rss = psutil.Process(proc.pid).memory_info().rss   # now (VmHWM would include the export on load)
-            asyncio.run(_load(url, key, upload, 8, 1.0 if quick else 3.0))  # warm-up under load
+            asyncio.run(closed_loop_load(url, key, upload, 8, 1.0 if quick else 3.0))  # warm-up under load
             model = BatchedModel(bundle_dir, forward)
             done, secs, lat8, err8 = 0, 0.0, [], Counter()
             for _ in range(phases):
-                r = asyncio.run(_load(url, key, upload, 8, phase_s))
+                r = asyncio.run(closed_loop_load(url, key, upload, 8, phase_s))
                 done, secs, lat8, err8 = done + r["done"], secs + r["seconds"], lat8 + r["lat"], err8 + r["errors"]
                 model.phase(phase_s)
-            r32 = asyncio.run(_load(url, key, upload, 32, load32_s))
+            r32 = asyncio.run(closed_loop_load(url, key, upload, 32, load32_s))
             peak = peak_rss(proc.pid)
             log = next(logs.glob("serve-*.log")).read_text(errors="replace")
     rate8 = done / secs

@@ -51,7 +51,7 @@ def _setup(msg: Message, context: Context, overrides: dict | None):
 
 def _process_age() -> float:
     """Seconds since this ClientApp's task was launched (fedxray/warm_exec.py says when) or its process began."""
-    launched = os.environ.get("FEDXRAY_TASK_LAUNCHED")
+    launched = os.environ.get("FEDXRAY_TASK_LAUNCHED")   # fedxray/warm_exec.py: LAUNCHED_ENV
     if launched:
         return time.time() - float(launched)
     try:   # /proc's start time in clock ticks since boot: exact, where psutil's boot-time arithmetic is ~1 s off

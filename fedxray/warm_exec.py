@@ -44,11 +44,10 @@ LAUNCHED_ENV = "FEDXRAY_TASK_LAUNCHED"   # wall-clock time the SuperExec launche
 
 def _poll_local_supernode_fast() -> None:
     """The SuperNode creates a task before it has pulled the message's objects from the SuperLink, and
-    Flower's object pull backs off from 1 s, doubling (`pull_and_inflate_object_from_tree` and `pull_objects`:
-    initial_backoff=1, backoff_cap=10):
-    a task started warm would sleep 1 + 2 s for weights that arrive a few hundred ms later. Here the
-    SuperNode is on this machine, so this task retries from 50 ms, capped at 0.5 s; Flower's defaults are
-    keyword-only parameters, changed for this process only."""
+    Flower's object pull backs off from 1 s, doubling (`pull_and_inflate_object_from_tree`, `pull_objects`:
+    initial_backoff=1, backoff_cap=10): a task started warm would sleep 1 + 2 s for weights that arrive a
+    few hundred ms later. The SuperNode is on this machine, so this task retries from 50 ms, capped at
+    0.5 s; Flower's defaults are keyword-only parameters, changed for this process only."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):

@@ -28,6 +28,7 @@ from common.bundle import Bundle
 from inference_api.deps import api_key_dependencies
 from inference_api.errors import InputError
 from inference_api.limits import Overloaded, OverBudget
+from inference_api.metrics import instrument
 from inference_api.openapi import card_findings, for_server
 from inference_api.routes import explain, model, operations, page, predict
 from inference_api.settings import Settings
@@ -70,6 +71,12 @@ class SecurityHeaders:
 
 def _error(status: int, detail: str, code: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+def _refuse(request: Request, status: int, detail: str, code: str, headers: dict | None = None) -> JSONResponse:
+    """An error answer, counted by its code for GET /metrics."""
+    request.app.state.fedxray.refusals.add(code, status)
+    return _error(status, detail, code, headers)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -125,6 +132,7 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
         app.include_router(router, dependencies=v1)
     app.include_router(operations.router)
     app.include_router(page.router)
+    instrument(app, state, v1)
     app.mount("/static", StaticFiles(directory=str(page.STATIC)), name="static")
     return app
 
@@ -133,23 +141,23 @@ def _handle_errors(app: FastAPI) -> None:
     """Every error as {"detail", "code"}, with the status and headers its exception carries."""
 
     @app.exception_handler(InputError)
-    async def input_error(_request: Request, e: InputError):
-        return _error(e.status, e.detail, e.code, e.headers)
+    async def input_error(request: Request, e: InputError):
+        return _refuse(request, e.status, e.detail, e.code, e.headers)
 
     @app.exception_handler(Overloaded)
-    async def overloaded(_request: Request, e: Overloaded):
-        return _error(503, str(e), "overloaded", {"Retry-After": str(e.retry_after_s)})
+    async def overloaded(request: Request, e: Overloaded):
+        return _refuse(request, 503, str(e), "overloaded", {"Retry-After": str(e.retry_after_s)})
 
     @app.exception_handler(OverBudget)
-    async def over_budget(_request: Request, e: OverBudget):
-        return _error(413, f"this request is too large for the server: {e}; send fewer or smaller images",
+    async def over_budget(request: Request, e: OverBudget):
+        return _refuse(request, 413, f"this request is too large for the server: {e}; send fewer or smaller images",
                       "too_many_pixels")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, e: RequestValidationError):
-        return _error(422, _validation_detail(e), "invalid_parameter")
+    async def invalid(request: Request, e: RequestValidationError):
+        return _refuse(request, 422, _validation_detail(e), "invalid_parameter")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, e: StarletteHTTPException):
+    async def http_error(request: Request, e: StarletteHTTPException):
         code = _STATUS_CODES.get(e.status_code, "bad_request")
-        return _error(e.status_code, str(e.detail), code, getattr(e, "headers", None))
+        return _refuse(request, e.status_code, str(e.detail), code, getattr(e, "headers", None))

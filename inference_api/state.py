@@ -11,6 +11,7 @@ from typing import Callable
 from common.bundle import Bundle, load_bundle
 from common.explain import FAST
 from common.imageio import ImageHeader
+from inference_api.metrics import Refusals
 from inference_api.limits import Budget, Decoder, Reservation
 from inference_api.predictor import Predictor
 from inference_api.service import Prepared, Service
@@ -63,6 +64,7 @@ class AppState:
         self.decodes = Budget(s.decode_budget_bytes, "decode memory", wait_s=s.budget_wait_s,
                               retry_after_s=s.retry_after_s)
         self.decoder = Decoder(s.decode_slots, wait_s=s.budget_wait_s, retry_after_s=s.retry_after_s)
+        self.refusals = Refusals()   # error answers by code, for GET /metrics
 
     def load(self, bundle: Bundle | None = None) -> None:
         s = self.settings

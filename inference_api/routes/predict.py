@@ -126,6 +126,7 @@ async def predict_batch(request: Request, opts: Options = Depends(options), rt: 
                 err = schemas.ErrorInfo(status=413, code="too_many_pixels", detail=str(e))
             finally:
                 arrival.close()  # a rejected image must not keep a forming batch waiting
+            state.refusals.add(err.code, err.status)   # a refused item counts as its own refusal (GET /metrics)
             return schemas.BatchItem(index=i, filename=f.filename, error=err)
 
         with ExitStack() as stack:  # announce every image first, so they can share a micro-batch

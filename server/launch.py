@@ -34,6 +34,7 @@ import tomli_w
 
 from common.data.sources import site_folders
 from common.errors import FedxrayError
+from common.fileio import write_atomic
 from common.net import free_port, wait_http
 from common.settings import Settings, nest
 from server.federation import FLOWER_ENV, absolute_paths
@@ -98,11 +99,7 @@ def superexec_command(port: int, parent_pid: int, superexec_secret: str) -> list
 
 def write_superexec_secret(path: Path) -> Path:
     """32 random bytes shared by one SuperNode and its SuperExec, readable by this user only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(32))
-    return path
+    return write_atomic(path, os.urandom(32))
 
 
 def add_connection(flwr_home: Path, name: str, address: str, transport: dict | None = None) -> None:

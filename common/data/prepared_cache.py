@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.fileio import write_atomic, write_json
+
 log = logging.getLogger(__name__)
 FORMAT = 1
 KEEP = 4   # fingerprints kept per cache folder (settings a hospital alternates between), least recent dropped
@@ -81,11 +83,13 @@ def save(cache_dir: str | Path, fp: str, prepared: dict[str, tuple[torch.Tensor,
         tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=root))   # mkdtemp: mode 0700
         keys = list(prepared)
         images = (np.stack([prepared[k][0].numpy() for k in keys]) if keys else np.zeros((0, 1, 1, 1), np.uint8))
-        with open(os.open(tmp / "images.npy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            np.save(f, images.astype(np.uint8, copy=False))
-        index = {"format": FORMAT, "keys": keys, "facts": [prepared[k][1] for k in keys], "excluded": excluded}
-        with open(os.open(tmp / "index.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump(index, f)
+        def write_images(path: str) -> None:
+            with open(path, "wb") as f:   # a file object: np.save would append .npy to a bare path
+                np.save(f, images.astype(np.uint8, copy=False))
+
+        write_atomic(tmp / "images.npy", write_images)
+        write_json(tmp / "index.json", {"format": FORMAT, "keys": keys, "facts": [prepared[k][1] for k in keys],
+                                        "excluded": excluded})
         if (root / fp).exists():   # an entry `load` could not use (damaged): replaced
             shutil.rmtree(root / fp, ignore_errors=True)
         try:

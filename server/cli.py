@@ -34,6 +34,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_launch_arguments(la)
     la.set_defaults(func=run_launch_command)
 
+    add_federation_commands(sub)
+
     d = sub.add_parser("demo", help="the embedded default end to end on synthetic hospitals")
     d.add_argument("--out", default=DEMO_OUT)
     d.add_argument("--quiet", action="store_true", help="no progress output, only the result")
@@ -137,19 +139,16 @@ def add_launch_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=None, help="federation.rounds")
     p.add_argument("--workdir", default=None, help="logs and Flower state (default: a new temp folder)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
-    p.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS (default: TLS with a CA)")
-    p.add_argument("--certs", default=None, help="folder from `fedxray certs` (default: a fresh CA in the workdir)")
-    p.add_argument("--supernode-auth", action="store_true",
-                   help="only registered hospital keys may connect (keys from --certs/nodes or generated)")
+    add_security_arguments(p)
     p.add_argument("--sign-with", default=None, metavar="KEY",
                    help="Ed25519 app-signing key (`fedxray certs --signing-key`): nodes run only the signed app")
 
 
 def run_launch_command(a) -> int:
     from common.errors import FedxrayError
-    from server.launch import hospitals_in, launch
+    from server.launch import hospitals_in
     from server.progress import print_progress
-    from server.security import Security
+    from server.standing import launch
 
     hospitals = hospitals_in(settings_from_args(a).data.path)   # from --data, the file or the profile
     settings = settings_from_args(a, every_hospital(len(hospitals)), {"output_dir": "runs/deploy"},
@@ -161,12 +160,9 @@ def run_launch_command(a) -> int:
         raise FedxrayError(f"cannot create the work folder {workdir}: {e.strerror}") from e
     if a.sign_with and not Path(a.sign_with).is_file():
         raise FedxrayError(f"--sign-with {a.sign_with}: no such key file (`fedxray certs --signing-key` writes one)")
-    if a.insecure:
-        if a.supernode_auth or a.sign_with:
-            raise FedxrayError("--insecure cannot be combined with --supernode-auth or --sign-with")
-        security = Security.insecure()
-    else:
-        security = Security.generate(a.certs or workdir / "certs", list(hospitals), auth=a.supernode_auth)
+    if a.insecure and a.sign_with:
+        raise FedxrayError("--insecure cannot be combined with --sign-with")
+    security = security_from_args(a, workdir, list(hospitals))
     if not a.quiet:
         print(f"federation on loopback: work folder {workdir}, output {settings.output_dir}", flush=True)
     outcome = launch(settings, workdir=workdir, timeout=a.timeout, security=security, signing_key=a.sign_with,
@@ -176,4 +172,182 @@ def run_launch_command(a) -> int:
                            "command to resume from the last checkpoint")
     print(outcome.summary.get("table", ""))
     print(f"\nbundle: {outcome.summary['bundle']}\nlogs: {outcome.log.parent}  ({outcome.seconds:.0f} s)")
+    return 0
+
+
+def add_security_arguments(p) -> None:
+    p.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS, no node authentication (demo and "
+                                                           "debugging only; default: TLS with a CA)")
+    p.add_argument("--certs", default=None, help="folder from `fedxray certs` (default: a fresh CA in the workdir)")
+    p.add_argument("--no-supernode-auth", dest="supernode_auth", action="store_false",
+                   help="let any node with the CA connect (default: only registered hospital keys, from "
+                        "--certs/nodes or generated)")
+    p.add_argument("--supernode-auth", dest="supernode_auth", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(supernode_auth=True)
+
+
+def security_from_args(a, workdir: Path, hospitals: list[str]):
+    from server.security import Security
+
+    if a.insecure:
+        return Security.insecure()
+    return Security.generate(a.certs or workdir / "certs", hospitals, auth=a.supernode_auth)
+
+
+# ------------------------------------------------------------------------------------------- fedxray federation
+FEDERATION_WORKDIR = "runs/federation"
+
+
+def add_federation_commands(sub) -> None:
+    fed = sub.add_parser("federation", help="a local federation that stays up between runs: up, run, status, "
+                                            "logs, down (deployment runtime on loopback)")
+    fsub = fed.add_subparsers(dest="federation_cmd", required=True)
+
+    def workdir_arg(p):
+        p.add_argument("--workdir", default=FEDERATION_WORKDIR,
+                       help=f"the federation's folder: its record, certificates, logs, Flower state "
+                            f"(default: {FEDERATION_WORKDIR})")
+
+    u = fsub.add_parser("up", help="start a SuperLink and a SuperNode per hospital folder, wait until every node "
+                                   "is online, return")
+    u.add_argument("--data", required=True, help="folder of hospital_* sites (+ holdout/ for the server)")
+    workdir_arg(u)
+    add_security_arguments(u)
+    u.add_argument("--site-policy", action="append", default=[], metavar="[SITE=]FILE",
+                   help="a hospital's site policy (client/policy.py); without SITE= for every hospital")
+    u.add_argument("--executor", choices=["warm", "subprocess"], default="warm",
+                   help="warm: fedxray's warm SuperExec per node (default); subprocess: Flower's, a cold process "
+                        "per message")
+    u.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every node to be online")
+    u.set_defaults(func=_cmd_federation_up)
+
+    r = fsub.add_parser("run", help="submit a run to the federation (any run config) and stream its rounds")
+    add_settings_arguments(r, data_help="hospital_* folders + holdout/ (default: the folder `up` was given)")
+    workdir_arg(r)
+    r.add_argument("--rounds", type=int, default=None, help="federation.rounds")
+    r.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
+    r.set_defaults(func=_cmd_federation_run)
+
+    st = fsub.add_parser("status", help="the federation's processes, the nodes online and the runs")
+    workdir_arg(st)
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.set_defaults(func=_cmd_federation_status)
+
+    lg = fsub.add_parser("logs", help="the federation's logs: superlink, supernode-<site>, superexec-<site> (the "
+                                      "hospital's ClientApp log), run")
+    workdir_arg(lg)
+    lg.add_argument("name", nargs="?", default=None, help="one log (default: the last lines of each)")
+    lg.add_argument("-n", "--lines", type=int, default=20)
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended (Ctrl-C ends)")
+    lg.set_defaults(func=_cmd_federation_logs)
+
+    dn = fsub.add_parser("down", help="stop exactly what `up` started (also after a crash)")
+    workdir_arg(dn)
+    dn.set_defaults(func=_cmd_federation_down)
+
+
+def _site_policies(values: list[str], hospitals: list[str]) -> dict[str, dict]:
+    from common.errors import FedxrayError
+
+    out: dict[str, dict] = {}
+    for v in values:
+        site, _, path = v.rpartition("=") if "=" in v else ("", "", v)
+        if site and site not in hospitals:
+            raise FedxrayError(f"--site-policy {v}: no hospital {site!r} (hospitals: {', '.join(hospitals)})")
+        if not Path(path).is_file():
+            raise FedxrayError(f"--site-policy {v}: no such file")
+        for h in ([site] if site else hospitals):
+            out.setdefault(h, {})["site-policy"] = str(Path(path).resolve())
+    return out
+
+
+def _cmd_federation_up(a) -> int:
+    from server.launch import hospitals_in
+    from server.standing import up
+
+    workdir = Path(a.workdir)
+    hospitals = list(hospitals_in(a.data))
+    fed = up(a.data, workdir, security=security_from_args(a, workdir.resolve(), hospitals), executor=a.executor,
+             node_extra=_site_policies(a.site_policy, hospitals), timeout=a.timeout,
+             say=lambda m: print(m, flush=True))
+    print(f"federation up: SuperLink 127.0.0.1:{fed.port}, record {fed.state_file}\n"
+          f"  fedxray federation run --workdir {a.workdir} --profile demo --rounds 2\n"
+          f"  fedxray federation status --workdir {a.workdir}\n  fedxray federation down --workdir {a.workdir}")
+    return 0
+
+
+def federation_settings(a, job: str, *layers: dict):
+    """A run's settings for the federation in a.workdir: every hospital takes part, data from `up`, output
+    under the workdir by job, then the shared settings arguments on top."""
+    from common.errors import FedxrayError
+    from server.standing import read_state
+
+    state = read_state(a.workdir)
+    if state is None:
+        raise FedxrayError(f"no federation is up in {Path(a.workdir).resolve()}: `fedxray federation up --data "
+                           f"<hospital folders> --workdir {a.workdir}` first")
+    base = {"data.path": state["data"], "output_dir": str(Path(a.workdir) / "results" / job)}
+    return settings_from_args(a, every_hospital(len(state["hospitals"])), base, *layers)
+
+
+def _cmd_federation_run(a) -> int:
+    from common.errors import FedxrayError
+    from server.progress import print_progress
+    from server.standing import run
+
+    settings = federation_settings(a, "train", {"federation.rounds": a.rounds} if a.rounds else {})
+    outcome = run(a.workdir, settings, timeout=a.timeout, on_line=None if a.quiet else print_progress)
+    if not outcome.ok:
+        raise FedxrayError(f"the run did not finish: {outcome.failure()} (log: {outcome.log}); the same command "
+                           "resumes from the last checkpoint")
+    print(outcome.summary.get("table", ""))
+    print(f"\nbundle: {outcome.summary.get('bundle')}  ({outcome.seconds:.0f} s)")
+    return 0
+
+
+def _cmd_federation_status(a) -> int:
+    import json
+
+    from server.standing import format_status, status
+
+    st = status(a.workdir)
+    print(json.dumps(st, indent=1) if a.json else format_status(st))
+    return 0
+
+
+def _cmd_federation_logs(a) -> int:
+    import time
+
+    from common.errors import FedxrayError
+    from server.standing import log_files, tail
+
+    files = log_files(a.workdir)
+    if not files:
+        raise FedxrayError(f"no logs in {Path(a.workdir).resolve() / 'logs'}: was a federation started there?")
+    if a.name is None:
+        for name, path in files.items():
+            print(f"==> {name} ({path}) <==\n{tail(path, a.lines)}\n")
+        return 0
+    if a.name not in files:
+        raise FedxrayError(f"no log {a.name!r}: choose one of {', '.join(files)}")
+    path = files[a.name]
+    print(tail(path, a.lines), flush=True)
+    if a.follow:
+        with open(path, errors="replace") as fh:
+            fh.seek(0, 2)
+            while True:
+                line = fh.readline()
+                if line:
+                    print(line, end="", flush=True)
+                else:
+                    time.sleep(0.5)
+    return 0
+
+
+def _cmd_federation_down(a) -> int:
+    from server.standing import down
+
+    stopped = down(a.workdir)
+    print(f"stopped {len(stopped)} processes: {', '.join(stopped)}" if stopped else
+          f"nothing was running in {Path(a.workdir).resolve()}")
     return 0

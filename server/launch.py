@@ -10,11 +10,11 @@ Processes are tracked and stopped by server/processes.py (each with the descenda
 run's stream is written to logs/run.log and its per-round progress lines are printed as they come. When the run
 ends without the ServerApp saying so (the SuperLink died, the run timed out), the launcher marks status.json
 failed with the cause. Rerunning with the same --workdir and output folder resumes from the checkpoint.
-`fedxray launch --profile demo` (server/cli.py) runs the deployment topology end to end.
+server/standing.py keeps a LocalFederation running between commands (`fedxray federation up|run|down`);
+`fedxray launch --profile demo` is its up + run + down.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,11 @@ import tomli_w
 
 from common.data.sources import site_folders
 from common.errors import FedxrayError
-from common.fileio import write_atomic
+from common.fileio import write_atomic, write_json
 from common.net import free_port, wait_http
 from common.settings import Settings, nest
 from server.federation import FLOWER_ENV, absolute_paths
-from server.processes import Proc, pids_with_arg, start, stop, stop_tree
+from server.processes import TOKEN_ENV, Proc, pids_with_arg, start, stop, stop_tree
 
 if TYPE_CHECKING:
     from server.security import Security
@@ -211,7 +212,7 @@ class LocalFederation:
 
     def __init__(self, workdir: str | Path, hospitals: dict[str, str], *, app_dir: Path = REPO,
                  security: "Security | None" = None, node_extra: dict[str, dict] | None = None,
-                 executor: str = "warm"):
+                 executor: str = "warm", state_file: Path | None = None):
         from server.security import Security
 
         if executor not in EXECUTORS:
@@ -219,7 +220,7 @@ class LocalFederation:
         self.executor = executor
 
         self.workdir = Path(workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)   # keys, logs and Flower state: this user's
         self.hospitals, self.app_dir = hospitals, Path(app_dir).resolve()
         self.node_extra = node_extra or {}
         # TLS unless told otherwise (Security.insecure()): a fresh CA for localhost in <workdir>/certs
@@ -230,6 +231,40 @@ class LocalFederation:
         self.port = 0
         self.connection = "fedxray-local"
         self.cli_home = self.workdir / "cli"
+        self.token = uuid.uuid4().hex        # in every process's environment (server/processes.py: TOKEN_ENV)
+        self.state_file = state_file         # server/standing.py: rewritten as each process starts
+        self.extra_state: dict = {}          # what else the state file keeps (server/standing.py)
+
+    def _env(self, home: Path, **extra: str) -> dict[str, str]:
+        return flower_env(home, **{TOKEN_ENV: self.token}, **extra)
+
+    def _track(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        if self.state_file is not None:
+            write_json(self.state_file, self.state())
+        return proc
+
+    def state(self) -> dict:
+        """Everything another command needs to attach to this federation (server/standing.py reads it back)."""
+        return {"token": self.token, "workdir": str(self.workdir), "hospitals": self.hospitals,
+                "app_dir": str(self.app_dir), "executor": self.executor, "node_extra": self.node_extra,
+                "port": self.port, "connection": self.connection, "cli_home": str(self.cli_home),
+                "security": self.security.to_json(), "processes": [p.record() for p in self.procs],
+                **self.extra_state}
+
+    @classmethod
+    def from_state(cls, state: dict, state_file: Path | None = None) -> "LocalFederation":
+        """The federation another command started, its processes adopted (server/processes.py: Proc.adopt)."""
+        from server.security import Security
+
+        fed = cls(state["workdir"], state["hospitals"], app_dir=Path(state["app_dir"]),
+                  security=Security.from_json(state["security"]), node_extra=state.get("node_extra"),
+                  executor=state["executor"], state_file=state_file)
+        fed.token, fed.port, fed.connection = state["token"], int(state["port"]), state["connection"]
+        fed.cli_home = Path(state["cli_home"])
+        fed.procs = [Proc.adopt(r) for r in state["processes"]]
+        fed.extra_state = {k: v for k, v in state.items() if k not in fed.state()}
+        return fed
 
     def __enter__(self) -> "LocalFederation":
         try:
@@ -258,10 +293,9 @@ class LocalFederation:
             # ServerApp's checkpoint, so a restart starts on a fresh database and keeps the old one beside it.
             database.replace(link_home / "state.db.previous")
         sec = self.security
-        link = start("superlink", superlink_command("127.0.0.1", self.port, str(database),
-                                                    sec.superlink_args()),
-                     flower_env(link_home, **sec.superlink_env()), self.logs, cwd=self.workdir)
-        self.procs.append(link)
+        link = self._track(start("superlink", superlink_command("127.0.0.1", self.port, str(database),
+                                                                sec.superlink_args()),
+                                 self._env(link_home, **sec.superlink_env()), self.logs, cwd=self.workdir))
         wait_http(f"{sec.scheme}://127.0.0.1:{self.port}/health", timeout, link, sec.ssl_context())
         add_connection(self.cli_home, self.connection, f"127.0.0.1:{self.port}", sec.connection())
         if sec.supernode_auth:  # only registered hospitals' keys may connect
@@ -281,11 +315,10 @@ class LocalFederation:
         cmd = supernode_command(f"127.0.0.1:{self.port}", port, str(Path(data_path).resolve()), name,
                                 self.security.supernode_args(name, **transport), executor=self.executor,
                                 superexec_secret=secret, **self.node_extra.get(name, {}))
-        proc = start(f"supernode-{name}", cmd, flower_env(home), self.logs, cwd=self.workdir)
-        self.procs.append(proc)
+        proc = self._track(start(f"supernode-{name}", cmd, self._env(home), self.logs, cwd=self.workdir))
         if secret is not None:
-            self.procs.append(start(f"superexec-{name}", superexec_command(port, proc.popen.pid, secret),
-                                    flower_env(home), self.logs, cwd=self.workdir))
+            self._track(start(f"superexec-{name}", superexec_command(port, proc.pid, secret), self._env(home),
+                              self.logs, cwd=self.workdir))
         return proc
 
     def submit(self, settings: Settings, timeout: float = 900.0, app: str | None = None,
@@ -303,7 +336,7 @@ class LocalFederation:
         out = Path(settings.output_dir)
         cause = ""
         if link is not None and link.exited:
-            cause = f"the SuperLink exited with code {link.popen.returncode} during the run (see {link.log})"
+            cause = f"the SuperLink exited with code {link.returncode} during the run (see {link.log})"
         elif rc == 124:
             cause = f"the run did not finish within {timeout:.0f} s and was stopped"
         return _outcome(rc, secs, log, out, cause)
@@ -320,7 +353,7 @@ class LocalFederation:
         out = []
         for p in (*self.stopped, *self.procs):
             p.refresh()
-            out += [p.name if m.pid == p.popen.pid else f"{p.name}/{m.name()}[{m.pid}]" for m in p.running()]
+            out += [p.name if m.pid == p.pid else f"{p.name}/{m.name()}[{m.pid}]" for m in p.running()]
         return out
 
 
@@ -332,31 +365,6 @@ def hospitals_in(root: str | Path) -> dict[str, str]:
                            "by `fedxray data synth`)")
     key = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
     return {p.name: str(p) for p in sorted(sites, key=key)}
-
-
-def launch(settings: Settings, *, workdir: str | Path | None = None,
-           timeout: float = 900.0, security: "Security | None" = None, signing_key: str | Path | None = None,
-           on_line: Callable[[str], None] | None = None, node_extra: dict[str, dict] | None = None) -> RunOutcome:
-    """Deployment runtime end to end: start superlink + a supernode per hospital (the hospital_* folders of
-    settings.data.path, each node its own), run with `settings` as the run config, stop everything.
-
-    security: None = TLS with a fresh CA in <workdir>/certs. signing_key: an Ed25519 OpenSSH key (its .pub
-    beside it): the app is signed, served by a loopback AppRegistry, and every node only runs it if it verifies.
-    """
-    from server.security import Security
-
-    hospitals = hospitals_in(settings.data.path)
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedxray-launch-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    security = security or Security.generate(workdir / "certs", list(hospitals))
-    with contextlib.ExitStack() as stack:
-        app = None
-        if signing_key:
-            from server.appsign import publish_signed
-
-            app, security = publish_signed(stack, REPO, signing_key, security, workdir)
-        fed = stack.enter_context(LocalFederation(workdir, hospitals, security=security, node_extra=node_extra))
-        return fed.submit(settings, timeout=timeout, app=app, on_line=on_line)
 
 
 # ------------------------------------------------------------------------------------------- simulation

@@ -9,26 +9,56 @@ each pid's creation time, so a recycled pid is never signalled.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+TOKEN_ENV = "FEDXRAY_FEDERATION"   # set on every process a federation starts; its descendants inherit it
+
 
 @dataclass
 class Proc:
+    """A process we started (`popen`), or one an earlier command started and recorded (`adopt`)."""
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen | None
     log: Path
     family: dict[int, psutil.Process] = field(default_factory=dict)   # the process and every descendant seen
+    pid: int = 0
 
     def __post_init__(self):
-        try:
-            self.family[self.popen.pid] = psutil.Process(self.popen.pid)
-        except psutil.NoSuchProcess:
-            pass
+        if self.popen is not None:
+            self.pid = self.popen.pid
+            try:
+                self.family[self.pid] = psutil.Process(self.pid)
+            except psutil.NoSuchProcess:
+                pass
         self.refresh()
+
+    def record(self) -> dict:
+        """What `adopt` needs to find this very process again from another command (pid + creation time)."""
+        root = self.family.get(self.pid)
+        try:
+            created = root.create_time() if root is not None else None
+        except psutil.Error:
+            created = None
+        return {"name": self.name, "pid": self.pid, "created": created, "log": str(self.log)}
+
+    @classmethod
+    def adopt(cls, record: dict) -> "Proc":
+        """The recorded process, if it still runs AND is the same process (same creation time: a recycled pid
+        is someone else's); else a Proc with an empty family, which counts as exited."""
+        proc = cls(record["name"], None, Path(record["log"]), pid=int(record["pid"]))
+        try:
+            p = psutil.Process(proc.pid)
+            if record.get("created") is not None and abs(p.create_time() - float(record["created"])) < 0.01:
+                proc.family[proc.pid] = p
+                proc.refresh()
+        except psutil.Error:
+            pass
+        return proc
 
     def refresh(self) -> None:
         """Remember every current descendant of every family member (cheap: a few /proc reads)."""
@@ -51,8 +81,19 @@ class Proc:
         return out
 
     def poll(self) -> int | None:
-        """The exit code once the process we started has exited (common.net.wait_http watches this)."""
-        return self.popen.poll()
+        """The exit code once the process has exited (common.net.wait_http watches this); an adopted process's
+        exit code is unknown to us (-1)."""
+        if self.popen is not None:
+            return self.popen.poll()
+        root = self.family.get(self.pid)
+        try:
+            return None if root is not None and root.is_running() and root.status() != psutil.STATUS_ZOMBIE else -1
+        except psutil.Error:
+            return -1
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
 
     @property
     def exited(self) -> bool:
@@ -93,10 +134,28 @@ def stop(procs: list[Proc], grace: float = 10.0) -> None:
         p.refresh()
     _end([m for p in procs for m in p.running()], grace)
     for p in procs:
+        if p.popen is None:
+            continue
         try:
             p.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+
+
+def pids_with_token(token: str) -> list[int]:
+    """This user's processes whose environment carries TOKEN_ENV=token: every process a federation started and
+    every descendant, also one re-parented after its parent died. The token is random per federation, and other
+    users' environments are not readable, so this names only our own processes."""
+    out, me = [], psutil.Process().pid
+    for p in psutil.process_iter(["pid", "uids"]):
+        try:
+            if p.info["pid"] == me or p.info["uids"].real != os.getuid():
+                continue
+            if p.environ().get(TOKEN_ENV) == token and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.info["pid"])
+        except psutil.Error:
+            continue
+    return out
 
 
 def stop_tree(pid: int, grace: float = 10.0) -> None:

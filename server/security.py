@@ -57,6 +57,21 @@ class Security:
                 keys[h] = priv if priv.is_file() else make_node_key(folder, h)[0]
         return cls(tls=tls, supernode_auth=auth, node_keys=keys)
 
+    def to_json(self) -> dict:
+        """File paths and switches only (never key material): a standing federation's record of its transport."""
+        return {"tls": None if self.tls is None else {k: str(getattr(self.tls, k)) for k in ("ca", "cert", "key")},
+                "supernode_auth": self.supernode_auth, "node_keys": {h: str(k) for h, k in self.node_keys.items()},
+                "trusted_entities": str(self.trusted_entities) if self.trusted_entities else None,
+                "registry_url": self.registry_url}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Security":
+        return cls(tls=TlsFiles(**{k: Path(v) for k, v in d["tls"].items()}) if d.get("tls") else None,
+                   supernode_auth=bool(d.get("supernode_auth")),
+                   node_keys={h: Path(k) for h, k in d.get("node_keys", {}).items()},
+                   trusted_entities=Path(d["trusted_entities"]) if d.get("trusted_entities") else None,
+                   registry_url=d.get("registry_url"))
+
     def with_(self, **changes) -> "Security":
         return replace(self, **changes)
 

@@ -1,0 +1,152 @@
+"""`fedxray federation up | run | status | logs | down`: a local federation that outlives the command that
+started it (server/standing.py), driven through the CLI as a coordinator would, on loopback with TLS and
+SuperNode authentication. What is left running is checked with psutil (the federation's environment token
+and its work folder on command lines), not by trusting `down`'s own report."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+from tests.run_support import TINY
+
+
+def _fx(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    from server.processes import stop_tree
+
+    p = subprocess.Popen([sys.executable, "-m", "fedxray", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out = "timeout"
+    finally:
+        stop_tree(p.pid, grace=5)
+    return subprocess.CompletedProcess(args, p.returncode if p.returncode is not None else -9, out, "")
+
+
+def _left(work, token: str, bystander: int = 0) -> list[str]:
+    from server.processes import describe, pids_with_arg, pids_with_token
+
+    return [describe(pid) for pid in {*pids_with_token(token), *pids_with_arg(str(work), zombies=False)} - {bystander}]
+
+
+@pytest.fixture
+def flower_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("flower")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_down_stops_what_a_crashed_up_had_started(synth_root, flower_tmp):
+    """`up` killed (SIGKILL) half-way through starting: its record already names what it started, and `down`
+    stops exactly that - nodes and SuperExecs included - while a process that merely names the work folder is
+    someone else's and survives."""
+    from server.launch import flower_env
+    from server.standing import state_path
+
+    work = flower_tmp / "fed"
+    env = flower_env(flower_tmp / "home")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(work)])
+    caller = subprocess.Popen([sys.executable, "-m", "fedxray", "federation", "up", "--data", str(synth_root),
+                               "--workdir", str(work)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    token = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                state = json.loads(state_path(work).read_text())
+            except (OSError, ValueError):
+                state = {}
+            if len(state.get("processes", [])) >= 3:   # the SuperLink, then the first hospital's node and SuperExec
+                token = state["token"]
+                break
+            time.sleep(0.2)
+        assert token, "up never recorded its processes"
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=10)
+        recorded = [p["pid"] for p in json.loads(state_path(work).read_text())["processes"]]
+        assert any(psutil.pid_exists(pid) for pid in recorded), "nothing outlived the crashed caller: no test"
+
+        st = _fx("federation", "status", "--workdir", str(work), "--json", env=env)
+        assert st.returncode == 0 and any(p["running"] for p in json.loads(st.stdout)["processes"]), st.stdout
+        res = _fx("federation", "down", "--workdir", str(work), env=env)
+        assert res.returncode == 0 and "stopped" in res.stdout and "superlink" in res.stdout, res.stdout
+        assert not _left(work, token, bystander.pid), _left(work, token, bystander.pid)
+        assert bystander.poll() is None, "down stopped a process that only named its work folder"
+        again = _fx("federation", "down", "--workdir", str(work), env=env)
+        assert again.returncode == 0 and "nothing was running" in again.stdout, again.stdout
+    finally:
+        caller.kill()
+        bystander.kill()
+        bystander.wait()
+        if token and _left(work, token):
+            from server.standing import down
+
+            down(work)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_up_run_status_logs_down_on_loopback(synth_root, flower_tmp):
+    """The coordinator's day: `up` (TLS, SuperNode auth, 3 hospitals) returns with every node online; a second
+    `up` is refused; a run that needs a 4th hospital fails clearly and leaves the federation up; a 2-round run
+    streams its rounds and exports a bundle; `status` lists processes, nodes and runs; `logs` shows a
+    hospital's ClientApp log; `down` leaves no process."""
+    from server.launch import flower_env
+    from server.standing import state_path
+
+    work = flower_tmp / "fed"
+    env = flower_env(flower_tmp / "home")
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    token = None
+    try:
+        up = _fx("federation", "up", "--data", str(synth_root), "--workdir", str(work), env=env)
+        assert up.returncode == 0, up.stdout[-3000:]
+        assert "3 of 3 hospitals online" in up.stdout and "SuperNode auth on" in up.stdout, up.stdout
+        token = json.loads(state_path(work).read_text())["token"]
+        assert state_path(work).stat().st_mode & 0o077 == 0
+
+        twice = _fx("federation", "up", "--data", str(synth_root), "--workdir", str(work), env=env)
+        assert twice.returncode == 2 and "already up" in twice.stdout, twice.stdout
+
+        short = _fx("federation", "run", "--workdir", str(work), "--profile", "demo", "--rounds", "1", *sets,
+                    "--set=federation.min_available_nodes=4", "--set=federation.node_wait_timeout=3", env=env)
+        assert short.returncode == 2 and "only 3 of the 4 SuperNodes" in short.stdout, short.stdout[-3000:]
+
+        out = flower_tmp / "out"
+        run = _fx("federation", "run", "--workdir", str(work), "--profile", "demo", "--rounds", "2", "--out",
+                  str(out), *sets, "--set=federation.fraction_evaluate=0.0", "--set=federation.min_evaluate_nodes=0",
+                  env=env, timeout=400)
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert "round 1/2 | 3 of 3 hospitals trained" in run.stdout and "round 2/2 | 3 of 3" in run.stdout
+        assert (out / "bundle").is_dir() and json.loads((out / "status.json").read_text())["state"] == "done"
+
+        st = json.loads(_fx("federation", "status", "--workdir", str(work), "--json", env=env).stdout)
+        assert st["up"] and all(p["running"] for p in st["processes"]) and len(st["processes"]) == 7
+        assert sorted(n["site"] for n in st["nodes"] if n["status"] == "online") == [
+            "hospital_1", "hospital_2", "hospital_3"]
+        assert [(r["job"], r["state"]) for r in st["runs"]] == [("train", "failed"), ("train", "done")]
+        text = _fx("federation", "status", "--workdir", str(work), env=env).stdout
+        assert "3 online" in text and "train     done" in text, text
+
+        logs = _fx("federation", "logs", "--workdir", str(work), "superexec-hospital_2", "-n", "400", env=env)
+        assert logs.returncode == 0 and "first training step" in logs.stdout, logs.stdout[-2000:]
+
+        down = _fx("federation", "down", "--workdir", str(work), env=env)
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout
+        assert not _left(work, token), _left(work, token)
+        gone = _fx("federation", "status", "--workdir", str(work), env=env)
+        assert "no federation is up" in gone.stdout, gone.stdout
+    finally:
+        if token and _left(work, token):
+            from server.standing import down
+
+            down(work)

@@ -18,7 +18,7 @@ def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None 
     from common.metrics import SEED_PAPER, format_headline_table
     from common.models import build_model
     from common.plots import plot_per_finding_bars, plot_roc_curves, plot_training_curves
-    from common.training import evaluate, fit, make_criterion, make_loader, predict, seed_everything
+    from common.training import evaluate, fit, make_criterion, make_loader, predict, resolve_device, seed_everything
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -29,8 +29,9 @@ def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None 
     write_json(out / "data_report.json", report)
     multilabel = cfg.train.loss == "bce"
     ds = data.datasets
-    model = build_model(cfg.model, len(data.findings), cfg.preprocess.channels)
-    criterion = make_criterion(cfg.train, ds["train"].labels)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, len(data.findings), cfg.preprocess.channels).to(device)
+    criterion = make_criterion(cfg.train, ds["train"].labels).to(device)
     train_loader = make_loader(ds["train"], cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                num_workers=cfg.train.num_workers, drop_last=True)
     val_loader = make_loader(ds["val"], cfg.train.batch_size * 2, shuffle=False)

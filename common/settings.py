@@ -145,6 +145,8 @@ class TrainConfig(_Section):
     threshold_method: Literal["f1", "youden"] = "f1"
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None = torch default")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto = a CUDA GPU when torch sees one, else the CPU; cpu; cuda or cuda:N")
     num_workers: int = Field(0, ge=0)
     bootstrap: int = Field(0, ge=0, description="Bootstrap resamples for test CIs (0 = off)")
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.settings import TrainConfig
-from common.errors import ModelDiverged
+from common.errors import FedxrayError, ModelDiverged
 from common.metrics import compute_metrics, macro_f1, tune_thresholds
 
 
@@ -82,6 +82,24 @@ def probabilities(logits: torch.Tensor, multilabel: bool = True) -> torch.Tensor
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """train.device: "auto" = the first CUDA GPU when torch sees one, else the CPU; "cuda"/"cuda:N" demands one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        why = ("is a CPU-only build: install a CUDA build of torch" if torch.version.cuda is None else
+               f"(CUDA {torch.version.cuda}) sees no GPU: check the driver with `nvidia-smi` and CUDA_VISIBLE_DEVICES")
+        raise FedxrayError(f"train.device={name}, but this torch {torch.__version__} {why}; or set "
+                           "train.device=auto (the CPU when there is no GPU)")
+    return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are: batches are moved there (a no-op on the CPU)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
                 drop_last: bool = False) -> DataLoader:
     g = torch.Generator()
@@ -95,11 +113,13 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
                 global_params: list[torch.Tensor] | None = None) -> dict:
     """One pass over `loader`. `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 term."""
     model.train()
+    dev = model_device(model)
     total, n, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress else True)
     for x, y, mask in bar:
         if len(x) == 0:  # Poisson sampling (Opacus) can draw an empty batch
             continue
+        x, y, mask = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y, mask)
         if proximal_mu > 0 and global_params is not None:
@@ -121,13 +141,14 @@ def predict(model: nn.Module, loader: DataLoader, criterion: nn.Module | None = 
             progress: bool = False, desc: str = "eval") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(probabilities, labels, mask, mean loss) over a loader, in eval mode."""
     model.eval()
+    dev = model_device(model)
     probs, ys, masks, total, n = [], [], [], 0.0, 0
     for x, y, mask in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress else True):
-        logits = model(x)
+        logits = model(x.to(dev, non_blocking=True))
         if criterion is not None:
-            total += criterion(logits, y, mask).item() * len(x)
+            total += criterion(logits, y.to(dev), mask.to(dev)).item() * len(x)
         n += len(x)
-        probs.append(probabilities(logits, multilabel).numpy())
+        probs.append(probabilities(logits, multilabel).cpu().numpy())
         ys.append(y.numpy())
         masks.append(mask.numpy())
     if not probs:

@@ -241,6 +241,12 @@ def add_federation_commands(sub) -> None:
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended (Ctrl-C ends)")
     lg.set_defaults(func=_cmd_federation_logs)
 
+    rk = fsub.add_parser("rotate-key", help="give one hospital a new SuperNode key (unregister the old node, "
+                                            "register the new key, restart its node)")
+    workdir_arg(rk)
+    rk.add_argument("site", help="the hospital, e.g. hospital_2")
+    rk.set_defaults(func=_cmd_federation_rotate_key)
+
     dn = fsub.add_parser("down", help="stop exactly what `up` started (also after a crash)")
     workdir_arg(dn)
     dn.set_defaults(func=_cmd_federation_down)
@@ -341,6 +347,15 @@ def _cmd_federation_logs(a) -> int:
                     print(line, end="", flush=True)
                 else:
                     time.sleep(0.5)
+    return 0
+
+
+def _cmd_federation_rotate_key(a) -> int:
+    from server.standing import rotate_key
+
+    r = rotate_key(a.workdir, a.site)
+    print(f"{r['site']}: new key {r['public_key']} registered; node {r['node_id']} online "
+          f"(retired node ids: {', '.join(r['retired_node_ids']) or 'none'})")
     return 0
 
 

@@ -21,7 +21,7 @@ from common.errors import DataError
 from common.metrics import compute_metrics, tune_thresholds
 from common.models import build_model
 from common.data.prepare import build_datasets
-from common.training import make_criterion, make_loader, predict
+from common.training import make_criterion, make_loader, predict, resolve_device
 
 
 def server_data_path(s: Settings) -> Path:
@@ -82,8 +82,9 @@ class GlobalEvaluator:
         self.findings = list(manifest.findings)
         self.multilabel = manifest.multilabel
         self.datasets = build_datasets(manifest, splits, self.cfg, progress=False)
+        self.device = resolve_device(s.train.device)
         self.model = build_model(self.cfg.model.model_copy(update={"weights": "none"}), len(self.findings),
-                                 self.cfg.preprocess.channels)
+                                 self.cfg.preprocess.channels).to(self.device)
         bs = max(2 * s.train.batch_size, 32)
         self.loaders = {k: make_loader(ds, bs, shuffle=False) for k, ds in self.datasets.items()}
 
@@ -92,7 +93,7 @@ class GlobalEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord, method: str = "f1") -> GlobalEval:
         load_record(self.model, arrays)
-        crit = make_criterion(self.cfg.train)
+        crit = make_criterion(self.cfg.train).to(self.device)
         pv, yv, mv, val_loss = predict(self.model, self.loaders["val"], crit, multilabel=self.multilabel)
         thr = tune_thresholds(yv, pv, method, mask=mv)
         val = {**compute_metrics(yv, pv, self.findings, thr, mask=mv), "loss": val_loss}

@@ -121,9 +121,8 @@ def nodes(fed: LocalFederation, timeout: float = 60.0) -> list[dict]:
     sites = {}
     for name in fed.hospitals:
         log = fed.logs / f"supernode-{name}.log"
-        ids = NODE_ID.findall(log.read_text(errors="replace")) if log.is_file() else []
-        if ids:
-            sites[ids[-1]] = name
+        for node_id in NODE_ID.findall(log.read_text(errors="replace")) if log.is_file() else []:
+            sites[node_id] = name   # every id the node ever had (a rotated key gives it a new one)
     return [{"site": sites.get(n["node-id"], "?"), "node_id": n["node-id"], "status": n["status"],
              "online_s": n.get("online-elapsed")} for n in listed]
 
@@ -204,6 +203,43 @@ def format_status(st: dict) -> str:
     if not st["runs"] and not flower:
         lines.append("  (none yet)")
     return "\n".join(lines)
+
+
+def rotate_key(workdir: str | Path, site: str, *, timeout: float = 120.0) -> dict:
+    """Give one hospital a new SuperNode key: stop its node, unregister its node id, write and register a new
+    key pair, start the node with it and wait until it is online again. The old public key is kept beside the
+    new one as `<site>.pub.retired-<time>` (the private half is overwritten); the other hospitals keep running."""
+    from server.certs import make_node_key
+    from server.security import register_node
+
+    fed = attach(workdir)
+    if site not in fed.hospitals:
+        raise FedxrayError(f"no hospital {site!r} in this federation (hospitals: {', '.join(fed.hospitals)})")
+    if not fed.security.supernode_auth or site not in fed.security.node_keys:
+        raise FedxrayError("this federation runs without SuperNode authentication: there is no key to rotate "
+                           "(`fedxray federation up` turns it on unless --no-supernode-auth)")
+    env = flower_env(fed.cli_home)
+    old_ids = [n["node_id"] for n in nodes(fed) if n["site"] == site]
+    mine = [p for p in fed.procs if p.name in (f"supernode-{site}", f"superexec-{site}")]
+    stop(mine)
+    fed.procs = [p for p in fed.procs if p not in mine]
+    for node_id in old_ids:
+        r = subprocess.run(["flwr", "supernode", "unregister", node_id, fed.connection], env=env,
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise FedxrayError(f"could not unregister node {node_id} of {site}: {(r.stdout + r.stderr)[-500:]}")
+    key = Path(fed.security.node_keys[site])
+    pub = key.with_name(f"{key.name}.pub")
+    if pub.is_file():
+        pub.replace(pub.with_name(f"{pub.name}.retired-{time.strftime('%Y%m%dT%H%M%S')}"))
+    _, new_pub = make_node_key(key.parent.parent, key.name, force=True)
+    register_node(new_pub, fed.connection, env)
+    fed.add_node(site, fed.hospitals[site])
+    write_json(fed.state_file, fed.state())
+    wait_online(fed, len(fed.hospitals), timeout)
+    new_ids = [n["node_id"] for n in nodes(fed) if n["site"] == site and n["status"] == "online"]
+    return {"site": site, "retired_node_ids": old_ids, "node_id": new_ids[-1] if new_ids else None,
+            "public_key": str(new_pub)}
 
 
 def log_files(workdir: str | Path) -> dict[str, Path]:

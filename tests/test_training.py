@@ -121,3 +121,21 @@ def test_train_cli_config_file_overrides_and_clear_errors(synth_root, tmp_path, 
     assert "no such file or folder" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(toml), "--set", "train.epochs=0"]) == 2
     assert "invalid settings (train.epochs: Input should be greater than or equal to 1)" in capsys.readouterr().err
+
+
+def test_train_device_auto_is_the_cpu_without_a_gpu_and_cuda_without_one_is_a_clear_error(monkeypatch):
+    """train.device: auto picks a CUDA GPU only when torch sees one; demanding cuda without one names the
+    setting and what to check instead of failing deep inside torch."""
+    import torch
+
+    from common.errors import FedxrayError
+    from common.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    with pytest.raises(FedxrayError, match=r"train.device=cuda:1.*train.device=auto"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(Exception, match="train.device"):
+        Settings.build("demo", {"train.device": "gpu"})

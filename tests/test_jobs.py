@@ -122,6 +122,32 @@ def test_stats_suppression_follows_the_hospitals_site_policy(synth_root, tmp_pat
     assert SUPPRESSED in m.values() and all(v == SUPPRESSED or v >= 12 for v in m.values())
 
 
+def test_stats_count_the_data_layers_exclusions_by_category_through_the_boundary(synth_root, tmp_path, task_identity):
+    """A deployment node whose folder has 2 truncated and 1 too-small image: the exclusions leave as counts per
+    fixed category (ImageError codes), through the hospital boundary (no reply withheld), at the policy's k=1."""
+    from PIL import Image
+
+    from client.boundary import make_boundary_mod
+    from client.stats import stats_reply
+
+    site = Path(shutil.copytree(synth_root / "hospital_2", tmp_path / "site-b"))
+    images = sorted((site / "images").glob("*.png"))
+    for img in images[:2]:
+        img.write_bytes(img.read_bytes()[:60])
+    Image.new("L", (16, 16)).save(images[2])
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[disclosure]\nmin-count = 1\n")
+    node = {"data-path": str(site), "site-policy": str(policy), "cache-dir": "none"}
+    s = _settings(synth_root, tmp_path / "unused")
+    ctx = Context(run_id=7, node_id=2, node_config=node, state=RecordDict(), run_config=s.to_run_config())
+    reply = make_boundary_mod()(Message(RecordDict({}), dst_node_id=2, message_type="query.stats"), ctx,
+                                lambda m, c: stats_reply(m, c))
+    assert not reply.has_error(), reply.error.reason
+    m = dict(reply.content["stats"])
+    assert (m["excluded/corrupt"], m["excluded/too_small"], m["excluded/total"]) == (2, 1, 3)
+    assert sum(m[f"{sp}/images"] for sp in ("train", "val", "test")) == len(images) - 3
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
 def _initial_bundle(path: Path, findings: list[str], s: Settings) -> Path:
     """An untrained smallcnn at the run's preprocessing (32 px, 1 channel: not the trained bundle's)."""

@@ -295,5 +295,12 @@ def _heatmap(result: dict, path: Path) -> Path:
                         title=f"Cross-site macro {m} (bundle x hospital)")
 
 
-__all__ = ["run_job", "RESULT_FILES", "format_stats_table", "format_crosssite_table", "stats_flags",
+def format_result(result: dict) -> str:
+    """The table of any job's result file (status.json's `result`), for whoever prints it."""
+    job = result.get("job", "train")
+    return (format_stats_table(result) if job == "stats" else format_crosssite_table(result) if job == "evaluate"
+            else result.get("table", ""))
+
+
+__all__ = ["run_job", "RESULT_FILES", "format_result", "format_stats_table", "format_crosssite_table", "stats_flags",
            "connected_nodes", "NotEnoughNodes"]

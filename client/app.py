@@ -1,4 +1,5 @@
-"""The hospital's Flower ClientApp: local training and evaluation on the node's own patients.
+"""The hospital's Flower ClientApp: local training and evaluation on the node's own patients, and the two jobs
+beside training (server/jobs.py): `evaluate.bundle` (client/crosssite.py) and `query.stats` (client/stats.py).
 
 Replies carry weights, counts and aggregate metrics only (examples, loss, AUC/F1, seconds) and the site name:
 never an image, a label vector, a file name or a patient id. Failures leave as a fixed vocabulary
@@ -178,6 +179,18 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate_local(msg, context, overrides)
+
+    @client_app.evaluate("bundle")   # job=evaluate (server/jobs.py): an exported bundle on this hospital's test split
+    def _evaluate_bundle(msg: Message, context: Context) -> Message:
+        from client.crosssite import score_bundle
+
+        return score_bundle(msg, context, overrides)
+
+    @client_app.query("stats")       # job=stats: aggregate data statistics, small counts suppressed
+    def _stats(msg: Message, context: Context) -> Message:
+        from client.stats import stats_reply
+
+        return stats_reply(msg, context, overrides)
 
     return client_app
 

@@ -21,6 +21,7 @@ less than the policy demands is refused with the rule and the numbers involved (
     require-secure-aggregation = false   # Flower's SecAgg+: the server only ever sees the sum
     [disclosure]
     metrics = ["num-examples", "train-loss", "val-auc"]   # metrics that may leave; others are sent as NaN
+    min-count = 5                  # data statistics (job=stats): any count below this leaves as "<5", 0 included
 
 The ledger composes every run's DP-SGD history (noise multiplier, sample rate, steps) with Opacus' RDP
 accountant: RDP composes across runs exactly as across rounds, so the total is an (epsilon, delta) guarantee
@@ -72,8 +73,17 @@ class AggregationRules(_Section):
     require_secure_aggregation: bool = False
 
 
+DEFAULT_MIN_COUNT = 5
+
+
 class DisclosureRules(_Section):
+    """What may leave besides model updates. `min_count` is the small-cell suppression threshold of the data
+    statistics (client/stats.py). DEFAULT_MIN_COUNT = 5 when a hospital sets none: the threshold most health
+    statistics publishers use for small cells (counts of 1-4 patients can single a person out when combined
+    with what else is known); a hospital under a stricter rule (10, 11) sets its own."""
+
     metrics: list[str] | None = None    # None: every metric fedxray computes may leave
+    min_count: int = Field(DEFAULT_MIN_COUNT, ge=1)
 
 
 class SitePolicy(_Section):
@@ -105,6 +115,11 @@ class SitePolicy(_Section):
     def ledger(self) -> "PrivacyLedger":
         where = Path(self.privacy.ledger)
         return PrivacyLedger(where if where.is_absolute() else self.path.parent / where, self.privacy.max_delta)
+
+    @staticmethod
+    def min_count_of(policy: "SitePolicy | None") -> int:
+        """The node's small-count threshold: its policy's `[disclosure] min-count`, else DEFAULT_MIN_COUNT."""
+        return policy.disclosure.min_count if policy is not None else DEFAULT_MIN_COUNT
 
     def shares(self, metric: str) -> bool:
         allowed = self.disclosure.metrics

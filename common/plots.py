@@ -136,4 +136,29 @@ def plot_bars(values: Mapping[str, float | Mapping[str, float]], path, ylabel, t
     return _save(fig, path)
 
 
-__all__ = ("plot_roc_curves", "plot_per_finding_bars", "plot_training_curves", "plot_series", "plot_bars")
+def plot_heatmap(values: Sequence[Sequence[float | None]], rows: Sequence[str], cols: Sequence[str], path,
+                 title=None, labels: Sequence[Sequence[str]] | None = None, vmin: float = 0.0,
+                 vmax: float = 1.0) -> Path:
+    """A rows x cols matrix (e.g. model x hospital AUC) coloured on [vmin, vmax]; None/NaN cells are grey and
+    show `labels` (e.g. a hospital's failure code), the others their value."""
+    v = np.array([[np.nan if x is None else float(x) for x in row] for row in values], dtype=float).reshape(
+        len(rows), len(cols))
+    fig = _figure(max(5.0, 1.6 + 1.1 * len(cols)), max(2.5, 1.2 + 0.6 * len(rows)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
+    im = ax.imshow(np.ma.masked_invalid(v), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            text = labels[i][j] if labels is not None else ("n/a" if np.isnan(v[i, j]) else f"{v[i, j]:.3f}")
+            dark = not np.isnan(v[i, j]) and (v[i, j] - vmin) / ((vmax - vmin) or 1) < 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize="small", color="white" if dark else "black")
+    ax.set_xticks(range(len(cols)), list(cols), rotation=30 if len(cols) > 3 else 0,
+                  ha="right" if len(cols) > 3 else "center")
+    ax.set_yticks(range(len(rows)), list(rows))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title or "")
+    return _save(fig, path)
+
+
+__all__ = ("plot_roc_curves", "plot_per_finding_bars", "plot_training_curves", "plot_series", "plot_bars",
+           "plot_heatmap")

@@ -1,7 +1,8 @@
 """One settings model for every run: centralised (`fedxray train`), federated (`fedxray federate`/`launch`,
 `flwr run`) and simulations read the same sections, with the same defaults, from the same TOML file.
 
-Sections: [data] [preprocess] [augment] [model] [train] [privacy] [federation] [guards] [central_dp] [secagg].
+Sections: [data] [preprocess] [augment] [model] [train] [privacy] [federation] [guards] [central_dp] [secagg]
+[crosssite]; top-level `job` selects what a federated run does (training, data statistics, cross-site evaluation).
 The defaults are for real use (ResNet50 from ImageNet weights at 224 px); the embedded demo is the named
 profile `demo` (PROFILES), not a second set of defaults.
 
@@ -292,13 +293,26 @@ class SecAggConfig(_Section):
     max_weight: float = Field(1000.0, gt=0, description="~ the largest hospital's num-examples")
 
 
+JOBS = ("train", "stats", "evaluate")
+
+
+class CrossSiteConfig(_Section):
+    """`job = "evaluate"`: exported bundles the ServerApp reads from its own disk and sends to every hospital."""
+
+    bundles: list[str] = Field(default_factory=list, description="bundle folders (run config: comma-separated); "
+                               "each is scored on every hospital's own test split at the bundle's thresholds")
+    heatmap_metric: Literal["auc", "f1", "accuracy", "precision", "recall"] = Field(
+        "auc", description="the macro metric crosssite.png shows")
+
+
 # --------------------------------------------------------------------------------------------- the whole run
 
 # Keys that may change between a checkpoint and its resumption without invalidating it.
 RESUME_NEUTRAL = ("federation.rounds", "federation.node_wait_timeout", "federation.round_timeout",
                   "federation.resume", "output_dir", "federation.min_available_nodes", "federation.min_train_nodes",
                   "federation.min_evaluate_nodes", "guards.examples_ratio", "guards.examples_growth",
-                  "guards.norm_ratio", "guards.min_cosine", "profile")
+                  "guards.norm_ratio", "guards.min_cosine", "profile", "job", "crosssite.bundles",
+                  "crosssite.heatmap_metric")
 
 # The embedded demo: synthetic hospitals (`fedxray data synth`), a small CNN at 64 px, the four findings the
 # generator draws. Everything else is the real-use default.
@@ -317,6 +331,10 @@ class Settings(_Section):
     """A whole run. Loadable from TOML with one table per section; `profile` names the base it started from."""
 
     profile: str = Field("", description="'' = the real-use defaults; demo = the embedded synthetic demo")
+    job: Literal[JOBS] = Field(  # type: ignore[valid-type]
+        "train", description="what a federated run does (server/jobs.py): train = federated training (bundle, "
+        "federation.json); stats = each hospital's aggregate data statistics, small counts suppressed (stats.json); "
+        "evaluate = the crosssite.bundles on every hospital's test split, no training (crosssite.json)")
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -327,6 +345,7 @@ class Settings(_Section):
     guards: GuardConfig = GuardConfig()
     central_dp: CentralDPConfig = CentralDPConfig()
     secagg: SecAggConfig = SecAggConfig()
+    crosssite: CrossSiteConfig = CrossSiteConfig()
     output_dir: str = "runs/latest"
 
     @model_validator(mode="after")
@@ -342,6 +361,9 @@ class Settings(_Section):
                              "federation.strategy=fedavg and central_dp.mode=off")
         if self.secagg.enabled and self.secagg.reconstruction_threshold >= self.secagg.num_shares:
             raise ValueError("secagg.reconstruction_threshold must be below secagg.num_shares")
+        if self.job == "evaluate" and not self.crosssite.bundles:
+            raise ValueError("job=evaluate needs crosssite.bundles: the exported bundle folders to score, "
+                             "comma-separated (e.g. --run-config \"crosssite.bundles='runs/a/bundle,runs/b/bundle'\")")
         return self
 
     # ----------------------------------------------------------------------------------------- building

@@ -3,7 +3,8 @@ around it: global evaluation on held-out data every round, best-round selection 
 a checkpoint after every round (and resumption from it), bounded waits, and the exported model bundle.
 
 Output directory (`output_dir`): bundle/ (served by `fedxray serve`), federation.json (summary + per-round
-history), status.json (running / done / failed + message), checkpoint/.
+history), status.json (running / done / failed + message; `result` names the result file), checkpoint/.
+The run config's `job` can also ask for data statistics or a cross-site evaluation instead (server/jobs.py).
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ from server.evaluation import GlobalEval, GlobalEvaluator
 from server.progress import PROGRESS
 from server.grid import EVALUATE, REJECTED, TRAIN, GuardedGrid, who
 from server.guards import ReplyGuards
+from server.jobs import RESULT_FILES, run_job
 from server.privacy import provenance as privacy_provenance
 from server.privacy import record_round, worst_epsilon, wrap_central_dp
 from server.strategies import build_strategy, export_state, restore_state, strategy_params
 
 log = logging.getLogger("flwr.fedxray")
-SUMMARY_FILE, STATUS_FILE = "federation.json", "status.json"
+SUMMARY_FILE, STATUS_FILE = RESULT_FILES["train"], "status.json"
 
 
 def write_status(out: Path, state: str, **info) -> None:
@@ -181,18 +183,20 @@ def _resume_or_start(s: Settings, ckpt: Checkpoint, model) -> tuple[RunState, Ar
 
 
 def run_server(grid: Grid, run_config: dict, overrides: dict | None = None, run_id: int = 0) -> dict:
-    """The whole federated run on `grid`; returns the summary also written to federation.json."""
+    """The run config's job on `grid` (`job`: train, stats or evaluate; server/jobs.py for the last two); returns
+    its result, also written to <output_dir>/status.json's `result` file (federation.json for training)."""
     s = Settings.from_run_config(run_config, overrides)
     out = Path(s.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    write_status(out, "starting", run_id=run_id)
+    write_status(out, "starting", run_id=run_id, job=s.job)
     try:
-        summary = _run(grid, s, out, run_id)
+        summary = _run(grid, s, out, run_id) if s.job == "train" else run_job(grid, s, out, run_id)
     except Exception as e:
-        log.error("federated run failed: %s", e)
-        write_status(out, "failed", run_id=run_id, message=str(e), error=type(e).__name__)
+        log.error("federated %s failed: %s", "run" if s.job == "train" else f"{s.job} job", e)
+        write_status(out, "failed", run_id=run_id, job=s.job, message=str(e), error=type(e).__name__)
         raise
-    write_status(out, "done", run_id=run_id, bundle=summary["bundle"], best_round=summary["best_round"])
+    done = {"bundle": summary["bundle"], "best_round": summary["best_round"]} if s.job == "train" else {}
+    write_status(out, "done", run_id=run_id, job=s.job, result=RESULT_FILES[s.job], **done)
     return summary
 
 

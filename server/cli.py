@@ -79,7 +79,8 @@ def federate(settings, *, num_supernodes: int | None = None, synth: bool = False
                         path=str(data))
     from server.evaluation import server_data_path
 
-    server_data_path(settings)   # fail before Flower starts: the server needs its held-out data
+    if settings.job == "train":
+        server_data_path(settings)   # fail before Flower starts: the server needs its held-out data to train
     if quiet:   # Flower's own per-round log lines; the result is printed by the caller
         import logging
 
@@ -128,6 +129,11 @@ def _cmd_federate(a) -> int:
     settings = settings_from_args(a, every_hospital(n), {"federation.rounds": a.rounds} if a.rounds else {})
     summary = federate(settings, num_supernodes=a.supernodes, synth=a.synth or settings.profile == "demo",
                        runtime=a.runtime, quiet=a.quiet)
+    if settings.job != "train":   # --set job=stats|evaluate (server/jobs.py): its table, no bundle
+        from server.jobs import format_result
+
+        print(format_result(summary))
+        return 0
     print(summary["table"])
     print(f"\nbundle: {summary['bundle']}   (serve it: fedxray serve --bundle {summary['bundle']})")
     return 0
@@ -170,6 +176,11 @@ def run_launch_command(a) -> int:
     if not outcome.ok:
         raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log}); rerun the same "
                            "command to resume from the last checkpoint")
+    if settings.job != "train":
+        from server.jobs import format_result
+
+        print(format_result(outcome.summary))
+        return 0
     print(outcome.summary.get("table", ""))
     print(f"\nbundle: {outcome.summary['bundle']}\nlogs: {outcome.log.parent}  ({outcome.seconds:.0f} s)")
     return 0

@@ -30,7 +30,8 @@ def backend_config(num_supernodes: int, cpus: int | None = None, cpus_per_client
 
 def run_federated_simulation(settings: Settings, *, num_supernodes: int = 3, cpus: int | None = None,
                              cpus_per_client: int = 1, verbose: bool = False) -> dict:
-    """Federated training in the simulation runtime, in this process; returns federation.json's summary.
+    """The run's job (settings.job; federated training by default) in the simulation runtime, in this process;
+    returns its result file (status.json's `result`: federation.json's summary for training).
 
     settings: the whole run (common/settings.py), e.g. `Settings.build("demo", {"federation.rounds": 5})`;
     the apps receive all of it as their run config, so nothing falls back to pyproject's values.
@@ -40,7 +41,7 @@ def run_federated_simulation(settings: Settings, *, num_supernodes: int = 3, cpu
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
-    from server.app import SUMMARY_FILE, make_server_app
+    from server.app import STATUS_FILE, make_server_app
 
     for k, v in FLOWER_ENV.items():
         os.environ.setdefault(k, v)
@@ -48,16 +49,17 @@ def run_federated_simulation(settings: Settings, *, num_supernodes: int = 3, cpu
     settings = absolute_paths(settings)   # Ray workers may not share this process's working directory
     out = Path(settings.output_dir)
     run_config = settings.to_run_config()
-    summary_path = out / SUMMARY_FILE
-    summary_path.unlink(missing_ok=True)
+    status_path = out / STATUS_FILE
+    status_path.unlink(missing_ok=True)
     run_simulation(server_app=make_server_app(run_config), client_app=make_client_app(run_config),
                    num_supernodes=num_supernodes, backend_config=backend_config(num_supernodes, cpus, cpus_per_client),
                    verbose_logging=verbose)
-    if not summary_path.is_file():
-        status = out / "status.json"
-        detail = json.loads(status.read_text()).get("message", "") if status.is_file() else ""
-        raise FedxrayError(f"the federated simulation ended without a result in {out}: {detail or 'see the log above'}")
-    return json.loads(summary_path.read_text())
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    result = out / str(status.get("result") or "")
+    if status.get("state") != "done" or not result.is_file():
+        raise FedxrayError(f"the federated simulation ended without a result in {out}: "
+                           f"{status.get('message') or 'see the log above'}")
+    return json.loads(result.read_text())
 
 
 def absolute_paths(settings: Settings) -> Settings:

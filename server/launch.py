@@ -133,9 +133,11 @@ class RunOutcome:
 
 
 def _outcome(rc: int, seconds: float, log: Path, output_dir: Path, cause: str = "") -> RunOutcome:
-    """Read status.json / federation.json; a run the ServerApp left 'starting'/'running' is marked failed."""
-    status_f, summary_f = output_dir / "status.json", output_dir / "federation.json"
+    """Read status.json and its `result` file (federation.json for training, server/jobs.py for the other jobs);
+    a run the ServerApp left 'starting'/'running' is marked failed."""
+    status_f = output_dir / "status.json"
     status = json.loads(status_f.read_text()) if status_f.is_file() else {}
+    summary_f = output_dir / str(status.get("result") or "federation.json")
     if status.get("state") != "done":
         cause = cause or _last_error(log) or f"flwr run exited with {rc}"
         if status.get("state") in (None, "starting", "running"):

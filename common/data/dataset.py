@@ -34,15 +34,15 @@ class XrayDataset(Dataset):
     def preload(self, prepared: dict | None = None) -> list[Exclusion]:
         """Decode and prepare every image now (progress bar); drop and record the ones that fail.
 
-        `prepared`: {sample key: (uint8 image, facts) or exclusion reason} from an earlier process
+        `prepared`: {sample key: (uint8 image, facts) or its Exclusion} from an earlier process
         (common/data/prepared_cache.py); those samples are not decoded again."""
         keep, excluded = [], []
         for pos, i in enumerate(tqdm(self.indices, desc=f"loading {self.name}", unit="img", leave=False,
                                      disable=True if not self.progress or len(self.indices) < 200 else None)):
             key = self.manifest.samples[i].key
             known = prepared.get(key) if prepared is not None else None
-            if isinstance(known, str):
-                excluded.append(Exclusion(key, known))
+            if isinstance(known, Exclusion):
+                excluded.append(known)
                 continue
             try:
                 if known is not None:
@@ -50,7 +50,7 @@ class XrayDataset(Dataset):
                 else:
                     img = self._prepare(i)
             except ImageError as e:
-                excluded.append(Exclusion(key, e.reason))
+                excluded.append(Exclusion(key, e.reason, e.code))
                 continue
             keep.append(pos)
             if self.cache_enabled:

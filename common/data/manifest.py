@@ -45,7 +45,9 @@ class Sample:
 @dataclass
 class Exclusion:
     key: str
-    reason: str
+    reason: str                    # for the hospital's own report: may name sizes, formats, library messages
+    code: str = "unusable_image"   # ImageError.code (corrupt, too_small, ...): the category statistics count
+
 
 
 @dataclass
@@ -70,7 +72,8 @@ class Manifest:
             px = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else max(float(arr.max()), 1.0))
             h, w = px.shape
             if min(h, w) < min_resolution:
-                raise ImageError(f"resolution {w}x{h} px is below the minimum of {min_resolution} px", path=sample.key)
+                raise ImageError(f"resolution {w}x{h} px is below the minimum of {min_resolution} px", path=sample.key,
+                                 code="too_small")
             return DecodedImage(px, w, h, "npz", 8, None)
         return read_image(self.root / sample.key, min_resolution=min_resolution)
 

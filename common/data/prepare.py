@@ -60,7 +60,7 @@ def build_datasets(manifest: Manifest, splits: dict[str, list[int]], cfg: Settin
         out[name] = ds
     if use_disk and prepared is None:
         items = {k: v for ds in out.values() for k, v in ds.prepared_items().items()}
-        prepared_cache.save(cache_dir, fp, items, {e.key: e.reason for e in manifest.excluded[excluded_before:]})
+        prepared_cache.save(cache_dir, fp, items, manifest.excluded[excluded_before:])
     return out
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data.manifest import Exclusion
 from common.fileio import write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def fingerprint(manifest, indices: list[int], preprocess: dict, min_resolution: 
     return h.hexdigest()[:32]
 
 
-def load(cache_dir: str | Path, fp: str) -> dict[str, tuple[torch.Tensor, dict] | str] | None:
-    """{sample key: (uint8 image, facts) or the reason it was excluded}, or None when there is no usable entry."""
+def load(cache_dir: str | Path, fp: str) -> dict[str, tuple[torch.Tensor, dict] | Exclusion] | None:
+    """{sample key: (uint8 image, facts) or why it was excluded}, or None when there is no usable entry."""
     entry = Path(cache_dir) / fp
     try:
         index = json.loads((entry / "index.json").read_text())
@@ -67,14 +68,16 @@ def load(cache_dir: str | Path, fp: str) -> dict[str, tuple[torch.Tensor, dict] 
         os.utime(entry)   # most recently used
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         return None
-    out: dict[str, tuple[torch.Tensor, dict] | str] = dict(index["excluded"])
+    codes = index.get("excluded_codes", {})
+    out: dict[str, tuple[torch.Tensor, dict] | Exclusion] = {
+        k: Exclusion(k, reason, codes.get(k, "unusable_image")) for k, reason in index["excluded"].items()}
     for row, (key, facts) in enumerate(zip(index["keys"], index["facts"])):
         out[key] = (torch.from_numpy(images[row]), facts)
     return out
 
 
 def save(cache_dir: str | Path, fp: str, prepared: dict[str, tuple[torch.Tensor, dict]],
-         excluded: dict[str, str]) -> Path | None:
+         excluded: list[Exclusion]) -> Path | None:
     """Write one entry atomically (a temporary folder renamed into place); a full disk only costs speed."""
     root = Path(cache_dir)
     try:
@@ -89,7 +92,8 @@ def save(cache_dir: str | Path, fp: str, prepared: dict[str, tuple[torch.Tensor,
 
         write_atomic(tmp / "images.npy", write_images)
         write_json(tmp / "index.json", {"format": FORMAT, "keys": keys, "facts": [prepared[k][1] for k in keys],
-                                        "excluded": excluded})
+                                        "excluded": {e.key: e.reason for e in excluded},
+                                        "excluded_codes": {e.key: e.code for e in excluded}})
         if (root / fp).exists():   # an entry `load` could not use (damaged): replaced
             shutil.rmtree(root / fp, ignore_errors=True)
         try:

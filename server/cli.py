@@ -239,6 +239,13 @@ def add_federation_commands(sub) -> None:
     r.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is stopped")
     r.set_defaults(func=_cmd_federation_run)
 
+    sa = fsub.add_parser("stats", help="every hospital's data statistics (counts per finding and split, views, "
+                                       "image sizes, exclusions; small counts suppressed by each hospital)")
+    add_settings_arguments(sa, data_help="hospital_* folders (default: the folder `up` was given)")
+    workdir_arg(sa)
+    sa.add_argument("--timeout", type=float, default=300.0, help="seconds before the job is stopped")
+    sa.set_defaults(func=_cmd_federation_stats)
+
     st = fsub.add_parser("status", help="the federation's processes, the nodes online and the runs")
     workdir_arg(st)
     st.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -261,6 +268,15 @@ def add_federation_commands(sub) -> None:
     dn = fsub.add_parser("down", help="stop exactly what `up` started (also after a crash)")
     workdir_arg(dn)
     dn.set_defaults(func=_cmd_federation_down)
+
+    ev = sub.add_parser("evaluate", help="cross-site evaluation on the federation: every hospital scores each "
+                                         "bundle on its own held-out patients -> bundle x hospital matrix")
+    ev.add_argument("--bundle", action="append", required=True, metavar="DIR",
+                    help="a model bundle folder (repeat for several, e.g. each local-only model and the global one)")
+    add_settings_arguments(ev, data_help="hospital_* folders (default: the folder `up` was given)")
+    workdir_arg(ev)
+    ev.add_argument("--timeout", type=float, default=600.0, help="seconds before the job is stopped")
+    ev.set_defaults(func=_cmd_evaluate)
 
 
 def _site_policies(values: list[str], hospitals: list[str]) -> dict[str, dict]:
@@ -307,19 +323,49 @@ def federation_settings(a, job: str, *layers: dict):
     return settings_from_args(a, every_hospital(len(state["hospitals"])), base, *layers)
 
 
-def _cmd_federation_run(a) -> int:
+def _submit_to_federation(a, settings) -> int:
+    """`federation run|stats` and `evaluate`: submit, stream, print the job's table and where its files are."""
     from common.errors import FedxrayError
+    from server.jobs import RESULT_FILES, format_result
     from server.progress import print_progress
     from server.standing import run
 
-    settings = federation_settings(a, "train", {"federation.rounds": a.rounds} if a.rounds else {})
     outcome = run(a.workdir, settings, timeout=a.timeout, on_line=None if a.quiet else print_progress)
     if not outcome.ok:
-        raise FedxrayError(f"the run did not finish: {outcome.failure()} (log: {outcome.log}); the same command "
-                           "resumes from the last checkpoint")
-    print(outcome.summary.get("table", ""))
-    print(f"\nbundle: {outcome.summary.get('bundle')}  ({outcome.seconds:.0f} s)")
+        again = "; the same command resumes from the last checkpoint" if settings.job == "train" else ""
+        raise FedxrayError(f"the {settings.job} run did not finish: {outcome.failure()} (log: {outcome.log}){again}")
+    print(format_result(outcome.summary))
+    out = Path(settings.output_dir)
+    if settings.job == "train":
+        print(f"\nbundle: {outcome.summary.get('bundle')}  ({outcome.seconds:.0f} s)")
+    else:
+        files = [RESULT_FILES[settings.job], *{"stats": ["stats.md"], "evaluate": ["crosssite.md", "crosssite.png"]}
+                 [settings.job]]
+        print(f"\n{', '.join(str(out / f) for f in files)}  ({outcome.seconds:.0f} s)")
     return 0
+
+
+def _cmd_federation_run(a) -> int:
+    rounds = {"federation.rounds": a.rounds} if a.rounds else {}
+    job = federation_settings(a, "train", rounds).job   # --set job=stats|evaluate works here too
+    return _submit_to_federation(a, federation_settings(a, job, rounds))
+
+
+def _cmd_federation_stats(a) -> int:
+    return _submit_to_federation(a, federation_settings(a, "stats", {"job": "stats"}))
+
+
+def _cmd_evaluate(a) -> int:
+    from common.bundle import CARD_FILE
+    from common.errors import FedxrayError
+
+    for b in a.bundle:
+        if not (Path(b) / CARD_FILE).is_file():
+            raise FedxrayError(f"--bundle {b}: not a model bundle (no model.json); `fedxray federation run` or "
+                               "`fedxray train` export one")
+    bundles = [str(Path(b).resolve()) for b in a.bundle]
+    return _submit_to_federation(a, federation_settings(a, "evaluate", {"job": "evaluate",
+                                                                       "crosssite.bundles": bundles}))
 
 
 def _cmd_federation_status(a) -> int:

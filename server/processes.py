@@ -38,26 +38,21 @@ class Proc:
         self.refresh()
 
     def record(self) -> dict:
-        """What `adopt` needs to find this very process again from another command (pid + creation time)."""
-        root = self.family.get(self.pid)
-        try:
-            created = root.create_time() if root is not None else None
-        except psutil.Error:
-            created = None
-        return {"name": self.name, "pid": self.pid, "created": created, "log": str(self.log)}
+        """What `adopt` needs to find this very process again from another command: pid + start time."""
+        return {"name": self.name, "pid": self.pid, "started": start_time(self.pid), "log": str(self.log)}
 
     @classmethod
     def adopt(cls, record: dict) -> "Proc":
-        """The recorded process, if it still runs AND is the same process (same creation time: a recycled pid
+        """The recorded process, if it still runs AND is the same process (same start time: a recycled pid
         is someone else's); else a Proc with an empty family, which counts as exited."""
         proc = cls(record["name"], None, Path(record["log"]), pid=int(record["pid"]))
-        try:
-            p = psutil.Process(proc.pid)
-            if record.get("created") is not None and abs(p.create_time() - float(record["created"])) < 0.01:
-                proc.family[proc.pid] = p
+        started = start_time(proc.pid)
+        if started is not None and started == record.get("started"):
+            try:
+                proc.family[proc.pid] = psutil.Process(proc.pid)
                 proc.refresh()
-        except psutil.Error:
-            pass
+            except psutil.Error:
+                pass
         return proc
 
     def refresh(self) -> None:
@@ -98,6 +93,20 @@ class Proc:
     @property
     def exited(self) -> bool:
         return self.poll() is not None
+
+
+def start_time(pid: int) -> str | None:
+    """When the process started, exactly and stably across commands: Linux's start time in clock ticks since
+    boot (/proc/PID/stat field 22). psutil's create_time() adds a boot time it re-derives in each process,
+    which was seen 1 s apart between two commands on one machine. Elsewhere: create_time() rounded to seconds."""
+    try:
+        return "ticks:" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        pass
+    try:
+        return f"s:{round(psutil.Process(pid).create_time())}"
+    except psutil.Error:
+        return None
 
 
 def start(name: str, cmd: list[str], env: dict, log_dir: Path, cwd: Path | None = None) -> Proc:

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
+from tests.inference_support import trained_bundle
 from tests.run_support import TINY
 
 
@@ -95,20 +96,26 @@ def test_down_stops_what_a_crashed_up_had_started(synth_root, flower_tmp):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_up_run_status_logs_down_on_loopback(synth_root, flower_tmp):
-    """The coordinator's day: `up` (TLS, SuperNode auth, 3 hospitals) returns with every node online; a second
-    `up` is refused; a run that needs a 4th hospital fails clearly and leaves the federation up; a 2-round run
-    streams its rounds and exports a bundle; `status` lists processes, nodes and runs; `logs` shows a
-    hospital's ClientApp log; `down` leaves no process."""
+def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, tmp_path_factory):
+    """The coordinator's day on 3 hospitals: `up` (TLS, SuperNode auth, hospital_1 with its own site policy)
+    returns with every node online; a second `up` is refused; `stats` reports counts with small ones suppressed
+    at each hospital's own threshold; a run that needs a 4th hospital fails clearly and leaves the federation up;
+    a 2-round run streams its rounds and exports a bundle; hospital_2 gets a new key; `evaluate` scores the
+    federated bundle and another one at every hospital (hospital_2 under its new key); `status` lists processes,
+    nodes and runs; `logs` shows a hospital's ClientApp log; `down` leaves no process."""
     from server.launch import flower_env
     from server.standing import state_path
 
     work = flower_tmp / "fed"
     env = flower_env(flower_tmp / "home")
+    policy = flower_tmp / "policy-hospital_1.toml"
+    policy.write_text("[disclosure]\nmin-count = 12\n")
     sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
+    other = trained_bundle(tmp_path_factory)   # a centralised bundle: 64 px, another hospital's data
     token = None
     try:
-        up = _fx("federation", "up", "--data", str(synth_root), "--workdir", str(work), env=env)
+        up = _fx("federation", "up", "--data", str(synth_root), "--workdir", str(work),
+                 "--site-policy", f"hospital_1={policy}", env=env)
         assert up.returncode == 0, up.stdout[-3000:]
         assert "3 of 3 hospitals online" in up.stdout and "SuperNode auth on" in up.stdout, up.stdout
         token = json.loads(state_path(work).read_text())["token"]
@@ -116,6 +123,14 @@ def test_up_run_status_logs_down_on_loopback(synth_root, flower_tmp):
 
         twice = _fx("federation", "up", "--data", str(synth_root), "--workdir", str(work), env=env)
         assert twice.returncode == 2 and "already up" in twice.stdout, twice.stdout
+
+        stats = _fx("federation", "stats", "--workdir", str(work), "--profile", "demo", *sets, env=env)
+        assert stats.returncode == 0, stats.stdout[-3000:]
+        result = json.loads((work / "results" / "stats" / "stats.json").read_text())
+        sites = result["hospitals"]
+        assert sorted(sites) == ["hospital_1", "hospital_2", "hospital_3"] and all(h["ok"] for h in sites.values())
+        assert sites["hospital_1"]["min_count"] == 12 and sites["hospital_2"]["min_count"] == 5
+        assert "| hospital_1 | train |" in stats.stdout and "<12" in stats.stdout, stats.stdout[-3000:]
 
         short = _fx("federation", "run", "--workdir", str(work), "--profile", "demo", "--rounds", "1", *sets,
                     "--set=federation.min_available_nodes=4", "--set=federation.node_wait_timeout=3", env=env)
@@ -129,11 +144,31 @@ def test_up_run_status_logs_down_on_loopback(synth_root, flower_tmp):
         assert "round 1/2 | 3 of 3 hospitals trained" in run.stdout and "round 2/2 | 3 of 3" in run.stdout
         assert (out / "bundle").is_dir() and json.loads((out / "status.json").read_text())["state"] == "done"
 
+        before = {n["site"]: n["node_id"] for n in json.loads(
+            _fx("federation", "status", "--workdir", str(work), "--json", env=env).stdout)["nodes"]}
+        rot = _fx("federation", "rotate-key", "--workdir", str(work), "hospital_2", env=env)
+        assert rot.returncode == 0 and "new key" in rot.stdout, rot.stdout[-2000:]
+        assert list(work.glob("certs/nodes/hospital_2.pub.retired-*"))
+
+        ev = _fx("evaluate", "--workdir", str(work), "--bundle", str(out / "bundle"), "--bundle", str(other),
+                 "--profile", "demo", *sets, env=env)
+        assert ev.returncode == 0, ev.stdout[-3000:]
+        matrix = json.loads((work / "results" / "evaluate" / "crosssite.json").read_text())
+        assert len(matrix["bundles"]) == 2
+        for b in matrix["bundles"]:
+            assert sorted(b["hospitals"]) == ["hospital_1", "hospital_2", "hospital_3"], b["hospitals"]
+            assert all(h["ok"] and h["num_examples"] > 0 for h in b["hospitals"].values()), b["hospitals"]
+        assert (work / "results" / "evaluate" / "crosssite.png").stat().st_size > 0
+        card = json.loads((out / "bundle" / "model.json").read_text())
+        assert "hospital_2" in json.dumps(card["extra"]["crosssite"])
+
         st = json.loads(_fx("federation", "status", "--workdir", str(work), "--json", env=env).stdout)
         assert st["up"] and all(p["running"] for p in st["processes"]) and len(st["processes"]) == 7
-        assert sorted(n["site"] for n in st["nodes"] if n["status"] == "online") == [
-            "hospital_1", "hospital_2", "hospital_3"]
-        assert [(r["job"], r["state"]) for r in st["runs"]] == [("train", "failed"), ("train", "done")]
+        online = {n["site"]: n["node_id"] for n in st["nodes"] if n["status"] == "online"}
+        assert sorted(online) == ["hospital_1", "hospital_2", "hospital_3"], st["nodes"]
+        assert online["hospital_2"] != before["hospital_2"] and online["hospital_1"] == before["hospital_1"]
+        assert [(r["job"], r["state"]) for r in st["runs"]] == [
+            ("stats", "done"), ("train", "failed"), ("train", "done"), ("evaluate", "done")]
         text = _fx("federation", "status", "--workdir", str(work), env=env).stdout
         assert "3 online" in text and "train     done" in text, text
 

@@ -91,10 +91,15 @@ def federate(settings, *, num_supernodes: int | None = None, synth: bool = False
                                       on_line=None if quiet else print_progress)
         if not outcome.ok:
             raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log})")
-        return outcome.summary
-    from server.federation import run_federated_simulation
+        summary = outcome.summary
+    else:
+        from server.federation import run_federated_simulation
 
-    return run_federated_simulation(settings, num_supernodes=n)
+        summary = run_federated_simulation(settings, num_supernodes=n)
+    from server.tracking import track_federated
+
+    track_federated(settings, summary, kind="federate")
+    return summary
 
 
 def federate_demo(data: str | Path = DEMO_DATA, out: str | Path = DEMO_OUT, *, rounds: int | None = None,
@@ -174,6 +179,9 @@ def run_launch_command(a) -> int:
     if not outcome.ok:
         raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log}); rerun the same "
                            "command to resume from the last checkpoint")
+    from server.tracking import track_federated
+
+    track_federated(settings, outcome.summary, kind="launch")
     print(outcome.summary.get("table", ""))
     print(f"\nbundle: {outcome.summary['bundle']}\nlogs: {outcome.log.parent}  ({outcome.seconds:.0f} s)")
     return 0

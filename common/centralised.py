@@ -9,16 +9,15 @@ from pathlib import Path
 from common.data.prepare import prepare_data
 from common.fileio import write_json
 from common.settings import Settings
+from common.tracking import Tracker
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_f1", "val_auc", "lr")   # of fit()'s history rows, to the tracker
 
 
 def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None = None,
                     compare_paper: bool = False) -> dict:
     """Train on one data source and write a run directory: metrics.json, the bundle, curves and ROC plots."""
-    from common.bundle import save_bundle
-    from common.metrics import SEED_PAPER, format_headline_table
-    from common.models import build_model
-    from common.plots import plot_per_finding_bars, plot_roc_curves, plot_training_curves
-    from common.training import evaluate, fit, make_criterion, make_loader, predict, resolve_device, seed_everything
+    from common.training import seed_everything
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -27,6 +26,20 @@ def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None 
     data = prepare_data(cfg, progress=progress)
     report = data.report()
     write_json(out / "data_report.json", report)
+    params = {**cfg.model_dump(mode="json"), "fingerprint": {"settings": cfg.fingerprint(), "data": data.fingerprint()}}
+    with Tracker(out, kind="train", name=run_id, tensorboard=out / "tensorboard", params=params,
+                 tags={"fedxray.run_id": run_id}) as tracker:
+        return _train(cfg, data, report, out, run_id, tracker, progress=progress, compare_paper=compare_paper)
+
+
+def _train(cfg: Settings, data, report: dict, out: Path, run_id: str, tracker: Tracker, *, progress: bool,
+           compare_paper: bool) -> dict:
+    from common.bundle import save_bundle
+    from common.metrics import SEED_PAPER, format_headline_table
+    from common.models import build_model
+    from common.plots import plot_per_finding_bars, plot_roc_curves, plot_training_curves
+    from common.training import evaluate, fit, make_criterion, make_loader, predict, resolve_device
+
     multilabel = cfg.train.loss == "bce"
     ds = data.datasets
     device = resolve_device(cfg.train.device)
@@ -38,7 +51,8 @@ def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None 
     test_loader = make_loader(ds["test"], cfg.train.batch_size * 2, shuffle=False)
     t0 = time.perf_counter()
     res = fit(model, train_loader, val_loader, cfg.train, data.findings, criterion=criterion, multilabel=multilabel,
-              freeze_backbone_epochs=cfg.model.freeze_backbone_epochs, progress=progress)
+              freeze_backbone_epochs=cfg.model.freeze_backbone_epochs, progress=progress,
+              on_epoch=lambda row: tracker.log(row["epoch"], {k: row[k] for k in EPOCH_METRICS}))
     train_seconds = time.perf_counter() - t0
     test = evaluate(model, test_loader, data.findings, criterion=criterion, thresholds=res.thresholds,
                     multilabel=multilabel, bootstrap=cfg.train.bootstrap, seed=cfg.train.seed)
@@ -60,6 +74,9 @@ def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None 
                "stopped_early": res.stopped_early, "validation": res.val_metrics, "test": test,
                "bundle": str(bundle_dir), "train_seconds": train_seconds, "data_report": report}
     write_json(out / "metrics.json", summary)
+    macro = test["macro"]
+    tracker.log(res.best_epoch, {"test_auc": macro["auc"], "test_f1": macro["f1"], "test_loss": test.get("loss")})
+    tracker.log_artifacts(bundle_dir, "bundle")
     summary["table"] = format_headline_table({"test (this run)": test}, title="Centralised - test split",
                                              reference=SEED_PAPER if compare_paper else None)
     return summary

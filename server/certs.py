@@ -108,6 +108,14 @@ def make_node_key(out: Path, name: str, force: bool = False) -> tuple[Path, Path
     return priv, pub
 
 
+def make_superexec_secret(out: Path, name: str, force: bool = False) -> Path:
+    """32 random bytes (0600) shared by one hospital's SuperNode and its warm SuperExec (`--superexec-auth-secret-file`,
+    read as raw bytes): what a container deployment uses where server/launch.py writes its own per launch."""
+    path = out / "superexec" / f"{name}.secret"
+    _write(path, os.urandom(32), True, force)
+    return path
+
+
 def make_signing_key(out: Path, name: str = "app-signer", force: bool = False) -> tuple[Path, Path]:
     """An Ed25519 OpenSSH key pair for signing FABs (what `--trusted-entities` checks): (private, public)."""
     key = ed25519.Ed25519PrivateKey.generate()
@@ -137,6 +145,9 @@ def add_commands(sub) -> None:
                         "always included")
     c.add_argument("--hospital", action="append", default=[], metavar="NAME",
                    help="write an OpenSSH ECDSA P-384 key pair for this hospital's SuperNode (repeatable)")
+    c.add_argument("--superexec-secrets", action="store_true",
+                   help="also write superexec/NAME.secret for each --hospital: the secret its SuperNode and its "
+                        "warm SuperExec (python -m fedxray.warm_exec) share (docker-compose.yml)")
     c.add_argument("--signing-key", action="store_true", help="write an Ed25519 app-signing key pair")
     c.add_argument("--no-tls", action="store_true", help="only node/signing keys (keep an existing CA)")
     c.add_argument("--days", type=int, default=825, help="certificate validity")
@@ -155,6 +166,8 @@ def _cmd_certs(a) -> int:
         priv, pub = make_node_key(out, name, a.force)
         print(f"{name}: {priv} (stays in the hospital: --auth-supernode-private-key)  {pub} (register: "
               f"flwr supernode register {pub} <connection>)")
+        if a.superexec_secrets:
+            print(f"{name}: {make_superexec_secret(out, name, a.force)} (its SuperNode and SuperExec only)")
     if a.signing_key:
         priv, pub = make_signing_key(out, force=a.force)
         print(f"app signing: {priv} (signer)  {pub} (hospitals list it in --trusted-entities)")

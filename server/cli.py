@@ -94,10 +94,16 @@ def federate(settings, *, num_supernodes: int | None = None, synth: bool = False
                                       on_line=None if quiet else print_progress)
         if not outcome.ok:
             raise FedxrayError(f"federated run did not finish: {outcome.failure()} (log: {outcome.log})")
-        return outcome.summary
-    from server.federation import run_federated_simulation
+        summary = outcome.summary
+    else:
+        from server.federation import run_federated_simulation
 
-    return run_federated_simulation(settings, num_supernodes=n)
+        summary = run_federated_simulation(settings, num_supernodes=n)
+    if settings.job == "train":   # the other jobs (server/jobs.py) train nothing to track
+        from server.tracking import track_federated
+
+        track_federated(settings, summary, kind="federate")
+    return summary
 
 
 def federate_demo(data: str | Path = DEMO_DATA, out: str | Path = DEMO_OUT, *, rounds: int | None = None,
@@ -181,6 +187,9 @@ def run_launch_command(a) -> int:
 
         print(format_result(outcome.summary))
         return 0
+    from server.tracking import track_federated
+
+    track_federated(settings, outcome.summary, kind="launch")
     print(outcome.summary.get("table", ""))
     print(f"\nbundle: {outcome.summary['bundle']}\nlogs: {outcome.log.parent}  ({outcome.seconds:.0f} s)")
     return 0
@@ -337,6 +346,9 @@ def _submit_to_federation(a, settings) -> int:
     print(format_result(outcome.summary))
     out = Path(settings.output_dir)
     if settings.job == "train":
+        from server.tracking import track_federated
+
+        track_federated(settings, outcome.summary, kind="federation")
         print(f"\nbundle: {outcome.summary.get('bundle')}  ({outcome.seconds:.0f} s)")
     else:
         files = [RESULT_FILES[settings.job], *{"stats": ["stats.md"], "evaluate": ["crosssite.md", "crosssite.png"]}

@@ -77,7 +77,8 @@ class SimulationConfig(Settings):
     seed: int = Field(42, description="partition and hospital splits (data.seed: the global split; train.seed: "
                                       "model initialisation and batch order), so training can be reseeded alone")
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for the CIs of the headline table")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="track each arm: TensorBoard event files, and an MLflow run when "
+                                                "MLflow is installed (common/tracking.py)")
     compare_paper: bool = Field(False, description="add the seed paper's reported ChestX-ray14 figures to the report")
     synthetic: SyntheticConfig | None = None
     federation: SimulationFederation = SimulationFederation()

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from common.metrics import HEADLINE, SEED_PAPER, SEED_PAPER_NAME, trivial_baseline
 from common.plots import plot_bars, plot_roc_curves, plot_series
+from common.tracking import MLRUNS, local_store_uri
 from simulations.store import REPORT_FILE, ResultStore, write_atomic
 
 HEAD_NAMES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "auc": "Macro AUC"}
@@ -242,4 +243,6 @@ def write_report(out: Path, results: dict, store: ResultStore) -> Path:
                                                    for n, a in others.items()] + [""]
     lines += privacy_utility(out, results)
     lines += ["TensorBoard: `tensorboard --logdir " + str(out / "tensorboard") + "`", ""]
+    if (out / MLRUNS).is_dir():
+        lines += ["MLflow: `mlflow ui --backend-store-uri " + local_store_uri(out) + "`", ""]
     return write_atomic(out / REPORT_FILE, "\n".join(lines))

@@ -15,13 +15,13 @@ from tqdm.auto import tqdm
 from common.data.sources import load_manifest
 from common.errors import FedxrayError
 from common.process_memory import PeakMemory
+from common.tracking import Tracker
 from common.training import seed_everything
 from simulations.arms import ARM_TYPES, ArmContext
 from simulations.config import ArmConfig, SimulationConfig
 from simulations.evaluation import Evaluator
 from simulations.protocol import PartitionSpec, Protocol, build_protocol
 from simulations.store import RESULTS_FILE, ResultStore, fingerprint, write_json
-from simulations.tracking import Tracker
 
 log = logging.getLogger(__name__)
 SYNTHETIC_MARKER = "synthetic.json"   # the [synthetic] settings the folder was written with
@@ -76,6 +76,16 @@ def _environment() -> dict:
     return {"python": platform.python_version(), "machine": platform.machine(), "packages": versions}
 
 
+def arm_tracker(cfg: SimulationConfig, exp, partition: str, spec: ArmConfig, fp: str) -> Tracker:
+    """One arm's run: TensorBoard under tensorboard/<partition>/<arm> (TensorBoard overlays the arms) and an
+    MLflow run in the experiment's store, both off with `tensorboard = false`."""
+    out = Path(cfg.output_dir)
+    return Tracker(out, kind="simulate", name=f"{partition}/{spec.name}", experiment=cfg.name,
+                   tensorboard=out / "tensorboard" / partition / spec.name if cfg.tensorboard else None,
+                   mlflow=cfg.tensorboard, params={**exp.model_dump(mode="json"), "arm": spec.model_dump(mode="json")},
+                   tags={"fedxray.partition": partition, "fedxray.arm": spec.name, "fedxray.arm_fingerprint": fp})
+
+
 def run_partition(cfg: SimulationConfig, proto: Protocol, store: ResultStore, arms, *, progress: bool) -> dict:
     """All arms on one partition; returns {arm label: status line} for the console."""
     out, name = Path(cfg.output_dir), proto.spec.name
@@ -94,7 +104,7 @@ def run_partition(cfg: SimulationConfig, proto: Protocol, store: ResultStore, ar
         evaluator = evaluator or Evaluator(proto, exp, bootstrap=cfg.bootstrap, seed=cfg.seed)
         workdir = out / "work" / name / spec.name
         workdir.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(out, name, spec.name, cfg.tensorboard, experiment=cfg.name)
+        tracker = arm_tracker(cfg, exp, name, spec, fp)
         ctx = ArmContext(cfg, exp, proto, evaluator, workdir, tracker, progress)
         seed_everything(exp.train.seed, exp.train.num_threads)
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -336,45 +335,7 @@ def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, t
     assert ev.content["metrics"]["num-examples"] == len(load_node_data(ctx.node_config, settings).datasets["test"])
 
 
-def test_docker_compose_runs_the_launchers_commands_secure_by_default():
-    """docker-compose.yml cannot run here: keep it identical to what the tested launcher starts (TLS and
-    SuperNode authentication, built by the same Security flags), each hospital seeing only its own key and data,
-    nothing published but the API on loopback, and the API needing a key."""
-    import yaml
-
-    from server.certs import TlsFiles
-    from server.launch import superlink_command, supernode_command
-    from server.security import Security
-
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    services = compose["services"]
-    sec = Security(tls=TlsFiles(Path("/certs/ca.crt"), Path("/certs/superlink.crt"), Path("/certs/superlink.key")),
-                   supernode_auth=True, node_keys={f"hospital_{k}": Path("/certs/node.key") for k in (1, 2, 3)})
-    assert services["superlink"]["command"] == superlink_command("0.0.0.0", 9091, "/flwr/state.db",
-                                                                 sec.superlink_args())
-    assert "--insecure" not in yaml.safe_dump(compose)
-    for k in (1, 2, 3):
-        svc = services[f"hospital-{k}"]
-        # a container runs one process: Flower's own SuperExec inside the SuperNode (fedxray/warm_exec.py is the
-        # launcher's second process per hospital)
-        assert svc["command"] == supernode_command("superlink:9091", 9094, "/data/hospital", f"hospital_{k}",
-                                                   sec.supernode_args(f"hospital_{k}"), executor="subprocess")
-        assert sorted(svc["volumes"]) == sorted([
-            "./certs/ca.crt:/certs/ca.crt:ro", f"./certs/nodes/hospital_{k}:/certs/node.key:ro",
-            f"./data/synth/hospital_{k}:/data/hospital:ro"])
-    published = {name: svc["ports"] for name, svc in services.items() if "ports" in svc}
-    assert published == {"serve": ["127.0.0.1:8000:8000"]}
-    assert "FEDXRAY_API_KEY:?" in services["serve"]["environment"]["FEDXRAY_API_KEY"]
-    assert services["certs"]["command"][:3] == ["certs", "--out", "/certs"]
-    docker_rc = tomllib.loads((REPO / "docker" / "run-config.toml").read_text())
-    s = Settings.from_run_config(docker_rc)
-    assert s.federation.server_data_path == "/data/holdout" and s.federation.min_available_nodes == 3
-    assert "./data/synth/holdout:/data/holdout:ro" in services["superlink"]["volumes"]
-    connection = (REPO / "docker" / "connection.sh").read_text()
-    assert 'root-certificates = "/certs/ca.crt"' in connection and "insecure" not in connection
-    for script in ("submit.sh", "register.sh"):
-        assert ". /app/docker/connection.sh" in (REPO / "docker" / script).read_text()
-    assert "certs" in (REPO / ".dockerignore").read_text().split()      # keys never baked into the image
+# docker-compose.yml: tests/test_compose.py
 
 
 # ------------------------------------------------------------------------------------------------ runtimes

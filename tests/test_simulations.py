@@ -2,6 +2,7 @@
 (every output file, numbers read back and cross-checked), and resume after an interrupted arm."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -252,6 +253,17 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
     ea = EventAccumulator(str(out / "tensorboard" / "iid" / "fedavg"))
     ea.Reload()
     assert [round(e.value, 5) for e in ea.Scalars("val_auc")] == [round(r["val_auc"], 5) for r in fed["rounds"]]
+    # and so does MLflow, when installed (common/tracking.py): one run per arm in the experiment's local store
+    if importlib.util.find_spec("mlflow") is not None:
+        from mlflow.tracking import MlflowClient
+
+        from common.tracking import local_store_uri
+
+        client = MlflowClient(tracking_uri=local_store_uri(out))
+        runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])}
+        assert {"iid/centralised", "iid/fedavg"} <= set(runs) and runs["iid/fedavg"].data.tags["fedxray.kind"] == "simulate"
+        history = sorted(client.get_metric_history(runs["iid/fedavg"].info.run_id, "val_auc"), key=lambda m: m.step)
+        assert [(m.step, round(m.value, 5)) for m in history] == [(r["round"], round(r["val_auc"], 5)) for r in fed["rounds"]]
 
     # partition: auditable, no patient in two places, hospitals' train = what centralised pooled
     part = json.loads((out / "partitions" / "iid.json").read_text())

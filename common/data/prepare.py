@@ -5,6 +5,8 @@ arm sees identically prepared images.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,12 @@ class PreparedData:
 
     def report(self) -> dict:
         return data_report(self.manifest, {k: ds.indices for k, ds in self.datasets.items()})
+
+    def fingerprint(self) -> str:
+        """Which images each split holds (a hash of the sample keys per split, after exclusions): two runs with
+        equal fingerprints trained and were scored on the same images."""
+        members = {k: sorted(self.manifest.samples[i].key for i in ds.indices) for k, ds in self.datasets.items()}
+        return hashlib.sha256(json.dumps(members, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_datasets(manifest: Manifest, splits: dict[str, list[int]], cfg: Settings, *,

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from common.settings import Settings
+from common.tracking import Tracker
 from simulations.config import ArmConfig, SimulationConfig
 from simulations.evaluation import Evaluator, Scored
 from simulations.protocol import Protocol
-from simulations.tracking import Tracker
 
 ARM_TYPES: dict[str, ArmType] = {}
 

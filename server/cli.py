@@ -333,9 +333,10 @@ def federation_settings(a, job: str, *layers: dict):
 
 
 def _submit_to_federation(a, settings) -> int:
-    """`federation run|stats` and `evaluate`: submit, stream, print the job's table and where its files are."""
+    """`federation run|stats` and `evaluate`: submit, stream, print the job's table and where its files are.
+    The tables are the ones the ServerApp wrote (federation.json's table, stats.md, crosssite.md): printing them
+    needs no import of the jobs' code (seconds of torch and matplotlib) before or after the run."""
     from common.errors import FedxrayError
-    from server.jobs import RESULT_FILES, format_result
     from server.progress import print_progress
     from server.standing import run
 
@@ -343,17 +344,18 @@ def _submit_to_federation(a, settings) -> int:
     if not outcome.ok:
         again = "; the same command resumes from the last checkpoint" if settings.job == "train" else ""
         raise FedxrayError(f"the {settings.job} run did not finish: {outcome.failure()} (log: {outcome.log}){again}")
-    print(format_result(outcome.summary))
     out = Path(settings.output_dir)
     if settings.job == "train":
         from server.tracking import track_federated
 
         track_federated(settings, outcome.summary, kind="federation")
+        print(outcome.summary.get("table", ""))
         print(f"\nbundle: {outcome.summary.get('bundle')}  ({outcome.seconds:.0f} s)")
-    else:
-        files = [RESULT_FILES[settings.job], *{"stats": ["stats.md"], "evaluate": ["crosssite.md", "crosssite.png"]}
-                 [settings.job]]
-        print(f"\n{', '.join(str(out / f) for f in files)}  ({outcome.seconds:.0f} s)")
+        return 0
+    tables = {"stats": ["stats.md"], "evaluate": ["crosssite.md", "crosssite.png"]}[settings.job]
+    print((out / tables[0]).read_text())
+    files = [outcome.status.get("result"), *tables]
+    print(f"\n{', '.join(str(out / f) for f in files if f)}  ({outcome.seconds:.0f} s)")
     return 0
 
 

@@ -332,8 +332,11 @@ class LocalFederation:
         overrides = write_run_config(self.workdir / "run-config.toml", settings.to_run_config())
         log = self.logs / "run.log"
         link = self.superlink
-        rc, secs = flwr_run(app or self.app_dir, [self.connection, "--run-config", str(overrides)],
-                            flower_env(self.cli_home), log, timeout, on_line=on_line, watch=self.procs,
+        from server.appsign import stage_app
+
+        app = app or stage_app(self.app_dir, self.workdir / "app")   # `flwr run` builds its FAB in ms, not s
+        rc, secs = flwr_run(app, [self.connection, "--run-config", str(overrides)],
+                            self._env(self.cli_home), log, timeout, on_line=on_line, watch=self.procs,
                             give_up=lambda: link is not None and link.exited)
         out = Path(settings.output_dir)
         cause = ""
@@ -386,7 +389,9 @@ def run_flwr_simulation(settings: Settings, *, num_supernodes: int, workdir: str
     overrides = write_run_config(workdir / "run-config.toml", settings.to_run_config())
     log = logs / "run.log"
     try:
-        rc, secs = flwr_run(app_dir, ["--run-config", str(overrides), "--federation-config",
+        from server.appsign import stage_app
+
+        rc, secs = flwr_run(stage_app(app_dir, workdir / "app"), ["--run-config", str(overrides), "--federation-config",
                                       f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"],
                             env, log, timeout, on_line=on_line)
     finally:

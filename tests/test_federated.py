@@ -411,10 +411,40 @@ def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
         assert "resuming from" in second.stdout and "2 of 3 rounds done" in second.stdout
         summary = _check_result(out, 3, 3)
         assert len(summary["provenance"]["federation"]["run_ids"]) == 2
+        _assert_federate_tracked(out, summary)
     finally:
         import shutil
 
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _assert_federate_tracked(out: Path, summary: dict) -> None:
+    """Each `fedxray federate` is one MLflow run (server/tracking.py, when MLflow is installed): the resumed
+    one holds every round's global metrics as federation.json has them, its tags name both Flower runs, and its
+    bundle artifact is the bundle (the weights the card's sha256 names)."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return   # tests/test_tracking.py: runs without MLflow
+    from common.bundle import CARD_FILE, WEIGHTS_FILE, sha256_file
+    from common.tracking import EXPERIMENT, local_store_uri
+
+    client = MlflowClient(tracking_uri=local_store_uri(out))
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], order_by=["start_time"])
+    assert [r.data.tags["fedxray.kind"] for r in runs] == ["federate", "federate"]
+    last = runs[-1]
+    for metric, split, key in (("val_auc", "val", "auc"), ("val_f1", "val", "f1"), ("test_auc", "test", "auc")):
+        logged = {m.step: m.value for m in client.get_metric_history(last.info.run_id, metric)}
+        assert logged == {h["round"]: pytest.approx(h["global"][split][key]) for h in summary["history"]}, metric
+    assert {m.step: m.value for m in client.get_metric_history(last.info.run_id, "hospitals_trained")} == {
+        1: 3.0, 2: 3.0, 3: 3.0}
+    assert last.data.tags["flower.run_id"] == ",".join(map(str, summary["provenance"]["federation"]["run_ids"]))
+    assert last.data.tags["fedxray.best_round"] == str(summary["best_round"])
+    assert last.data.params["federation.rounds"] == "3"
+    names = {Path(a.path).name for a in client.list_artifacts(last.info.run_id, "bundle")}
+    assert names == {CARD_FILE, WEIGHTS_FILE}, names
+    weights = Path(client.download_artifacts(last.info.run_id, f"bundle/{WEIGHTS_FILE}"))
+    assert sha256_file(weights) == json.loads((out / "bundle" / CARD_FILE).read_text())["weights"]["sha256"]
 
 
 @pytest.mark.slow
@@ -437,9 +467,9 @@ def test_simulation_runtime_flwr_run(synth_root, flower_tmp):
 def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synth_root, flower_tmp):
     """`fedxray launch` on the deployment runtime - TLS, SuperNode authentication, a signed app, float16
     weights on the wire, a --workdir that does not exist yet - streams one progress line per round. The SuperLink
-    is killed after round 2: the launcher ends at once, says so, and status.json says failed with the cause.
+    is killed after round 1: the launcher ends at once, says so, and status.json says failed with the cause.
     The same command again resumes from the checkpoint (keys re-registered on the restarted SuperLink): every
-    round 0-3 exactly once, in two Flower runs. A process that merely names the work folder is not ours and is
+    round 0-2 exactly once, in two Flower runs. A process that merely names the work folder is not ours and is
     left alone."""
     import signal
     import threading
@@ -453,7 +483,7 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
 
     out, work, certs = flower_tmp / "out", flower_tmp / "not" / "there" / "yet", flower_tmp / "certs"
     key, _ = make_signing_key(certs)
-    args = ["-m", "fedxray", "launch", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--rounds", "3", "--workdir",
+    args = ["-m", "fedxray", "launch", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--rounds", "2", "--workdir",
             str(work), "--certs", str(certs), "--supernode-auth", "--sign-with", str(key), "--timeout", "500",
             *[f"--set={k}={json.dumps(v)}" for k, v in TINY.items()], "--set=federation.fp16=true",
             "--set=federation.node_wait_timeout=60.0", "--set=federation.fraction_evaluate=0.0", "--set=federation.min_evaluate_nodes=0"]
@@ -468,7 +498,7 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
         status = out / "status.json"
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and first.poll() is None:   # the progress line, as an operator sees it
-            if "round 2/3 | 3 of 3 hospitals trained" in "".join(lines):
+            if "round 1/2 | 3 of 3 hospitals trained" in "".join(lines):
                 break
             time.sleep(0.5)
         links = pids_with_arg(str(work / "superlink" / "state.db"), zombies=False)
@@ -480,25 +510,25 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
         reader.join(timeout=10)
         text = "".join(lines)
         assert first.returncode == 2 and time.monotonic() - killed_at < 100, text[-3000:]
-        assert "round 1/3 | 3 of 3 hospitals trained" in text and "round 2/3 | 3 of 3 hospitals trained" in text
+        assert "round 1/2 | 3 of 3 hospitals trained" in text and "round 2/2" not in text
         assert "the SuperLink exited" in text and "rerun the same command to resume" in text, text[-2000:]
         failed = json.loads(status.read_text())
         assert failed["state"] == "failed" and "the SuperLink exited" in failed["message"], failed
 
         second = _run_cli(args, REPO, env, 500)
         assert second.returncode == 0, second.stdout[-3000:]
-        assert "round 3/3 | 3 of 3 hospitals trained" in second.stdout and "round 1/3" not in second.stdout
+        assert "round 2/2 | 3 of 3 hospitals trained" in second.stdout and "round 1/2" not in second.stdout
     finally:
         stop_tree(first.pid, grace=5)
         alive = bystander.poll() is None
         bystander.kill()
     assert alive, "the launcher stopped a process that only named its work folder"
-    summary = _check_result(out, 3, 3, evaluated=False)   # hospitals' own evaluation: elsewhere
+    summary = _check_result(out, 2, 3, evaluated=False)   # hospitals' own evaluation: elsewhere
     fed = summary["provenance"]["federation"]
     assert len(fed["run_ids"]) == 2 and fed["runtime"] != "InMemoryGrid" and fed["fp16_transfer"] is True
     assert set(fed["nodes"]) == {"hospital_1", "hospital_2", "hospital_3"}
     fp32 = record_bytes(state_to_record(build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)))
-    per_client = summary["history"][3]["bytes_per_client"]
+    per_client = summary["history"][2]["bytes_per_client"]
     assert per_client["down"] < 0.55 * fp32 and per_client["up"] < 0.55 * fp32
     assert not pids_with_arg(str(work / "superlink")), "launcher left processes running"
     for k in (1, 2, 3):   # every task started warm (fedxray/warm_exec.py) and read the node's prepared images

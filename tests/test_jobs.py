@@ -222,20 +222,6 @@ def test_evaluate_job_scores_each_bundle_on_each_hospitals_test_split(synth_root
     _no_identifying(synth_root, out)
 
 
-@pytest.mark.integration
-def test_fedxray_federate_runs_a_job_and_prints_its_table(synth_root, tmp_path, capsys):
-    from fedxray.cli import main
-    from server.jobs import format_stats_table
-
-    out = tmp_path / "cli"
-    assert main(["federate", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--supernodes", "3",
-                 "--quiet", "--set", "job=stats", "--set", "preprocess.image_size=32"]) == 0
-    stats = json.loads((out / "stats.json").read_text())
-    assert json.loads((out / "status.json").read_text())["result"] == "stats.json"
-    printed = capsys.readouterr().out
-    assert format_stats_table(stats) in printed and "bundle:" not in printed
-
-
 def test_evaluate_job_needs_bundles_named_in_the_run_config():
     from common.errors import SettingsError
 

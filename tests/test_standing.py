@@ -33,65 +33,33 @@ def _fx(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProc
 
 
 def _left(work, token: str, bystander: int = 0) -> list[str]:
+    """What of the federation is still running: by its token, or naming its work folder on a command line."""
     from server.processes import describe, pids_with_arg, pids_with_token
 
     return [describe(pid) for pid in {*pids_with_token(token), *pids_with_arg(str(work), zombies=False)} - {bystander}]
 
 
+def _assert_tracked(out) -> None:
+    """The run's MLflow record (server/tracking.py, when MLflow is installed): params, and per round the same
+    validation AUC as federation.json's history, read back through MLflow's own client."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return   # tests/test_tracking.py says how runs behave without it
+    from common.tracking import EXPERIMENT, local_store_uri
+
+    client = MlflowClient(tracking_uri=local_store_uri(out))
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert [r.data.tags["fedxray.kind"] for r in runs] == ["federation"]
+    history = json.loads((out / "federation.json").read_text())["history"]
+    logged = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "val_auc")}
+    assert logged == {h["round"]: pytest.approx(h["global"]["val"]["auc"]) for h in history}
+    assert runs[0].data.params["federation.rounds"] == "2"
+
+
 @pytest.fixture
 def flower_tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("flower")
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_down_stops_what_a_crashed_up_had_started(synth_root, flower_tmp):
-    """`up` killed (SIGKILL) half-way through starting: its record already names what it started, and `down`
-    stops exactly that - nodes and SuperExecs included - while a process that merely names the work folder is
-    someone else's and survives."""
-    from server.launch import flower_env
-    from server.standing import state_path
-
-    work = flower_tmp / "fed"
-    env = flower_env(flower_tmp / "home")
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(work)])
-    caller = subprocess.Popen([sys.executable, "-m", "fedxray", "federation", "up", "--data", str(synth_root),
-                               "--workdir", str(work)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    token = None
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                state = json.loads(state_path(work).read_text())
-            except (OSError, ValueError):
-                state = {}
-            if len(state.get("processes", [])) >= 3:   # the SuperLink, then the first hospital's node and SuperExec
-                token = state["token"]
-                break
-            time.sleep(0.2)
-        assert token, "up never recorded its processes"
-        caller.send_signal(signal.SIGKILL)
-        caller.wait(timeout=10)
-        recorded = [p["pid"] for p in json.loads(state_path(work).read_text())["processes"]]
-        assert any(psutil.pid_exists(pid) for pid in recorded), "nothing outlived the crashed caller: no test"
-
-        st = _fx("federation", "status", "--workdir", str(work), "--json", env=env)
-        assert st.returncode == 0 and any(p["running"] for p in json.loads(st.stdout)["processes"]), st.stdout
-        res = _fx("federation", "down", "--workdir", str(work), env=env)
-        assert res.returncode == 0 and "stopped" in res.stdout and "superlink" in res.stdout, res.stdout
-        assert not _left(work, token, bystander.pid), _left(work, token, bystander.pid)
-        assert bystander.poll() is None, "down stopped a process that only named its work folder"
-        again = _fx("federation", "down", "--workdir", str(work), env=env)
-        assert again.returncode == 0 and "nothing was running" in again.stdout, again.stdout
-    finally:
-        caller.kill()
-        bystander.kill()
-        bystander.wait()
-        if token and _left(work, token):
-            from server.standing import down
-
-            down(work)
 
 
 @pytest.mark.slow
@@ -102,7 +70,10 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
     at each hospital's own threshold; a run that needs a 4th hospital fails clearly and leaves the federation up;
     a 2-round run streams its rounds and exports a bundle; hospital_2 gets a new key; `evaluate` scores the
     federated bundle and another one at every hospital (hospital_2 under its new key); `status` lists processes,
-    nodes and runs; `logs` shows a hospital's ClientApp log; `down` leaves no process."""
+    nodes and runs; `logs` shows a hospital's ClientApp log. Then the caller of a run is killed (SIGKILL) while
+    the hospitals train: `down` still stops everything - the run's ServerApp and ClientApps and the `flwr run`
+    stream, each a child of a process that is gone - and leaves alone a process that merely names the work
+    folder."""
     from server.launch import flower_env
     from server.standing import state_path
 
@@ -112,6 +83,7 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
     policy.write_text("[disclosure]\nmin-count = 12\n")
     sets = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()]
     other = trained_bundle(tmp_path_factory)   # a centralised bundle: 64 px, another hospital's data
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", str(work)])
     token = None
     try:
         up = _fx("federation", "up", "--data", str(synth_root), "--workdir", str(work),
@@ -133,7 +105,7 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
         assert "| hospital_1 | train |" in stats.stdout and "<12" in stats.stdout, stats.stdout[-3000:]
 
         short = _fx("federation", "run", "--workdir", str(work), "--profile", "demo", "--rounds", "1", *sets,
-                    "--set=federation.min_available_nodes=4", "--set=federation.node_wait_timeout=3", env=env)
+                    "--set=federation.min_available_nodes=4", "--set=federation.node_wait_timeout=1", env=env)
         assert short.returncode == 2 and "only 3 of the 4 SuperNodes" in short.stdout, short.stdout[-3000:]
 
         out = flower_tmp / "out"
@@ -143,6 +115,7 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
         assert run.returncode == 0, run.stdout[-3000:]
         assert "round 1/2 | 3 of 3 hospitals trained" in run.stdout and "round 2/2 | 3 of 3" in run.stdout
         assert (out / "bundle").is_dir() and json.loads((out / "status.json").read_text())["state"] == "done"
+        _assert_tracked(out)
 
         before = {n["site"]: n["node_id"] for n in json.loads(
             _fx("federation", "status", "--workdir", str(work), "--json", env=env).stdout)["nodes"]}
@@ -172,15 +145,47 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
         text = _fx("federation", "status", "--workdir", str(work), env=env).stdout
         assert "3 online" in text and "train     done" in text, text
 
+        from common.audit import files_under, find_identifying, identifying_strings
+
+        secrets_ = set().union(*(identifying_strings(p) for p in synth_root.glob("hospital_*")))
+        server_side = files_under(work / "results", out, work / "logs" / "superlink.log", work / "logs" / "run.log")
+        assert {"stats.json", "crosssite.json", "federation.json"} <= {f.name for f in server_side}
+        assert not find_identifying(secrets_, server_side)
+
         logs = _fx("federation", "logs", "--workdir", str(work), "superexec-hospital_2", "-n", "400", env=env)
         assert logs.returncode == 0 and "first training step" in logs.stdout, logs.stdout[-2000:]
 
+        from server.processes import pids_with_token
+
+        node_log = work / "logs" / "superexec-hospital_1.log"
+        started = node_log.read_text().count("first training step")
+        caller = subprocess.Popen([sys.executable, "-m", "fedxray", "federation", "run", "--workdir", str(work),
+                                   "--profile", "demo", "--rounds", "2", "--out", str(flower_tmp / "crashed"), *sets],
+                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120   # until hospital_1 trains in this run
+        while time.monotonic() < deadline and node_log.read_text().count("first training step") == started:
+            time.sleep(0.5)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=10)
+        mid_run = []
+        for pid in pids_with_token(token):
+            try:
+                mid_run.append(" ".join(psutil.Process(pid).cmdline()[:3]))
+            except psutil.Error:
+                pass
+        assert any("flwr run" in c for c in mid_run) and any("serverapp" in c for c in mid_run), mid_run
+
         down = _fx("federation", "down", "--workdir", str(work), env=env)
         assert down.returncode == 0 and "stopped" in down.stdout, down.stdout
-        assert not _left(work, token), _left(work, token)
+        assert not _left(work, token, bystander.pid), _left(work, token, bystander.pid)
+        assert bystander.poll() is None, "down stopped a process that only named its work folder"
         gone = _fx("federation", "status", "--workdir", str(work), env=env)
         assert "no federation is up" in gone.stdout, gone.stdout
+        again = _fx("federation", "down", "--workdir", str(work), env=env)
+        assert again.returncode == 0 and "nothing was running" in again.stdout, again.stdout
     finally:
+        bystander.kill()
+        bystander.wait()
         if token and _left(work, token):
             from server.standing import down
 

@@ -1,7 +1,9 @@
 """Run tracking (common/tracking.py): `fedxray train` and `fedxray federate` leave an MLflow run (params = the
 flattened settings + fingerprints, per-epoch / per-round metrics, the bundle as an artifact) in <out>/mlruns
 beside TensorBoard's event files; without MLflow the runs work and say once how to enable it; a store that
-cannot be written never fails a run. (`fedxray simulate`'s tracking: tests/test_simulations.py's end to end.)"""
+cannot be written never fails a run. `fedxray federate`'s record is checked by tests/test_federated.py's
+resume test, `fedxray federation run`'s by tests/test_standing.py, `fedxray simulate`'s by
+tests/test_simulations.py's end to end: each on a run those tests make anyway.)"""
 from __future__ import annotations
 
 import json
@@ -83,33 +85,6 @@ def test_train_logs_params_epoch_metrics_and_the_bundle_to_mlflow(synth_root, tm
     assert run.data.tags["fedxray.run_id"] == summary["run_id"]
     _assert_bundle_artifact(client, run, Path(summary["bundle"]))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-
-
-@pytest.mark.integration
-def test_federate_logs_params_round_metrics_and_the_bundle_to_mlflow(synth_root, tmp_path, monkeypatch):
-    """`fedxray federate`'s path (server/cli.federate), in-process simulation, 2 rounds, 2 hospitals."""
-    _mlflow()
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
-    from server.cli import every_hospital, federate
-
-    out = tmp_path / "fed"
-    settings = Settings.build("demo", TINY, every_hospital(2), {
-        "data.path": str(synth_root), "output_dir": str(out), "federation.rounds": 2,
-        "federation.node_wait_timeout": 60.0, "federation.round_timeout": 300.0})
-    summary = federate(settings, num_supernodes=2, quiet=True)
-    client, run = _only_run(out, "federate")
-    _assert_settings_params(run, settings)
-    for k, key in (("val_auc", "auc"), ("val_f1", "f1"), ("test_auc", "auc")):
-        split = k.split("_")[0]
-        assert _steps(client, run, k) == {h["round"]: pytest.approx(h["global"][split][key])
-                                          for h in summary["history"]}, k
-    assert set(_steps(client, run, "val_auc")) == {0, 1, 2}
-    assert _steps(client, run, "hospitals_trained") == {1: 2.0, 2: 2.0}
-    assert run.data.tags["flower.run_id"] == ",".join(map(str, summary["provenance"]["federation"]["run_ids"]))
-    assert run.data.tags["flower.run_id"] not in ("", "0")
-    assert run.data.tags["fedxray.best_round"] == str(summary["best_round"])
-    _assert_bundle_artifact(client, run, Path(summary["bundle"]))
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_without_mlflow_runs_work_and_say_once_how_to_enable_it(synth_root, tmp_path, monkeypatch, caplog):

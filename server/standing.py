@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "federation-state.json"
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+OTHER_NODE = "(joined by itself)"   # a node `up` did not start: a hospital's own SuperNode that joined by itself
 
 
 def _now() -> str:
@@ -123,7 +124,7 @@ def nodes(fed: LocalFederation, timeout: float = 60.0) -> list[dict]:
         log = fed.logs / f"supernode-{name}.log"
         for node_id in NODE_ID.findall(log.read_text(errors="replace")) if log.is_file() else []:
             sites[node_id] = name   # every id the node ever had (a rotated key gives it a new one)
-    return [{"site": sites.get(n["node-id"], "?"), "node_id": n["node-id"], "status": n["status"],
+    return [{"site": sites.get(n["node-id"], OTHER_NODE), "node_id": n["node-id"], "status": n["status"],
              "online_s": n.get("online-elapsed")} for n in listed]
 
 

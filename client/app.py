@@ -29,7 +29,8 @@ from client.privacy import RoundPrivacy, dp_trainable, is_pretrained, unwrap
 from common.settings import Settings
 from common.errors import DataError
 from common.models import build_model, set_trainable
-from common.training import evaluate, make_criterion, make_loader, make_optimizer, seed_everything, train_epoch
+from common.training import (evaluate, make_criterion, make_loader, make_optimizer, model_device, resolve_device,
+                             seed_everything, train_epoch)
 
 
 def _num(x: Any) -> float:
@@ -47,7 +48,7 @@ def _setup(msg: Message, context: Context, overrides: dict | None):
     model = build_model(settings.network.model_copy(update={"weights": "none"}), len(data.findings),
                         settings.preprocess.channels)
     load_record(model, to_fp32(msg.content["arrays"]))
-    return settings, config, data, model
+    return settings, config, data, model.to(resolve_device(settings.train.device))   # the hospital's GPU if any
 
 
 def _process_age() -> float:
@@ -102,7 +103,7 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
             return _refuse(msg, data, refusal)
     if dp is not None and not dp.allowed():  # this round would break the run's own budget: do not train
         return Message(dp.decline(data.site), reply_to=msg)
-    criterion = make_criterion(settings.train, ds["train"].labels)
+    criterion = make_criterion(settings.train, ds["train"].labels).to(model_device(model))
     loader = make_loader(ds["train"], settings.train.batch_size, shuffle=True, seed=seed, drop_last=True)
     if dp is not None:   # privacy.trainable: e.g. only the last block + head of a pretrained model
         set_trainable(model, dp_trainable(settings.privacy, is_pretrained(settings.model.weights)))
@@ -151,7 +152,7 @@ def evaluate_local(msg: Message, context: Context, overrides: dict | None = None
         raise DataError("this hospital keeps no patients out of training (federation.local_split=train), so it "
                         "cannot evaluate: set federation.fraction_evaluate=0 or another federation.local_split",
                         failure="run-config")
-    criterion = make_criterion(settings.train)
+    criterion = make_criterion(settings.train).to(model_device(model))
     val = evaluate(model, make_loader(ds["val"], bs, shuffle=False), data.findings,
                    tune=settings.train.threshold_method, multilabel=data.multilabel)
     thr = [val["per_finding"][f]["threshold"] for f in data.findings]

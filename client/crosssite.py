@@ -27,7 +27,7 @@ from common.arrays import load_record, to_fp32
 from common.errors import DataError
 from common.models import build_model
 from common.settings import ModelConfig, PreprocessConfig, Settings
-from common.training import evaluate, make_loader
+from common.training import evaluate, make_loader, resolve_device
 
 BUNDLE_RECORD = "bundle"          # the message's ConfigRecord describing the bundle
 PER_FINDING = "per-finding"       # disclosure name that lets per-finding metrics leave
@@ -74,6 +74,7 @@ def score_bundle(msg: Message, context: Context, overrides: dict | None = None) 
                         "cannot score a bundle: choose another federation.local_split", failure="run-config")
     model = build_model(arch, len(findings), pre.channels)
     load_record(model, to_fp32(msg.content["arrays"]))
+    model.to(resolve_device(settings.train.device))
     res = evaluate(model.eval(), make_loader(ds[split], settings.train.batch_size * 2, shuffle=False), findings,
                    thresholds=thresholds, multilabel=data.multilabel)
     metrics = {"num-examples": len(ds[split])}

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from common.arrays import record_bytes, state_to_record, to_fp16, to_fp32
 from common.settings import STRATEGIES, Settings
 from tests.conftest import REPO, StandInGrid
-from tests.run_support import TINY, tiny_settings
+from tests.run_support import TINY, run_cli, tiny_settings
 
 
 
@@ -368,21 +368,6 @@ def _check_result(out: Path, rounds: int, hospitals: int, evaluated: bool = True
     return summary
 
 
-def _run_cli(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """A CLI in its own process group, killed (group) on timeout."""
-    from server.processes import stop_tree
-
-    p = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        out = "timeout"
-    finally:
-        stop_tree(p.pid, grace=5)
-    return subprocess.CompletedProcess(args, p.returncode if p.returncode is not None else -9, out, "")
-
-
 @pytest.fixture
 def flower_tmp(tmp_path_factory):
     """A private folder for Flower/Ray state (the session fixture checks no process naming it survives)."""
@@ -401,12 +386,12 @@ def test_simulation_inprocess_then_resume(synth_root, flower_tmp):
     sets = [f"--set={k}={v}" for k, v in _tiny_run(out).items() if k not in ("federation.rounds", "output_dir")]
     cmd = ["-m", "fedxray", "federate", "--profile", "demo", "--data", str(synth_root), "--out", str(out), "--supernodes", "3"]
     try:
-        first = _run_cli([*cmd, "--rounds", "2", *sets], REPO, env, 600)
+        first = run_cli([*cmd, "--rounds", "2", *sets], env, 600)
         assert first.returncode == 0, first.stdout[-3000:]
         assert first.stdout.count("all-positive baseline") == 1 and "seed paper" not in first.stdout   # once
         assert "bundle:" in first.stdout
         _check_result(out, 2, 3)
-        second = _run_cli([*cmd, "--rounds", "3", *sets], REPO, env, 600)
+        second = run_cli([*cmd, "--rounds", "3", *sets], env, 600)
         assert second.returncode == 0, second.stdout[-3000:]
         assert "resuming from" in second.stdout and "2 of 3 rounds done" in second.stdout
         summary = _check_result(out, 3, 3)
@@ -515,7 +500,7 @@ def test_launch_resumes_after_the_superlink_is_killed_with_the_same_command(synt
         failed = json.loads(status.read_text())
         assert failed["state"] == "failed" and "the SuperLink exited" in failed["message"], failed
 
-        second = _run_cli(args, REPO, env, 500)
+        second = run_cli(args, env, 500)
         assert second.returncode == 0, second.stdout[-3000:]
         assert "round 2/2 | 3 of 3 hospitals trained" in second.stdout and "round 1/2" not in second.stdout
     finally:

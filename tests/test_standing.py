@@ -15,21 +15,11 @@ import pytest
 
 from tests.conftest import REPO
 from tests.inference_support import trained_bundle
-from tests.run_support import TINY
+from tests.run_support import TINY, run_cli
 
 
 def _fx(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    from server.processes import stop_tree
-
-    p = subprocess.Popen([sys.executable, "-m", "fedxray", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        out = "timeout"
-    finally:
-        stop_tree(p.pid, grace=5)
-    return subprocess.CompletedProcess(args, p.returncode if p.returncode is not None else -9, out, "")
+    return run_cli(["-m", "fedxray", *args], env, timeout)
 
 
 def _left(work, token: str, bystander: int = 0) -> list[str]:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 from common.errors import FedxrayError
 from common.fileio import write_json
 from common.settings import Settings
-from server.launch import EXECUTORS, REPO, LocalFederation, RunOutcome, flower_env, hospitals_in
-from server.processes import Proc, pids_with_token, stop
+from server.launch import REPO, LocalFederation, RunOutcome, flower_env, hospitals_in
+from server.processes import Proc, pids_with_token, start_time, stop
 
 if TYPE_CHECKING:
     from server.security import Security
@@ -66,8 +66,6 @@ def up(data_root: str | Path, workdir: str | Path, *, security: "Security | None
     <workdir>/certs (kept for the next `up`). On any failure everything started so far is stopped again."""
     from server.security import Security
 
-    if executor not in EXECUTORS:
-        raise FedxrayError(f"unknown ClientApp executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     workdir = Path(workdir).resolve()
     prior = read_state(workdir)
     if prior is not None:
@@ -255,8 +253,6 @@ def tail(path: Path, lines: int) -> str:
 
 def down(workdir: str | Path, grace: float = 10.0) -> list[str]:
     """Stop everything `up` started in `workdir` (see the module docstring); returns what was running."""
-    import psutil
-
     state = read_state(workdir)
     if state is None:
         return []
@@ -264,14 +260,8 @@ def down(workdir: str | Path, grace: float = 10.0) -> list[str]:
     running = fed.alive()
     token_pids = set(pids_with_token(state["token"]))
     known = {m.pid for p in fed.procs for m in p.running()}
-    strays = []
-    for pid in sorted(token_pids - known):
-        proc = Proc(f"stray[{pid}]", None, fed.logs / "superlink.log", pid=pid)
-        try:
-            proc.family[pid] = psutil.Process(pid)
-        except psutil.Error:
-            continue
-        strays.append(proc)
+    strays = [Proc.adopt({"name": f"stray[{pid}]", "pid": pid, "started": start_time(pid), "log": ""})
+              for pid in sorted(token_pids - known)]
     stop([*reversed(fed.procs), *strays], grace=grace)
     left = pids_with_token(state["token"])
     if left:

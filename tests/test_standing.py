@@ -60,10 +60,10 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
     at each hospital's own threshold; a run that needs a 4th hospital fails clearly and leaves the federation up;
     a 2-round run streams its rounds and exports a bundle; hospital_2 gets a new key; `evaluate` scores the
     federated bundle and another one at every hospital (hospital_2 under its new key); `status` lists processes,
-    nodes and runs; `logs` shows a hospital's ClientApp log. Then the caller of a run is killed (SIGKILL) while
-    the hospitals train: `down` still stops everything - the run's ServerApp and ClientApps and the `flwr run`
-    stream, each a child of a process that is gone - and leaves alone a process that merely names the work
-    folder."""
+    nodes and runs; `logs` shows a hospital's ClientApp log. Then the caller of a run and the SuperLink are
+    killed (SIGKILL) while the hospitals train: `down` still stops everything - the SuperLink's orphaned
+    SuperExec and ServerApp, the hospitals' ClientApps, the `flwr run` stream, each a child of a process that is
+    gone - and leaves alone a process that merely names the work folder."""
     from server.launch import flower_env
     from server.standing import state_path
 
@@ -164,6 +164,8 @@ def test_up_stats_run_rotate_evaluate_down_on_loopback(synth_root, flower_tmp, t
             except psutil.Error:
                 pass
         assert any("flwr run" in c for c in mid_run) and any("serverapp" in c for c in mid_run), mid_run
+        link = next(r["pid"] for r in json.loads(state_path(work).read_text())["processes"] if r["name"] == "superlink")
+        psutil.Process(link).kill()   # and the SuperLink crashes too: its ServerApp side is orphaned, not ours to see
 
         down = _fx("federation", "down", "--workdir", str(work), env=env)
         assert down.returncode == 0 and "stopped" in down.stdout, down.stdout

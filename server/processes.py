@@ -6,6 +6,11 @@ of descendants it has been seen with (`Proc.refresh`, called while a run is watc
 `stop` ends exactly those, also when their parent died first and they were re-parented. Nothing is stopped by
 matching a command line: a `--workdir` a user chose could name anyone's processes. psutil's Process objects pin
 each pid's creation time, so a recycled pid is never signalled.
+
+A federation that outlives its command (server/standing.py) records each process (`Proc.record`: pid and
+start time) and a later command adopts it (`Proc.adopt`) only if both match. Processes whose recorded parent is
+gone are found by the random token every process of that federation carries in its environment
+(`TOKEN_ENV`, `pids_with_token`).
 """
 from __future__ import annotations
 

@@ -293,7 +293,7 @@ def _site_policies(values: list[str], hospitals: list[str]) -> dict[str, dict]:
 
     out: dict[str, dict] = {}
     for v in values:
-        site, _, path = v.rpartition("=") if "=" in v else ("", "", v)
+        site, _, path = v.partition("=") if "=" in v else ("", "", v)
         if site and site not in hospitals:
             raise FedxrayError(f"--site-policy {v}: no hospital {site!r} (hospitals: {', '.join(hospitals)})")
         if not Path(path).is_file():

@@ -214,6 +214,32 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
                   model_config=model_config, multilabel=bool(card["multilabel"]), path=p)
 
 
+def warm_start_provenance(weights: str) -> dict | None:
+    """What a model started from, for the provenance of every bundle trained from it (model.weights).
+
+    A fedxray bundle (what `fedxray pretrain` writes) is named by its model id and weights sha256, with what its
+    own card says it was trained on: the public-data declaration, the source, image and patient counts and the
+    data fingerprint (a hash of the sample keys, never the keys). ImageNet is torchvision's published weights; a
+    bare weights file is named by its sha256 only, since nothing records what it saw. None: random initialisation.
+    """
+    w = weights.strip()
+    if w.lower() in ("", "none"):
+        return None
+    if w.lower() == "imagenet":
+        return {"kind": "imagenet", "source": "torchvision's published ImageNet-1k weights"}
+    p = Path(w).expanduser()
+    if p.is_dir() or p.name == WEIGHTS_FILE and (p.parent / CARD_FILE).is_file():
+        card = read_card(p if p.is_dir() else p.parent)
+        prov = card.get("provenance") or {}
+        return {"kind": "bundle", "model_id": card.get("model_id"), "weights_sha256": card["weights"].get("sha256"),
+                "architecture": card["architecture"], "public_data": prov.get("public_data"),
+                "training": prov.get("training"), "data": prov.get("data"), "epochs_run": prov.get("epochs_run"),
+                "test": {k: v for k, v in ((card.get("metrics") or {}).get("test") or {}).get("macro", {}).items()
+                         if k in ("auc", "f1", "ece")}}
+    return {"kind": "file", "file": p.name, "sha256": sha256_file(p) if p.is_file() else None,
+            "note": "a weights file without a model card: what it was trained on is not on record"}
+
+
 def update_card(path: str | Path, key: str, value: Any) -> dict:
     """Set `extra[key]` in a bundle's model.json (atomic write) and return the new card.
 

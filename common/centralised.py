@@ -15,8 +15,12 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_f1", "val_auc", "lr")   # of fit
 
 
 def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None = None,
-                    compare_paper: bool = False) -> dict:
-    """Train on one data source and write a run directory: metrics.json, the bundle, curves and ROC plots."""
+                    compare_paper: bool = False, public: str | None = None) -> dict:
+    """Train on one data source and write a run directory: metrics.json, the bundle, curves and ROC plots.
+
+    `public`: the operator's declaration that this data is public (`fedxray pretrain`): the bundle is then a
+    warm start whose card says what it saw, and DP training may start from it (a private hospital's data must
+    never be declared public: a warm start is not protected by anyone's privacy budget)."""
     from common.training import seed_everything
 
     out = Path(cfg.output_dir)
@@ -29,12 +33,13 @@ def run_centralised(cfg: Settings, *, progress: bool = True, run_id: str | None 
     params = {**cfg.model_dump(mode="json"), "fingerprint": {"settings": cfg.fingerprint(), "data": data.fingerprint()}}
     with Tracker(out, kind="train", name=run_id, tensorboard=out / "tensorboard", params=params,
                  tags={"fedxray.run_id": run_id}) as tracker:
-        return _train(cfg, data, report, out, run_id, tracker, progress=progress, compare_paper=compare_paper)
+        return _train(cfg, data, report, out, run_id, tracker, progress=progress, compare_paper=compare_paper,
+                      public=public)
 
 
 def _train(cfg: Settings, data, report: dict, out: Path, run_id: str, tracker: Tracker, *, progress: bool,
-           compare_paper: bool) -> dict:
-    from common.bundle import save_bundle
+           compare_paper: bool, public: str | None) -> dict:
+    from common.bundle import save_bundle, warm_start_provenance
     from common.metrics import SEED_PAPER, format_headline_table
     from common.models import build_model
     from common.plots import plot_per_finding_bars, plot_roc_curves, plot_training_curves
@@ -63,9 +68,12 @@ def _train(cfg: Settings, data, report: dict, out: Path, run_id: str, tracker: T
     provenance = {
         "run_id": run_id, "training": "centralised", "data": {"source": report["source"], "root": report["root"],
         "images": {k: v["images"] for k, v in report["splits"].items()}, "patients": report["patients"],
-        "excluded": len(report["excluded"])}, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
-        "train_seconds": round(train_seconds, 2), "config": cfg.model_dump(mode="json"),
+        "excluded": len(report["excluded"]), "fingerprint": data.fingerprint()}, "epochs_run": len(res.history),
+        "best_epoch": res.best_epoch, "train_seconds": round(train_seconds, 2), "config": cfg.model_dump(mode="json"),
+        "warm_start": warm_start_provenance(cfg.model.weights),
     }
+    if public is not None:
+        provenance.update(public_data=public, purpose="warm start (fedxray pretrain)")
     bundle_dir = save_bundle(out / "bundle", model, model_config=cfg.model, preprocess=cfg.preprocess,
                              findings=data.findings, thresholds=res.thresholds,
                              metrics={"validation": res.val_metrics, "test": test}, provenance=provenance,

@@ -1,5 +1,5 @@
-"""common/'s subcommands (`fedxray data synth|check`, `fedxray train`, `fedxray settings`) and the settings
-arguments every run command shares: `--config FILE --profile NAME --set KEY=VALUE --data --out --quiet`.
+"""common/'s subcommands (`fedxray data synth|check`, `fedxray train`, `fedxray pretrain`, `fedxray settings`) and
+the settings arguments every run command shares: `--config FILE --profile NAME --set KEY=VALUE --data --out --quiet`.
 
 Every run command resolves its settings the same way (common/settings.py): the profile ('' = the real-use
 defaults, `demo` = the embedded demo), then the command's own defaults, then the file, then --data/--out, then
@@ -65,6 +65,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="add the seed paper's reported figures under the results (ChestX-ray14 only)")
     t.set_defaults(func=_cmd_train)
 
+    pt = sub.add_parser("pretrain", help="non-private training on data you declare public -> a warm-start bundle "
+                                         "(model.weights=<its bundle>; DP fine-tuning starts from it)")
+    add_settings_arguments(pt, data_help="the PUBLIC data (data.path); never a hospital's private data")
+    pt.add_argument("--public", required=True, metavar="STATEMENT",
+                    help="why this data is public (name, licence, where it is published), recorded in the warm "
+                         "start's card and in every bundle trained from it, e.g. 'MedMNIST v2 PneumoniaMNIST, CC BY 4.0'")
+    pt.set_defaults(func=_cmd_pretrain)
+
     st = sub.add_parser("settings", help="print the resolved settings as TOML (a settings file), or as Flower's run "
                                          "config (--flwr: lists and unset values as strings)")
     add_settings_arguments(st)
@@ -106,6 +114,21 @@ def _cmd_train(a) -> int:
     summary = run_centralised(cfg, progress=not a.quiet, compare_paper=a.compare_paper)
     print(summary["table"])
     print(f"\nrun directory: {cfg.output_dir}\nbundle: {summary['bundle']}")
+    return 0
+
+
+def _cmd_pretrain(a) -> int:
+    from common.centralised import run_centralised
+
+    statement = a.public.strip()
+    if len(statement) < 8:
+        raise SystemExit("error: --public needs a statement of why the data is public (its name, licence or where "
+                         "it is published), not an empty word")
+    cfg = settings_from_args(a)
+    summary = run_centralised(cfg, progress=not a.quiet, public=statement)
+    print(summary["table"])
+    print(f"\nwarm start: {summary['bundle']}\nuse it with --set model.weights={summary['bundle']} (DP: "
+          "privacy.trainable=auto then trains the normalisation layers and the head)")
     return 0
 
 

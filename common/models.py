@@ -194,8 +194,11 @@ def strip_wrapper_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors or torch .pt/.pth file; never unpickles arbitrary objects (weights_only)."""
+    """Tensors from a .safetensors or torch .pt/.pth file, or a bundle directory (its weights.safetensors: a
+    warm start made by `fedxray pretrain`); never unpickles arbitrary objects (weights_only)."""
     p = Path(path).expanduser()
+    if p.is_dir() and (p / "weights.safetensors").is_file():
+        p = p / "weights.safetensors"
     if not p.is_file():
         raise FedxrayError(f"weights file not found: {p}")
     try:

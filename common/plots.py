@@ -103,12 +103,18 @@ def plot_training_curves(history: Sequence[Mapping], path,
 
 
 def plot_series(series: Mapping[str, Sequence[tuple[float, float]]], path, xlabel, ylabel, title=None) -> Path:
-    """Generic lines, one per named series of (x, y) points, e.g. AUC per round per arm."""
+    """Generic lines, one per named series of (x, y) points, e.g. AUC per round per arm; (x, y, err) points get
+    error bars (e.g. ± sd over seeds)."""
     fig = _figure()
     ax = fig.add_subplot()
     for label, pts in series.items():
-        if len(pts):
-            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        if not len(pts):
+            continue
+        cols = list(zip(*pts))
+        if len(cols) == 3:
+            ax.errorbar(cols[0], cols[1], yerr=[e or 0 for e in cols[2]], marker="o", ms=3, capsize=3, label=label)
+        else:
+            ax.plot(cols[0], cols[1], marker="o", ms=3, label=label)
     if series:
         ax.legend(fontsize="small")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")

@@ -85,6 +85,15 @@ def public_provenance(prov: dict) -> dict:
         out["data"] = {k: v for k, v in prov["data"].items() if k in ("source", "images", "patients", "excluded")}
     if isinstance(prov.get("server_data"), dict):
         out["server_data"] = {"splits": prov["server_data"].get("splits")}
+    if isinstance(prov.get("public_data"), str):   # this model is a warm start (`fedxray pretrain`)
+        out["public_data"] = prov["public_data"]
+    ws = prov.get("warm_start")
+    if isinstance(ws, dict):   # what the model started from, and what that start was trained on
+        out["warm_start"] = {k: ws[k] for k in ("kind", "model_id", "weights_sha256", "public_data", "source")
+                             if k in ws}
+        if isinstance(ws.get("data"), dict):
+            out["warm_start"]["data"] = {k: v for k, v in ws["data"].items()
+                                         if k in ("source", "images", "patients", "fingerprint")}
     fed = prov.get("federation")
     if isinstance(fed, dict):
         out["federation"] = {k: fed[k] for k in _FEDERATION_KEYS if k in fed}

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.arrays import load_record, state_to_record
 from client.boundary import DECLINES
 from common.settings import Settings
-from common.bundle import save_bundle
+from common.bundle import save_bundle, warm_start_provenance
 from common.errors import FedxrayError
 from common.fileio import write_json
 from common.metrics import format_headline_table
@@ -268,6 +268,7 @@ def _summary(s: Settings, state: RunState, evaluator: GlobalEvaluator, grid: Gri
         "training": "federated", "federation": federation,
         "server_data": {"root": str(evaluator.path), "splits": evaluator.sizes()},
         "seconds": round(seconds, 2), "config": s.model_dump(mode="json"),
+        "warm_start": warm_start_provenance(s.model.weights),
     }
     return {"best_round": state.best_round, "rounds_completed": state.rounds_done, "history": state.history,
             "validation": state.best_metrics["validation"], "test": state.best_metrics["test"],

@@ -52,8 +52,22 @@ class PartitionConfig(_Section):
     alpha: float = Field(0.5, gt=0)
 
 
+class WarmStartConfig(_Section):
+    """A non-private warm start for the arms that ask for one (`warm_start = true`): a model trained by
+    `fedxray pretrain`'s code path on a slice of global train that the experiment declares public. The slice is
+    taken out by patient before the hospitals are formed, so no hospital, and no other arm, trains on it."""
+
+    public_fraction: float = Field(0.2, gt=0, lt=1, description="of global train's patients, declared public")
+    epochs: int = Field(15, ge=1, description="warm-start training epochs (on the public slice only)")
+    lr: float | None = Field(None, gt=0, description="None = train.lr")
+    statement: str = Field("a slice of the source set aside as public data (a stand-in for ImageNet or another "
+                           "public dataset): no hospital holds these patients",
+                           description="the public-data declaration recorded in the warm start's card")
+
+
 class ArmConfig(_Section):
-    """One arm. kind: centralised | federated | local | dp (federated with DP-SGD at each epsilon)."""
+    """One arm. kind: centralised | federated | local | dp (federated with DP-SGD at each epsilon) | warm-start
+    (the warm start alone, scored like any arm: what the federation adds to it)."""
 
     kind: str
     label: str | None = None
@@ -61,6 +75,12 @@ class ArmConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict, description="run-config keys, e.g. federation.proximal_mu")
     epsilons: list[float] = Field(default_factory=list, description="dp arms: one arm per target epsilon")
     delta: float | None = None
+    warm_start: bool = Field(False, description="start from the experiment's [warm_start] model (GroupNorm "
+                                                "network) instead of model.weights")
+    reference: str | None = Field(None, description="dp arms: the non-DP arm of the same recipe (the privacy "
+                                                    "table's Δ AUC column)")
+    seed: int | None = Field(None, description="set by `seeds` expansion: this replicate's train.seed")
+    group: str | None = Field(None, description="set by `seeds` expansion: the arm's name without the seed")
 
     @property
     def name(self) -> str:
@@ -68,7 +88,13 @@ class ArmConfig(_Section):
             return self.label
         if self.kind == "dp":
             return f"dp-{self.strategy.lower()}"
-        return {"centralised": "centralised", "local": "local-only"}.get(self.kind, self.strategy.lower())
+        return {"centralised": "centralised", "local": "local-only", "warm-start": "warm-start"}.get(
+            self.kind, self.strategy.lower())
+
+    @property
+    def base(self) -> str:
+        """The arm without its seed: what the over-seeds table groups replicates by."""
+        return self.group or self.name
 
 
 class SimulationConfig(Settings):
@@ -80,7 +106,10 @@ class SimulationConfig(Settings):
     tensorboard: bool = Field(True, description="track each arm: TensorBoard event files, and an MLflow run when "
                                                 "MLflow is installed (common/tracking.py)")
     compare_paper: bool = Field(False, description="add the seed paper's reported ChestX-ray14 figures to the report")
+    seeds: list[int] = Field(default_factory=list, description="train seeds: every arm runs once per seed (labels "
+                                                               "<arm>-seed<N>) and the report adds mean ± sd over seeds")
     synthetic: SyntheticConfig | None = None
+    warm_start: WarmStartConfig | None = None
     federation: SimulationFederation = SimulationFederation()
     partitions: list[PartitionConfig] = Field(default_factory=lambda: [PartitionConfig()])
     arms: list[ArmConfig] = Field(default_factory=lambda: [ArmConfig(kind="centralised"), ArmConfig(kind="federated"),

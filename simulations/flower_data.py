@@ -71,6 +71,13 @@ def _write_npz(folder: Path, stem: str, manifest: Manifest, splits: dict[str, li
     return counts
 
 
+def write_split_folder(manifest: Manifest, splits: dict[str, list[int]], folder: Path, image_size: int) -> dict:
+    """One folder whose MedMNIST-layout .npz holds `splits` (train/val/test) as the data layer reads it back
+    with data.official_split=keep; returns the image count per split."""
+    stem, columns = npz_layout(list(manifest.findings))
+    return _write_npz(Path(folder), stem, manifest, splits, columns, image_size)
+
+
 def materialise(proto: Protocol, out: Path, image_size: int) -> Path:
     """Write `out/<hospital>/` for every hospital and `out/holdout/` (global val/test); returns `out`.
 

@@ -9,6 +9,8 @@
    train part only; their val part is what a hospital alone (local-only arm) selects epochs with; their
    test part is where per-hospital and cross-site metrics come from. Centralised pools the hospitals'
    train parts, so it sees exactly the images the federation sees.
+4. With a warm start, a public slice of global train's patients is taken out before step 2 (`carve_public`):
+   the warm start trains on it alone, and no hospital holds those patients (global/public in the overlap check).
 
 `Protocol.to_json()` is written next to the results (partition.json) so a run can be audited.
 """
@@ -90,10 +92,33 @@ class Protocol:
                 "hospitals": {h.name: {k: describe(v) for k, v in h.splits.items()} for h in self.hospitals}}
 
 
+def carve_public(manifest: Manifest, indices: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(public, rest): a random `fraction` of the patients of `indices`, whole patients only. The seed is fixed
+    per experiment, so every partition (and every arm) loses the same public patients."""
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(manifest.samples[i].group, []).append(i)
+    names = sorted(groups)
+    order = np.random.default_rng([seed, 7919]).permutation(len(names))
+    k = int(round(fraction * len(names)))
+    if not 0 < k < len(names):
+        raise DataError(f"warm_start.public_fraction={fraction} of {len(names)} training patients leaves no public "
+                        "or no private patients")
+    public = sorted(i for j in order[:k] for i in groups[names[j]])
+    taken = set(public)
+    return public, [i for i in indices if i not in taken]
+
+
 def build_protocol(manifest: Manifest, data_cfg: DataConfig, spec: PartitionSpec,
-                   hospital_split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> Protocol:
-    """Global patient split -> partition of global train into hospitals -> each hospital's own split."""
+                   hospital_split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
+                   public_fraction: float = 0.0) -> Protocol:
+    """Global patient split -> (a public slice for a warm start, `public_fraction` of global train's patients,
+    kept out of every hospital) -> partition of the rest of global train into hospitals -> each hospital's own
+    split."""
     global_splits = patient_split(manifest, data_cfg)
+    if public_fraction:
+        global_splits["public"], global_splits["train"] = carve_public(manifest, global_splits["train"],
+                                                                       public_fraction, seed)
     n = 0 if spec.method == "by-site" else spec.hospitals
     parts = partition(manifest, global_splits["train"], n, spec.method, spec.alpha, seed,
                       min_patients=MIN_SPLIT_PATIENTS)

@@ -45,8 +45,13 @@ def reference(arms: dict[str, dict]) -> dict | None:
 def describe_arm(a: dict) -> str:
     spec = a.get("spec", {})
     what = {"centralised": "pooled training images", "local": "each hospital alone",
-            "federated": f"Flower {spec.get('strategy', '')}", "dp": f"Flower {spec.get('strategy', '')} + DP-SGD"}
+            "federated": f"Flower {spec.get('strategy', '')}", "dp": f"Flower {spec.get('strategy', '')} + DP-SGD",
+            "warm-start": "the warm start alone, trained on the public slice (no hospital's data, no federation)"}
     text = f"{what.get(a['kind'], a['kind'])}; {a['cost']['schedule']}"
+    if spec.get("warm_start") and a["kind"] != "warm-start":
+        text += "; starts from the warm start (GroupNorm network)"
+    if spec.get("seed") is not None:
+        text += f"; train seed {spec['seed']}"
     if spec.get("params"):
         text += "; " + ", ".join(f"{k}={v}" for k, v in spec["params"].items())
     if spec.get("epsilons") and a["kind"] == "dp":
@@ -171,25 +176,124 @@ def partition_plot(out: Path, pname: str, partition: dict) -> str:
     return f"![Partition label histogram](plots/{pname}/partition.png)"
 
 
+def replicate_groups(arms: dict[str, dict]) -> dict[str, list[dict]]:
+    """Arms by name without their seed (`seeds` expansion): {base name: [replicates]}."""
+    out: dict[str, list[dict]] = {}
+    for name, a in arms.items():
+        out.setdefault((a.get("spec") or {}).get("group") or name, []).append(a)
+    return out
+
+
+def _auc(a: dict) -> float | None:
+    return a["test"]["headline"].get("auc")
+
+
+def _ece(a: dict) -> float | None:
+    return (a["test"].get("macro") or {}).get("ece")
+
+
+def mean_sd(values) -> tuple[float | None, float | None, int]:
+    """(mean, sample sd or None for one value, n) of the values that are not None."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None), len(v)
+
+
+def fmt_mean_sd(values) -> str:
+    m, sd, n = mean_sd(values)
+    return "n/a" if m is None else f"{m:.3f}" if sd is None else f"{m:.3f} ± {sd:.3f}"
+
+
+def paired_gaps(group: list[dict], ref: list[dict] | None) -> list[float]:
+    """AUC differences to the reference arm's replicate of the same seed (all pairs when unseeded)."""
+    if not ref:
+        return []
+    by_seed = {(r.get("spec") or {}).get("seed"): _auc(r) for r in ref}
+    return [_auc(a) - by_seed[s] for a in group
+            if (s := (a.get("spec") or {}).get("seed")) in by_seed and _auc(a) is not None and by_seed[s] is not None]
+
+
+def seeds_table(arms: dict[str, dict]) -> list[str]:
+    """Mean ± sd over train seeds of every arm with replicates; the gap to centralised is paired by seed."""
+    groups = replicate_groups(arms)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+    ref = next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
+    lines = ["| Arm | seeds | Macro AUC | F1 | ECE | ε spent | Δ AUC vs centralised (paired by seed) |",
+             "|---" * 7 + "|"]
+    for name, g in groups.items():
+        gap = paired_gaps(g, ref) if g is not ref else []
+        eps = [a.get("epsilon") for a in g]
+        lines.append(f"| {name} | {len(g)} | {fmt_mean_sd(_auc(a) for a in g)} | "
+                     f"{fmt_mean_sd(a['test']['headline'].get('f1') for a in g)} | {fmt_mean_sd(_ece(a) for a in g)} | "
+                     f"{fmt_mean_sd(eps) if any(e is not None for e in eps) else ''} | "
+                     f"{'' if not gap else fmt_mean_sd(gap).replace('n/a', '')} |")
+    return ["### Over seeds (mean ± sd)", ""] + lines + [""]
+
+
+def dp_recipe(name: str) -> str:
+    """A DP arm's recipe (its name without the target ε): one curve per recipe."""
+    return re.sub(r"-eps[0-9.e+-]+$", "", name)
+
+
+def privacy_rows(arms: dict[str, dict]) -> list[dict]:
+    """One row per DP recipe and target ε, and one (ε = ∞) per non-DP reference, each over its seeds."""
+    groups = replicate_groups(arms)
+    rows = []
+    for name, g in groups.items():
+        if g[0]["kind"] != "dp":
+            continue
+        spec = g[0].get("spec") or {}
+        ref_name = spec.get("reference") or "fedavg"
+        ref = groups.get(ref_name)
+        auc, sd, n = mean_sd(_auc(a) for a in g)
+        rows.append({"recipe": dp_recipe(name), "arm": name, "target": (spec.get("epsilons") or [None])[0],
+                     "spent": mean_sd(a.get("epsilon") for a in g)[0], "auc": auc, "sd": sd, "n": n,
+                     "ece": mean_sd(_ece(a) for a in g)[0], "reference": ref_name if ref else None,
+                     "gap": mean_sd(paired_gaps(g, ref))[0] if ref else None})
+    for ref_name in dict.fromkeys(r["reference"] for r in rows if r["reference"]):
+        g = groups[ref_name]
+        auc, sd, n = mean_sd(_auc(a) for a in g)
+        rows.append({"recipe": ref_name, "arm": ref_name, "target": None, "spent": None, "auc": auc, "sd": sd,
+                     "n": n, "ece": mean_sd(_ece(a) for a in g)[0], "reference": None, "gap": None})
+    return rows
+
+
+def privacy_table(arms: dict[str, dict]) -> list[str]:
+    rows = privacy_rows(arms)
+    if not rows:
+        return []
+    lines = ["| recipe | target ε | ε spent | seeds | Macro AUC (mean ± sd) | ECE | reference (no DP) | Δ AUC vs reference |",
+             "|---" * 8 + "|"]
+    for r in rows:
+        auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
+        target = "∞" if r["target"] is None else f"{r['target']:g}"
+        spent = "∞" if r["spent"] is None else fmt(r["spent"])
+        gap = "" if r["gap"] is None else f"{r['gap']:+.3f}"
+        lines.append(f"| {r['recipe']} | {target} | {spent} | {r['n']} | {auc} | {fmt(r['ece'])} | "
+                     f"{r['reference'] or ''} | {gap} |")
+    return ["### Privacy-utility (DP-SGD at each hospital)", ""] + lines + [""]
+
+
 def privacy_utility(out: Path, results: dict) -> list[str]:
-    """AUC against the epsilon each DP arm spent, with the same partition's non-DP arms as flat references."""
+    """Test AUC against the ε each DP recipe spent (mean ± sd over seeds), its non-DP reference as a flat line."""
     series: dict[str, list] = {}
     for pname, part in results["partitions"].items():
-        arms = done_arms(part)
-        pts = sorted((a["epsilon"], a["test"]["headline"]["auc"]) for a in arms.values()
-                     if a["kind"] == "dp" and a.get("epsilon") is not None)
-        if not pts:
+        rows = privacy_rows(done_arms(part))
+        dp = [r for r in rows if r["target"] is not None and r["spent"] is not None and r["auc"] is not None]
+        if not dp:
             continue
-        series[f"DP federated [{pname}]"] = pts
-        lo, hi = pts[0][0], pts[-1][0]
-        for n, a in arms.items():
-            auc = a["test"]["headline"].get("auc")
-            if a["kind"] in ("centralised", "federated") and auc is not None:
-                series[f"{n}, no DP [{pname}]"] = [(lo, auc), (hi, auc)]
+        for recipe in dict.fromkeys(r["recipe"] for r in dp):
+            series[f"{recipe} [{pname}]"] = sorted((r["spent"], r["auc"], r["sd"]) for r in dp if r["recipe"] == recipe)
+        lo, hi = min(r["spent"] for r in dp), max(r["spent"] for r in dp)
+        for r in rows:
+            if r["target"] is None and r["auc"] is not None:
+                series[f"{r['recipe']}, no DP [{pname}]"] = [(lo, r["auc"]), (hi, r["auc"])]
     if not series:
         return []
     plot_series(series, out / "plots" / "privacy_utility.png", "ε spent (δ as configured)", "global test macro AUC",
-                title="Privacy-utility")
+                title="Privacy-utility (mean ± sd over seeds)")
     return ["## Privacy-utility", "", "![Privacy-utility](plots/privacy_utility.png)", ""]
 
 
@@ -220,6 +324,7 @@ def write_report(out: Path, results: dict, store: ResultStore) -> Path:
         if arms:
             lines += ["### Arms", ""] + [f"- **{n}**: {describe_arm(a)}" for n, a in arms.items()] + [""]
             lines += ["### Headline (global test set)", ""] + headline_table(arms, cfg.get("compare_paper", False)) + [""] + gaps(arms) + [""]
+            lines += seeds_table(arms) + privacy_table(arms)
             findings = partition["findings"] if partition else []
             lines += ["### Plots", ""] + plots(out, pname, arms, store, findings) + [""]
             names, cols, mat = cross_site(arms)

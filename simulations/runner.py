@@ -55,13 +55,30 @@ def planned_arms(cfg: SimulationConfig) -> list[tuple[ArmConfig, str | None]]:
         kind = ARM_TYPES.get(spec.kind)
         if kind is None:
             raise ValueError(f"unknown arm kind {spec.kind!r}; known: {sorted(ARM_TYPES)}")
-        out += [(s, kind.unavailable(s)) for s in kind.expand(spec)]
+        for s in kind.expand(spec):
+            replicates = [s] if not cfg.seeds or s.kind == "warm-start" else [
+                s.model_copy(update={"label": f"{s.name}-seed{seed}", "seed": seed, "group": s.name})
+                for seed in cfg.seeds]
+            out += [(r, kind.unavailable(r)) for r in replicates]
     return out
+
+
+def arm_settings(cfg: SimulationConfig, exp, proto: Protocol, spec: ArmConfig, *, progress: bool):
+    """The experiment's settings as this arm trains with them: its replicate's seed, and the warm start (the
+    GroupNorm network from the experiment's public-slice model) when the arm asks for it."""
+    if spec.seed is not None:
+        exp = exp.updated(**{"train.seed": spec.seed})
+    if spec.warm_start:
+        from simulations.warm_start import ensure_warm_start
+
+        bundle = ensure_warm_start(cfg, proto, progress=progress)
+        exp = exp.updated(**{"model.weights": str(bundle), "model.dp_compatible": True})
+    return exp
 
 
 def arm_fingerprint(cfg: SimulationConfig, part: PartitionSpec, spec: ArmConfig) -> str:
     """What a stored arm result must match to be reused on resume."""
-    skip = {k: True for k in ("arms", "partitions", "output_dir", "name", "tensorboard")}
+    skip = {k: True for k in ("arms", "partitions", "output_dir", "name", "tensorboard", "seeds")}
     shared = cfg.model_dump(mode="json", exclude={**skip, "federation": {"cpus": True, "client_cpus": True}})
     return fingerprint(shared, part.__dict__, spec.model_dump(mode="json"))
 
@@ -104,9 +121,10 @@ def run_partition(cfg: SimulationConfig, proto: Protocol, store: ResultStore, ar
         evaluator = evaluator or Evaluator(proto, exp, bootstrap=cfg.bootstrap, seed=cfg.seed)
         workdir = out / "work" / name / spec.name
         workdir.mkdir(parents=True, exist_ok=True)
-        tracker = arm_tracker(cfg, exp, name, spec, fp)
-        ctx = ArmContext(cfg, exp, proto, evaluator, workdir, tracker, progress)
-        seed_everything(exp.train.seed, exp.train.num_threads)
+        arm_exp = arm_settings(cfg, exp, proto, spec, progress=progress)
+        tracker = arm_tracker(cfg, arm_exp, name, spec, fp)
+        ctx = ArmContext(cfg, arm_exp, proto, evaluator, workdir, tracker, progress)
+        seed_everything(arm_exp.train.seed, arm_exp.train.num_threads)
         t0 = time.perf_counter()
         try:
             with PeakMemory() as mem:
@@ -134,7 +152,8 @@ def run_experiment(cfg: SimulationConfig, *, progress: bool = True, report: bool
     status: dict[str, dict] = {}
     for p in cfg.partitions:
         spec = PartitionSpec(p.method, p.alpha, cfg.federation.hospitals)
-        proto = build_protocol(manifest, cfg.data, spec, cfg.federation.hospital_split, seed=cfg.seed)
+        proto = build_protocol(manifest, cfg.data, spec, cfg.federation.hospital_split, seed=cfg.seed,
+                               public_fraction=cfg.warm_start.public_fraction if cfg.warm_start else 0.0)
         status[spec.name] = run_partition(cfg, proto, store, arms, progress=progress)
     results = collect(cfg, store, status)
     write_json(out / RESULTS_FILE, results)
@@ -165,6 +184,9 @@ def collect(cfg: SimulationConfig, store: ResultStore, status: dict[str, dict]) 
                               f"{f.local_epochs} local epoch(s); local-only {f.epochs} epochs per hospital)."},
         "protocol": ("global val/test: patient-level split of the source (official test kept); global train "
                      "partitioned into hospitals by patient; each hospital split by patient into its own train/val/"
-                     f"test {list(f.hospital_split)}; centralised pools the hospitals' train splits"),
+                     f"test {list(f.hospital_split)}; centralised pools the hospitals' train splits"
+                     + (f"; a public slice ({cfg.warm_start.public_fraction:g} of global train's patients, taken "
+                        "before the hospitals were formed, so no hospital holds them) trains the warm start, declared "
+                        f"as: {cfg.warm_start.statement}" if cfg.warm_start else "")),
         "partitions": partitions,
     }

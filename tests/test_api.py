@@ -587,8 +587,14 @@ def test_public_provenance_of_a_federated_card():
                            "examples_per_node": {"st-mary": 40, "st-john": 50}, "dp": {"enabled": True}},
             "run_config": {"data.path": "/data/x", "federation.server_data_path": "/srv", "output_dir": "runs/demo",
                            "federation.rounds": 8, "federation.strategy": "fedavg", "privacy.target_epsilon": 3.0, "model.arch": "resnet50",
-                           "preprocess.image_size": 224, "model.weights": "/home/me/w.pt", "train.seed": 42}}
+                           "preprocess.image_size": 224, "model.weights": "/home/me/w.pt", "train.seed": 42},
+            "warm_start": {"kind": "bundle", "model_id": "fx-abc", "weights_sha256": "00ff", "public_data": "MedMNIST v2",
+                           "data": {"source": "medmnist", "root": "/srv/public", "images": {"train": 9}, "patients": 9,
+                                    "fingerprint": "1234"}, "architecture": {"arch": "resnet50"}}}
     out = public_provenance(prov)
+    assert out["warm_start"] == {"kind": "bundle", "model_id": "fx-abc", "weights_sha256": "00ff",
+                                 "public_data": "MedMNIST v2", "data": {"source": "medmnist", "images": {"train": 9},
+                                                                         "patients": 9, "fingerprint": "1234"}}
     assert out["settings"] == {"federation": {"rounds": 8, "strategy": "fedavg"}, "privacy": {"target_epsilon": 3.0},
                                "model": {"arch": "resnet50", "weights": "state-dict file"},
                                "preprocess": {"image_size": 224}, "train": {"seed": 42}}

@@ -139,3 +139,30 @@ def test_train_device_auto_is_the_cpu_without_a_gpu_and_cuda_without_one_is_a_cl
     assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(Exception, match="train.device"):
         Settings.build("demo", {"train.device": "gpu"})
+
+
+def test_pretrain_declares_public_data_and_every_model_trained_from_it_records_what_it_saw(synth_root, tmp_path,
+                                                                                            capsys):
+    """`fedxray pretrain` is centralised training with a public-data declaration; a run started from its bundle
+    (model.weights=<bundle>) names it in its own card: model id, weights sha256, the declaration, the data seen."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[data]\npath = "{synth_root / "hospital_1"}"\nfindings = {json.dumps(SYNTH_FINDINGS)}\n'
+                    '[preprocess]\nimage_size = 32\n[model]\narch = "smallcnn"\nweights = "none"\n'
+                    'dp_compatible = true\n[train]\nepochs = 1\n')
+    with pytest.raises(SystemExit):   # the declaration is required
+        cli_main(["pretrain", "--config", str(toml), "--out", str(tmp_path / "w")])
+    capsys.readouterr()
+    assert cli_main(["pretrain", "--config", str(toml), "--out", str(tmp_path / "w"), "--quiet",
+                     "--public", "synthetic hospital 1, published with the tests"]) == 0
+    assert f"--set model.weights={tmp_path / 'w' / 'bundle'}" in capsys.readouterr().out
+    warm = json.loads((tmp_path / "w" / "bundle" / "model.json").read_text())
+    assert warm["provenance"]["public_data"] == "synthetic hospital 1, published with the tests"
+    assert warm["provenance"]["warm_start"] is None and len(warm["provenance"]["data"]["fingerprint"]) == 16
+
+    assert cli_main(["train", "--config", str(toml), "--out", str(tmp_path / "t"), "--quiet",
+                     "--data", str(synth_root / "hospital_2"), "--set", f"model.weights={tmp_path / 'w' / 'bundle'}"]) == 0
+    card = json.loads((tmp_path / "t" / "bundle" / "model.json").read_text())
+    ws = card["provenance"]["warm_start"]
+    assert ws["kind"] == "bundle" and ws["model_id"] == warm["model_id"]
+    assert ws["weights_sha256"] == warm["weights"]["sha256"] and ws["public_data"] == warm["provenance"]["public_data"]
+    assert ws["data"] == warm["provenance"]["data"] and "public_data" not in card["provenance"]

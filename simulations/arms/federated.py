@@ -36,6 +36,12 @@ def run_settings(ctx: ArmContext, spec: ArmConfig, data_root: Path, out: Path, e
     })
 
 
+def initial_model(summary: dict) -> dict | None:
+    """Round 0: the global model before any training, as the server evaluated it (what 'it learned' is against)."""
+    h = next((h for h in summary.get("history", []) if h.get("round") == 0 and h.get("global")), None)
+    return None if h is None else {"val_auc": h["global"]["val"].get("auc"), "test_auc": h["global"]["test"].get("auc")}
+
+
 def _rounds(summary: dict) -> list[dict]:
     """federation.json history -> one row per round with per-client bytes, time and metrics."""
     rows = []
@@ -103,7 +109,7 @@ class Federated(ArmType):
             "cost": {**ctx.cost, "schedule": f"{f.rounds} rounds x {f.local_epochs} local epoch(s) at every hospital"},
             "per_hospital_test": per_hospital, "cross_site": {spec.name: per_hospital},
             "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None),
-            "apps_test_auc": apps_auc, "flower_output": str(out),
+            "apps_test_auc": apps_auc, "flower_output": str(out), "initial": initial_model(summary),
         }
         if apps_auc is not None and mine is not None and abs(apps_auc - mine) > 1e-6:
             result["note"] = (f"the apps' own test AUC ({apps_auc:.6f}) differs from this evaluation ({mine:.6f}) "

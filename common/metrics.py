@@ -10,6 +10,8 @@ Conventions:
 * A case is predicted positive when ``prob >= threshold``.
 * Zero division (no predicted positives, no positives, no negatives) gives 0, as scikit-learn's
   ``zero_division=0``; AUC is undefined (None + a note) when a finding lacks either class.
+* Calibration: expected calibration error (ECE) over ECE_BINS equal-width probability bins, beside the
+  discrimination metrics (DP and federated models are where calibration drifts while AUC holds).
 * Results are JSON-serialisable: plain floats/ints/lists, NaN -> None.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sklearn.metrics import (multilabel_confusion_matrix, precision_recall_curve
 HEADLINE = ("accuracy", "precision", "recall", "f1", "auc")  # the seed paper's order
 SEED_PAPER = {"accuracy": 0.914, "precision": 0.892, "recall": 0.925, "f1": 0.908, "auc": 0.941}
 _RATES = ("accuracy", "precision", "recall", "specificity", "f1")
+ECE_BINS = 15  # equal-width bins over [0, 1] for ECE and reliability diagrams (the common choice, Guo et al. 2017)
 _EPS = 1e-6  # thresholds are clipped to [_EPS, 1 - _EPS] so they stay strictly inside (0, 1)
 
 
@@ -90,6 +93,43 @@ def _auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
     return float(roc_auc_score(y, p, sample_weight=w)) if 0 < pos < float(w.sum()) else math.nan
 
 
+def _bin_ids(p: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Bin of each probability over equal-width edges; the same assignment as sklearn's calibration_curve
+    (searchsorted on the inner edges: a value on an edge falls in the lower bin, 1.0 in the last)."""
+    return np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p)
+
+
+def _ece(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over bins of (n_bin / n) * |mean(label) - mean(prob)|; NaN without cases.
+
+    numpy rather than sklearn.calibration.calibration_curve: that drops empty bins and returns no counts (the
+    weights of the sum), and takes no sample weights (the bootstrap's resamples)."""
+    w = np.ones(len(y)) if w is None else w
+    total = float(w.sum())
+    if total == 0:
+        return math.nan
+    ids = _bin_ids(p, n_bins)
+    gap = np.abs(np.bincount(ids, weights=w * y, minlength=n_bins) - np.bincount(ids, weights=w * p, minlength=n_bins))
+    return float(gap.sum() / total)  # (n_b / n) * |sum_b(y) / n_b - sum_b(p) / n_b| = |sum_b(y) - sum_b(p)| / n
+
+
+def reliability_data(y_true, y_prob, mask=None, finding: int | None = None, n_bins: int = ECE_BINS) -> dict:
+    """What a reliability diagram draws, for one finding (column index) or pooled over all findings (None):
+    bin edges, per-bin mean predicted probability and fraction positive (None in an empty bin), counts, and
+    the ECE. Masked entries are left out."""
+    y_true, y_prob, m = _prepare(y_true, y_prob, mask)
+    if finding is None:
+        y, p = y_true[m], y_prob[m]
+    else:
+        y, p = y_true[m[:, finding], finding], y_prob[m[:, finding], finding]
+    ids = _bin_ids(p, n_bins)
+    cnt = np.bincount(ids, minlength=n_bins)
+    sums_p, sums_y = np.bincount(ids, weights=p, minlength=n_bins), np.bincount(ids, weights=y, minlength=n_bins)
+    per = lambda s: [float(s[b] / cnt[b]) if cnt[b] else None for b in range(n_bins)]  # noqa: E731
+    return {"edges": np.linspace(0.0, 1.0, n_bins + 1).tolist(), "mean_prob": per(sums_p), "frac_pos": per(sums_y),
+            "counts": [int(c) for c in cnt], "n": int(len(y)), "ece": _num(_ece(y, p, n_bins=n_bins))}
+
+
 def _percentile_ci(values: list[float]) -> list[float] | None:
     v = np.asarray([x for x in values if math.isfinite(x)])
     return None if v.size == 0 else [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
@@ -133,10 +173,11 @@ def macro_f1(y_true, y_prob, thresholds, mask=None) -> float:
 
 
 def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootstrap: int = 0, seed: int = 0) -> dict:
-    """Per-finding, macro and micro clinical metrics, plus the seed paper's five headline figures (= macro).
+    """Per-finding, macro and micro clinical metrics and ECE, plus the headline: the seed paper's five figures
+    (= macro, HEADLINE) and the macro ECE after them, so every table built from it can show calibration.
 
     thresholds None -> 0.5 each. bootstrap > 0 resamples rows with np.random.default_rng(seed) and gives
-    percentile 95% CIs of each finding's AUC and F1 and of macro AUC/F1; resamples where an AUC is
+    percentile 95% CIs of each finding's AUC and F1 and of macro AUC/F1/ECE; resamples where an AUC is
     undefined are skipped for that AUC (for macro AUC: where any finding with a defined AUC loses it).
     """
     y_true, y_prob, m = _prepare(y_true, y_prob, mask)
@@ -163,7 +204,7 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
             notes.append(f"{name}: no negative cases in this split; AUC undefined")
         per_finding[name] = {
             **{k: _num(v) for k, v in rates.items()},
-            "auc": _num(auc),
+            "auc": _num(auc), "ece": _num(_ece(y, p)),
             "support": int(tp + fn), "negatives": int(tn + fp), "n": int(len(y)), "threshold": float(thr[j]),
             "confusion": confusion, "auc_ci": None, "f1_ci": None,
         }
@@ -172,13 +213,14 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
         vals = [r[key] for r in per_finding.values() if r[key] is not None]
         return float(np.mean(vals)) if vals else None
 
-    macro = {k: mean_of(k) for k in (*_RATES, "auc")}
+    macro = {k: mean_of(k) for k in (*_RATES, "auc", "ece")}
     micro = {k: _num(v) for k, v in _rates(y_true[m], pred[m])[0].items()}
     micro["auc"] = _num(_auc(y_true[m], y_prob[m]))
+    micro["ece"] = _num(_ece(y_true[m], y_prob[m]))
 
     result = {
         "n": int(n), "thresholds": [float(t) for t in thr], "per_finding": per_finding,
-        "macro": macro, "micro": micro, "headline": {k: macro[k] for k in HEADLINE},
+        "macro": macro, "micro": micro, "headline": {**{k: macro[k] for k in HEADLINE}, "ece": macro["ece"]},
         "headline_ci": None, "notes": notes,
     }
     if bootstrap > 0 and n > 0:
@@ -187,14 +229,16 @@ def compute_metrics(y_true, y_prob, findings, thresholds=None, mask=None, bootst
 
 
 def _bootstrap(result: dict, y_true, y_prob, pred, m, findings, n_boot: int, seed: int) -> None:
-    """Fill auc_ci/f1_ci and headline_ci in place. A resample of the rows is a vector of integer weights (how
-    often each row was drawn), handed to scikit-learn as sample_weight: the same numbers as the resampled rows."""
+    """Fill auc_ci/f1_ci and headline_ci (macro AUC, F1, ECE) in place. A resample of the rows is a vector of
+    integer weights (how often each row was drawn), handed to scikit-learn (and _ece) as sample_weight: the same
+    numbers as the resampled rows."""
     rng = np.random.default_rng(seed)
     n, n_find = y_true.shape
     cols = [np.flatnonzero(m[:, j]) for j in range(n_find)]
     defined = [result["per_finding"][f]["auc"] is not None for f in findings]
     aucs = np.full((n_boot, n_find), math.nan)
     f1s = np.full((n_boot, n_find), math.nan)
+    eces = np.full((n_boot, n_find), math.nan)
     for b in range(n_boot):
         w_all = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float)
         for j, c in enumerate(cols):
@@ -202,6 +246,7 @@ def _bootstrap(result: dict, y_true, y_prob, pred, m, findings, n_boot: int, see
             if w.sum() == 0:
                 continue
             f1s[b, j] = _scores(y_true[c, j], pred[c, j], w)["f1"]
+            eces[b, j] = _ece(y_true[c, j], y_prob[c, j], w)
             if defined[j]:
                 aucs[b, j] = _auc(y_true[c, j], y_prob[c, j], w)
     for j, name in enumerate(findings):
@@ -212,7 +257,9 @@ def _bootstrap(result: dict, y_true, y_prob, pred, m, findings, n_boot: int, see
     macro_auc = [float(np.mean(row[defined])) if any(defined) and np.isfinite(row[defined]).all() else math.nan
                  for row in aucs]
     macro_f1s = [float(np.nanmean(row)) if np.isfinite(row).any() else math.nan for row in f1s]
-    result["headline_ci"] = {"auc": _percentile_ci(macro_auc), "f1": _percentile_ci(macro_f1s)}
+    macro_eces = [float(np.nanmean(row)) if np.isfinite(row).any() else math.nan for row in eces]
+    result["headline_ci"] = {"auc": _percentile_ci(macro_auc), "f1": _percentile_ci(macro_f1s),
+                             "ece": _percentile_ci(macro_eces)}
 
 
 # ----------------------------------------------------------------------------- text tables
@@ -234,16 +281,17 @@ def trivial_baseline(metrics: Mapping) -> dict | None:
 
 
 TABLE_COLUMNS = (("Accuracy", "accuracy"), ("Precision", "precision"), ("Recall", "recall"),
-                 ("Specificity", "specificity"), ("F1", "f1"), ("AUC", "auc"))
+                 ("Specificity", "specificity"), ("F1", "f1"), ("AUC", "auc"), ("ECE", "ece"))
 SEED_PAPER_NAME = "seed paper (ResNet50 on ChestX-ray14, as reported)"
 
 
 def format_headline_table(rows: Mapping[str, Mapping], *, reference: Mapping | None = None,
                           reference_name: str = SEED_PAPER_NAME, baseline: bool = True,
                           title: str | None = None) -> str:
-    """Fixed-width table (Accuracy, Precision, Recall, Specificity, F1, AUC as % with one decimal), one row per
-    run, then the all-positive baseline on the first row's images and, only when given (`--compare-paper`),
-    a reference row such as the seed paper's reported figures."""
+    """Fixed-width table (Accuracy, Precision, Recall, Specificity, F1, AUC, ECE as % with one decimal), one row
+    per run, then the all-positive baseline on the first row's images and, only when given (`--compare-paper`),
+    a reference row such as the seed paper's reported figures (ECE n/a where a row has none: the paper reports
+    none, and the all-positive baseline is a decision rule, not a probability)."""
     table = [(name, _headline(r)) for name, r in rows.items()]
     extra = []
     first = next(iter(rows.values()), None)
@@ -265,27 +313,29 @@ def format_headline_table(rows: Mapping[str, Mapping], *, reference: Mapping | N
 
 
 def _headline(r: Mapping) -> Mapping:
-    """The five headline figures plus the macro specificity (metrics dicts carry both)."""
+    """The headline figures plus the macro specificity (and ECE, for a headline saved before it had one)."""
     h = dict(r.get("headline", r))
-    if "specificity" not in h and isinstance(r.get("macro"), Mapping):
-        h["specificity"] = r["macro"].get("specificity")
+    for k in ("specificity", "ece"):
+        if k not in h and isinstance(r.get("macro"), Mapping):
+            h[k] = r["macro"].get(k)
     return h
 
 
 def format_per_finding_table(metrics: Mapping) -> str:
-    """Per-finding table (n, positives, AUC [95% CI], F1, precision, recall, specificity, accuracy, threshold)
-    with macro and micro rows and the notes, for logs and the model card."""
-    heads = ("n", "Pos", "AUC", "AUC 95% CI", "F1", "Prec", "Recall", "Spec", "Acc", "Thr")
+    """Per-finding table (n, positives, AUC [95% CI], ECE, F1, precision, recall, specificity, accuracy,
+    threshold) with macro and micro rows and the notes, for logs and the model card."""
+    heads = ("n", "Pos", "AUC", "AUC 95% CI", "ECE", "F1", "Prec", "Recall", "Spec", "Acc", "Thr")
     rows = []
     for name, r in metrics["per_finding"].items():
         ci = r.get("auc_ci")
         rows.append((name, [str(r["n"]), str(r["support"]), _pct(r["auc"]),
-                            f"{_pct(ci[0])}-{_pct(ci[1])}" if ci else "", _pct(r["f1"]), _pct(r["precision"]),
-                            _pct(r["recall"]), _pct(r["specificity"]), _pct(r["accuracy"]), f"{r['threshold']:.3f}"]))
+                            f"{_pct(ci[0])}-{_pct(ci[1])}" if ci else "", _pct(r.get("ece")), _pct(r["f1"]),
+                            _pct(r["precision"]), _pct(r["recall"]), _pct(r["specificity"]), _pct(r["accuracy"]),
+                            f"{r['threshold']:.3f}"]))
     for agg in ("macro", "micro"):
         a = metrics[agg]
-        rows.append((agg, ["", "", _pct(a["auc"]), "", _pct(a["f1"]), _pct(a["precision"]), _pct(a["recall"]),
-                           _pct(a["specificity"]), _pct(a["accuracy"]), ""]))
+        rows.append((agg, ["", "", _pct(a["auc"]), "", _pct(a.get("ece")), _pct(a["f1"]), _pct(a["precision"]),
+                           _pct(a["recall"]), _pct(a["specificity"]), _pct(a["accuracy"]), ""]))
     width = max([len("Finding")] + [len(name) for name, _ in rows])
     line = lambda name, cells: f"{name:<{width}}  " + "  ".join(f"{c:>11}" if h == "AUC 95% CI" else f"{c:>6}"  # noqa: E731
                                                                  for h, c in zip(heads, cells))
@@ -296,5 +346,5 @@ def format_per_finding_table(metrics: Mapping) -> str:
     return "\n".join(out)
 
 
-__all__ = ("HEADLINE", "SEED_PAPER", "tune_thresholds", "compute_metrics", "macro_f1", "trivial_baseline",
-           "format_headline_table", "format_per_finding_table")
+__all__ = ("HEADLINE", "SEED_PAPER", "ECE_BINS", "tune_thresholds", "compute_metrics", "macro_f1",
+           "reliability_data", "trivial_baseline", "format_headline_table", "format_per_finding_table")

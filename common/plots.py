@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common.metrics import _prepare
+from common.metrics import ECE_BINS, _prepare, reliability_data
 
 
 def _figure(width: float = 7.0, height: float = 5.0) -> Figure:
@@ -67,6 +67,39 @@ def plot_roc_curves(y_true, y_prob, findings, path, mask=None, title=None) -> Pa
         ax.text(0.5, 0.5, "no finding has both classes", ha="center", va="center")
     ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
            xlim=(0, 1), ylim=(0, 1.01), title=title or "ROC curves")
+    return _save(fig, path)
+
+
+def plot_reliability(models: Mapping[str, tuple], path, finding: int | None = None, title=None,
+                     n_bins: int = ECE_BINS) -> Path:
+    """Reliability diagram: fraction positive against mean predicted probability per equal-width bin, one line
+    per model ({name: (y_true, y_prob, mask)}), the diagonal (perfect calibration), ECE in the legend, and the
+    bin counts below (a bin of 3 images says little). `finding`: a column index, or None to pool every finding's
+    labelled entries (the legend's ECE is then the pooled one, compute_metrics' micro ECE)."""
+    fig = _figure(7, 7)
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    cmap = matplotlib.colormaps["tab10"]
+    width = 1.0 / n_bins
+    drawn = 0
+    for i, (name, (y, p, mask)) in enumerate(models.items()):
+        d = reliability_data(y, p, mask=mask, finding=finding, n_bins=n_bins)
+        if not d["n"]:
+            continue
+        full = [b for b, c in enumerate(d["counts"]) if c]
+        color = cmap(i % 10)
+        ax.plot([d["mean_prob"][b] for b in full], [d["frac_pos"][b] for b in full], marker="o", ms=4, lw=1.5,
+                color=color, label=f"{name} ({'pooled ' if finding is None else ''}ECE {d['ece']:.3f})")
+        left = np.asarray(d["edges"][:-1]) + width * (0.1 + 0.8 * i / len(models))
+        hist.bar(left, d["counts"], width * 0.8 / len(models), align="edge", color=color, alpha=0.8)
+        drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no labelled cases", ha="center", va="center")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.set(ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1.01), title=title or "Reliability diagram")
+    ax.grid(alpha=0.3)
+    hist.set(xlabel="mean predicted probability (bin)", ylabel="images per bin", xlim=(0, 1))
+    hist.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
@@ -166,5 +199,5 @@ def plot_heatmap(values: Sequence[Sequence[float | None]], rows: Sequence[str], 
     return _save(fig, path)
 
 
-__all__ = ("plot_roc_curves", "plot_per_finding_bars", "plot_training_curves", "plot_series", "plot_bars",
+__all__ = ("plot_roc_curves", "plot_reliability", "plot_per_finding_bars", "plot_training_curves", "plot_series", "plot_bars",
            "plot_heatmap")

@@ -12,8 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from common.metrics import HEADLINE, SEED_PAPER, SEED_PAPER_NAME, trivial_baseline
-from common.plots import plot_bars, plot_roc_curves, plot_series
+from common.metrics import ECE_BINS, HEADLINE, SEED_PAPER, SEED_PAPER_NAME, trivial_baseline
+from common.plots import plot_bars, plot_reliability, plot_roc_curves, plot_series
 from common.tracking import MLRUNS, local_store_uri
 from simulations.store import REPORT_FILE, ResultStore, write_atomic
 
@@ -60,29 +60,32 @@ def describe_arm(a: dict) -> str:
 
 
 def headline_table(arms: dict[str, dict], compare_paper: bool = False) -> list[str]:
-    """The five headline metrics (macro over findings) + macro AUC CI + gap to centralised, one row per arm, then
-    the all-positive baseline on the same test images and, only when asked (`compare_paper`), the seed paper's
-    reported ChestX-ray14 figures."""
+    """The five headline metrics (macro over findings) + macro ECE (calibration: where DP and federated models
+    drift while AUC holds) + macro AUC/F1/ECE CIs + gap to centralised, one row per arm, then the all-positive
+    baseline on the same test images and, only when asked (`compare_paper`), the seed paper's reported
+    ChestX-ray14 figures (neither has an ECE: the paper reports none, the baseline is a decision rule)."""
     ref = reference(arms)
     ref_auc = ref["test"]["headline"]["auc"] if ref else None
-    cols = [HEAD_NAMES[k] for k in HEADLINE] + ["AUC 95% CI", "F1 95% CI", "Δ AUC vs centralised", "best round"]
+    cols = [HEAD_NAMES[k] for k in HEADLINE] + ["ECE", "AUC 95% CI", "F1 95% CI", "ECE 95% CI",
+                                                "Δ AUC vs centralised", "best round"]
+    tail = " |" * (len(cols) - len(HEADLINE) + 1)  # close a reference row's fifth figure, then its empty cells
     lines = ["| Arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, a in arms.items():
         h, ci = a["test"]["headline"], a["test"].get("headline_ci") or {}
         if a["kind"] == "local":
             rng = a["test"].get("range") or {}
-            ci = {"auc": rng.get("auc"), "f1": rng.get("f1")}
+            ci = {"auc": rng.get("auc"), "f1": rng.get("f1"), "ece": rng.get("ece")}
         gap = (h["auc"] - ref_auc) if (ref_auc is not None and h.get("auc") is not None and a is not ref) else None
         label = f"{name} (mean of {a['test'].get('n_models')} hospitals; range)" if a["kind"] == "local" else name
-        cells = [fmt(h.get(k)) for k in HEADLINE] + [fmt_ci(ci.get("auc")), fmt_ci(ci.get("f1")),
-                                                     "" if gap is None else f"{gap:+.3f}",
+        cells = [fmt(h.get(k)) for k in HEADLINE] + [fmt(h.get("ece")), fmt_ci(ci.get("auc")), fmt_ci(ci.get("f1")),
+                                                     fmt_ci(ci.get("ece")), "" if gap is None else f"{gap:+.3f}",
                                                      str(a.get("best_round") or "")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     base = trivial_baseline(next(iter(arms.values()))["test"]) if arms else None
     if base is not None:
-        lines.append("| all-positive baseline | " + " | ".join(fmt(base[k]) for k in HEADLINE) + " | | | | |")
+        lines.append("| all-positive baseline | " + " | ".join(fmt(base[k]) for k in HEADLINE) + tail)
     if compare_paper:
-        lines.append(f"| {SEED_PAPER_NAME} | " + " | ".join(fmt(SEED_PAPER[k]) for k in HEADLINE) + " | | | | |")
+        lines.append(f"| {SEED_PAPER_NAME} | " + " | ".join(fmt(SEED_PAPER[k]) for k in HEADLINE) + tail)
     return lines
 
 
@@ -159,12 +162,18 @@ def plots(out: Path, pname: str, arms: dict[str, dict], store: ResultStore, find
         plot_bars(bars, d / "per_hospital_auc.png", "macro AUC on the hospital's own test split",
                   title=f"Per-hospital AUC [{pname}] (local-only: each hospital's own model)")
         md.append(f"![Per-hospital AUC](plots/{pname}/per_hospital_auc.png)")
+    calibration = {}
     for n in arms:
         pred = store.predictions(pname, n)
         if pred is not None and len(pred["labels"]):
             plot_roc_curves(pred["labels"], pred["probs"], findings, d / f"roc_{n}.png", mask=pred["mask"],
                             title=f"ROC, global test [{pname} / {n}]")
             md.append(f"![ROC {n}](plots/{pname}/roc_{n}.png)")
+            calibration[n] = (pred["labels"], pred["probs"], pred["mask"])
+    if calibration:
+        plot_reliability(calibration, d / "reliability.png",
+                         title=f"Reliability, global test, all findings pooled [{pname}]")
+        md.append(f"![Reliability](plots/{pname}/reliability.png)")
     return md
 
 
@@ -305,7 +314,9 @@ def write_report(out: Path, results: dict, store: ResultStore) -> Path:
              f"{cfg['train']['batch_size']}, lr {cfg['train']['lr']}; partition seed {cfg['seed']}, training seed "
              f"{cfg['train']['seed']}.", "",
              f"**Protocol.** {results['protocol']}.", "", f"**Cost.** {results['cost']['statement']}", "",
-             "Metrics: accuracy, precision, recall, F1, AUC (macro-averaged over findings) on the one global test set; "
+             "Metrics: accuracy, precision, recall, F1, AUC and expected calibration error (ECE: equal-width "
+             f"probability bins, {ECE_BINS} of them; 0 = calibrated) macro-averaged over findings on the one global "
+             "test set (the reliability diagrams pool every finding's labelled entries); "
              + (f"95% CIs from {cfg['bootstrap']} bootstrap resamples of the test images" if cfg["bootstrap"]
                 else "no CIs (bootstrap = 0)")
              + "; thresholds tuned on the validation set each arm selects with (global validation; local-only: "

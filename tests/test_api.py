@@ -297,6 +297,9 @@ def test_model_card_health_ready(client, bundle):
     assert card["frontal_only"] is True and "gradcam++" in card["cam_methods"] and card["privacy"] is None
     assert set(card["thresholds"]) == set(FINDINGS) and card["preprocess"]["image_size"] == 64
     assert card["provenance"]["training"] == "centralised" and "test" in card["metrics"]
+    ece = card["metrics"]["test"]["macro"]["ece"]   # calibration is on the card the API serves
+    assert ece is not None and 0 < ece < 1 and card["metrics"]["test"]["headline"]["ece"] == ece
+    assert card["metrics"]["validation"]["per_finding"][FINDINGS[0]]["ece"] is not None
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json()["ready"] is True
 

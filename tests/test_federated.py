@@ -364,6 +364,13 @@ def _check_result(out: Path, rounds: int, hospitals: int, evaluated: bool = True
     val_auc = {h["round"]: h["global"]["val"]["auc"] for h in summary["history"]}
     assert val_auc[summary["best_round"]] >= val_auc[0] + 0.15, val_auc
     assert card["metrics"]["test"]["macro"]["auc"] >= 0.65, card["metrics"]["test"]["macro"]
+    # calibration reaches federation.json, the history rows and the card (all the server's compute_metrics dicts)
+    for split in ("test", "validation"):
+        ece = summary[split]["macro"]["ece"]
+        assert ece is not None and 0 < ece < 1 and card["metrics"][split]["macro"]["ece"] == ece, split
+    assert card["metrics"]["test"]["headline"]["ece"] == summary["test"]["macro"]["ece"]
+    assert all(h["global"]["val"]["ece"] is not None for h in summary["history"])
+    assert summary["table"].splitlines()[1].split()[-1] == "ECE"
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     return summary
 

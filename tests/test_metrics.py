@@ -7,8 +7,8 @@ from itertools import product
 import numpy as np
 import pytest
 from common import plots
-from common.metrics import (HEADLINE, SEED_PAPER, compute_metrics, format_headline_table, format_per_finding_table,
-                            macro_f1, tune_thresholds)
+from common.metrics import (ECE_BINS, HEADLINE, SEED_PAPER, compute_metrics, format_headline_table,
+                            format_per_finding_table, macro_f1, reliability_data, tune_thresholds)
 
 EXACT = dict(rel=1e-12, abs=1e-12)
 
@@ -67,7 +67,7 @@ def test_macro_vs_micro():
     assert micro["auc"] == pytest.approx(pair_auc(Y.ravel(), P.ravel()), **EXACT)
     assert macro["precision"] != pytest.approx(micro["precision"])
     assert macro["f1"] != pytest.approx(micro["f1"])
-    assert r["headline"] == {k: macro[k] for k in HEADLINE}
+    assert r["headline"] == {**{k: macro[k] for k in HEADLINE}, "ece": macro["ece"]}
     assert macro_f1(Y, P, [0.5, 0.5]) == pytest.approx(macro["f1"], **EXACT)
 
 
@@ -182,6 +182,22 @@ def test_bootstrap_equals_hand_resampled_rows():
                                                     **EXACT)
 
 
+def test_bootstrap_ece_ci_equals_the_ece_of_repeated_rows():
+    """Macro ECE's CI: each resample's rows repeated by hand (same draws) and scored without weights."""
+    rng = np.random.default_rng(5)
+    y = (rng.random((40, 2)) < 0.4).astype(float)
+    p = rng.random((40, 2))
+    mask = rng.random((40, 2)) > 0.1
+    r = compute_metrics(y, p, NAMES, mask=mask, bootstrap=25, seed=4)
+    draws = np.random.default_rng(4)
+    macro = []
+    for _ in range(25):
+        idx = draws.integers(0, 40, size=40)
+        macro.append(compute_metrics(y[idx], p[idx], NAMES, mask=mask[idx])["macro"]["ece"])
+    assert r["headline_ci"]["ece"] == pytest.approx([np.percentile(macro, 2.5), np.percentile(macro, 97.5)], **EXACT)
+    assert r["headline_ci"]["ece"][0] < r["headline_ci"]["ece"][1]
+
+
 def test_bootstrap_ci():
     rng = np.random.default_rng(3)
     y = (rng.random((150, 2)) < 0.3).astype(float)
@@ -205,25 +221,102 @@ def test_json_serialisable():
     assert json.loads(json.dumps(r, allow_nan=False)) == r
 
 
+# ------------------------------------------------------------------------------------------- calibration (ECE)
+def test_ece_of_a_known_miscalibration():
+    """All probabilities 0.9, half the cases positive: one bin, |0.5 - 0.9| = 0.4."""
+    y = np.array([1, 0] * 10, dtype=float)
+    r = compute_metrics(y, np.full(20, 0.9), ["A"])
+    assert r["per_finding"]["A"]["ece"] == pytest.approx(0.4, abs=1e-12)
+    assert r["macro"]["ece"] == r["headline"]["ece"] == r["micro"]["ece"] == pytest.approx(0.4, abs=1e-12)
+
+
+def test_ece_two_bins_hand_computed():
+    """0.1 x 4 (1 positive: |0.25 - 0.1| = 0.15), 0.7 x 6 (4 positives: |2/3 - 0.7|): 0.4 * 0.15 + 0.6 * 0.1/3."""
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0], dtype=float)
+    p = np.array([0.1] * 4 + [0.7] * 6)
+    assert compute_metrics(y, p, ["A"])["per_finding"]["A"]["ece"] == pytest.approx(0.4 * 0.15 + 0.6 * 0.1 / 3,
+                                                                                     abs=1e-12)
+
+
+def test_ece_of_a_perfectly_calibrated_construction_is_zero():
+    """In every bin the fraction positive equals the (single) probability predicted there."""
+    probs, labels = [], []
+    for q, n in ((0.1, 10), (0.25, 8), (0.5, 6), (0.8, 10), (0.95, 20)):
+        k = round(q * n)
+        probs += [q] * n
+        labels += [1.0] * k + [0.0] * (n - k)
+    r = compute_metrics(np.array(labels), np.array(probs), ["A"])
+    assert r["per_finding"]["A"]["ece"] == pytest.approx(0.0, abs=1e-12)
+    # and a large calibrated sample (labels drawn with the predicted probability) is close to 0
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    y = (rng.random(200_000) < p).astype(float)
+    assert compute_metrics(y, p, ["A"])["per_finding"]["A"]["ece"] < 0.01
+    assert compute_metrics(y, p ** 2, ["A"])["per_finding"]["A"]["ece"] > 0.1  # miscalibrated: clearly not
+
+
+def test_ece_ignores_masked_entries_and_macro_skips_findings_without_cases():
+    y = np.array([1, 0] * 10, dtype=float)
+    p = np.full(20, 0.9)
+    # extra rows that would move the ECE (confident negatives): masked in A, a NaN label in B
+    y2 = np.c_[np.r_[y, np.zeros(5)], np.r_[y, np.full(5, np.nan)], np.zeros(25)]
+    p2 = np.c_[np.r_[p, np.full(5, 0.99)], np.r_[p, np.full(5, 0.99)], np.full(25, 0.3)]
+    mask = np.ones((25, 3), dtype=bool)
+    mask[20:, 0] = False
+    mask[:, 2] = False  # C: no labelled case at all
+    r = compute_metrics(y2, p2, ["A", "B", "C"], mask=mask)
+    assert r["per_finding"]["A"]["ece"] == pytest.approx(0.4, abs=1e-12)
+    assert r["per_finding"]["B"]["ece"] == pytest.approx(0.4, abs=1e-12)
+    assert r["per_finding"]["C"]["ece"] is None
+    assert r["macro"]["ece"] == pytest.approx(0.4, abs=1e-12)   # mean over A and B only
+    unmasked = compute_metrics(y2[:, :1], p2[:, :1], ["A"])
+    assert unmasked["per_finding"]["A"]["ece"] != pytest.approx(0.4)  # the masked rows would have mattered
+
+
+def test_reliability_data_matches_sklearn_and_compute_metrics():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 2)) < 0.3).astype(float)
+    p = np.clip(0.3 * y + 0.7 * rng.random((300, 2)), 0, 1)
+    mask = rng.random((300, 2)) > 0.2
+    r = compute_metrics(y, p, NAMES, mask=mask)
+    for j, name in enumerate(NAMES):
+        d = reliability_data(y, p, mask=mask, finding=j)
+        assert len(d["edges"]) == ECE_BINS + 1 and d["edges"][0] == 0.0 and d["edges"][-1] == 1.0
+        assert sum(d["counts"]) == d["n"] == int(mask[:, j].sum())
+        frac, mean = calibration_curve(y[mask[:, j], j], p[mask[:, j], j], n_bins=ECE_BINS, strategy="uniform")
+        full = [b for b, c in enumerate(d["counts"]) if c]
+        assert [d["frac_pos"][b] for b in full] == pytest.approx(frac.tolist(), abs=1e-12)
+        assert [d["mean_prob"][b] for b in full] == pytest.approx(mean.tolist(), abs=1e-12)
+        assert all(d["frac_pos"][b] is None for b, c in enumerate(d["counts"]) if not c)
+        hand = sum(c / d["n"] * abs(f - m) for c, f, m in zip(d["counts"], d["frac_pos"], d["mean_prob"]) if c)
+        assert d["ece"] == pytest.approx(hand, abs=1e-12) == pytest.approx(r["per_finding"][name]["ece"], abs=1e-12)
+    pooled = reliability_data(y, p, mask=mask)
+    assert pooled["n"] == int(mask.sum()) and pooled["ece"] == pytest.approx(r["micro"]["ece"], abs=1e-12)
+
+
 def test_headline_table():
     r = compute_metrics(Y, P, NAMES)
     text = format_headline_table({"centralised": r, "fedavg": r["headline"]}, title="Test split",
                                  reference=SEED_PAPER)
     header = next(line for line in text.splitlines() if "Accuracy" in line)
-    assert header.split() == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "AUC"]
+    assert header.split() == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "AUC", "ECE"]
     assert text.startswith("Test split")
     row = next(line for line in text.splitlines() if line.startswith("centralised")).split()[1:]
     assert row == [f"{100 * r[m][k]:.1f}" for m, k in (("headline", "accuracy"), ("headline", "precision"),
                                                        ("headline", "recall"), ("macro", "specificity"),
-                                                       ("headline", "f1"), ("headline", "auc"))]
+                                                       ("headline", "f1"), ("headline", "auc"),
+                                                       ("headline", "ece"))]
+    assert r["headline"]["ece"] > 0  # a real number in the ECE column, not a placeholder
     seed = next(line for line in text.splitlines() if line.startswith("seed paper"))
-    assert "ChestX-ray14" in seed and seed.split()[-6:] == ["91.4", "89.2", "92.5", "n/a", "90.8", "94.1"]
+    assert "ChestX-ray14" in seed and seed.split()[-7:] == ["91.4", "89.2", "92.5", "n/a", "90.8", "94.1", "n/a"]
     assert SEED_PAPER["auc"] == 0.941
     # the all-positive baseline on the same images: prevalence as accuracy and precision, recall 1, AUC 0.5
     prev = [p["support"] / p["n"] for p in r["per_finding"].values()]
     base = next(line for line in text.splitlines() if line.startswith("all-positive baseline")).split()[2:]
     assert base == [f"{100 * np.mean(prev):.1f}", f"{100 * np.mean(prev):.1f}", "100.0", "0.0",
-                    f"{100 * np.mean([2 * p / (1 + p) for p in prev]):.1f}", "50.0"]
+                    f"{100 * np.mean([2 * p / (1 + p) for p in prev]):.1f}", "50.0", "n/a"]
     plain = format_headline_table({"x": r})
     assert "seed paper" not in plain and "all-positive baseline" in plain
 
@@ -232,7 +325,9 @@ def test_per_finding_table():
     y = np.c_[Y, np.zeros(8)]
     r = compute_metrics(y, np.c_[P, P[:, 0]], ["A", "B", "Hernia"], bootstrap=20)
     text = format_per_finding_table(r)
-    assert all(s in text for s in ("Hernia", "macro", "micro", "87.5", "n/a", "note: Hernia"))
+    assert all(s in text for s in ("Hernia", "macro", "micro", "87.5", "n/a", "note: Hernia", "ECE"))
+    macro_row = next(line for line in text.splitlines() if line.startswith("macro")).split()
+    assert macro_row[1] == f"{100 * r['macro']['auc']:.1f}" and macro_row[2] == f"{100 * r['macro']['ece']:.1f}"
 
 
 def test_plots_write_pngs(tmp_path):
@@ -251,6 +346,9 @@ def test_plots_write_pngs(tmp_path):
         plots.plot_bars({"a": 0.8, "b": 0.7}, tmp_path / "simple.png", "AUC"),
         plots.plot_bars({"iid": {"fedavg": 0.8, "fedprox": 0.81}, "non-iid": {"fedavg": 0.7, "fedprox": 0.74}},
                         tmp_path / "grouped.png", "AUC", title="arms"),
+        plots.plot_reliability({"model": (y, p, None)}, tmp_path / "rel.png", title="one model"),
+        plots.plot_reliability({"a": (y, p, None), "b": (y, np.clip(p * 0.5, 0, 1), np.ones_like(y, bool))},
+                               tmp_path / "rel2.png"),
     ]
     for path in out:
         assert path.exists() and path.stat().st_size > 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

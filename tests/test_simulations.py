@@ -209,6 +209,60 @@ def _rows(section: str) -> dict[str, list[str]]:
     return rows
 
 
+def _fake_arm(kind: str, test: dict) -> dict:
+    return {"kind": kind, "status": "done", "test": test, "best_round": None, "spec": {}, "cost": {"schedule": ""}}
+
+
+def test_report_headline_table_shows_ece_and_its_ci():
+    """Fast: the table from metrics dicts alone (the e2e test below checks the same against results.json)."""
+    from common.metrics import compute_metrics
+    from simulations.arms.base import mean_metrics
+    from simulations.report import headline_table
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 2)) < 0.4).astype(float)
+    p = np.clip(0.4 * y + 0.6 * rng.random((60, 2)), 0, 1)
+    central = compute_metrics(y, p, ["A", "B"], bootstrap=20)
+    fed = compute_metrics(y, p ** 2, ["A", "B"], bootstrap=20)
+    local = mean_metrics([central, fed])
+    arms = {"centralised": _fake_arm("centralised", central), "fedavg": _fake_arm("federated", fed),
+            "local-only": _fake_arm("local", local)}
+    lines = headline_table(arms, compare_paper=True)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[6] == "ECE" and header[9] == "ECE 95% CI"
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip().strip("|").split("|")] for line in lines[2:])}
+    assert all(len(r) == len(header) - 1 for r in rows.values()), "a row with the wrong number of cells"
+    for name, m in (("centralised", central), ("fedavg", fed)):
+        assert rows[name][5] == f"{m['headline']['ece']:.3f}" and m["headline"]["ece"] > 0
+        ci = m["headline_ci"]["ece"]
+        assert rows[name][8] == f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+    assert rows["fedavg"][5] != rows["centralised"][5]  # p ** 2 is worse calibrated: the column tells them apart
+    lo, hi = sorted([central["headline"]["ece"], fed["headline"]["ece"]])
+    local_row = next(v for k, v in rows.items() if k.startswith("local-only"))
+    assert local_row[5] == f"{(lo + hi) / 2:.3f}" and local_row[8] == f"[{lo:.3f}, {hi:.3f}]"
+    assert rows["all-positive baseline"][5] == "" and next(v for k, v in rows.items() if "seed paper" in k)[5] == ""
+
+
+def test_report_plots_write_one_reliability_diagram_over_the_arms(tmp_path):
+    from simulations.report import plots
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((50, 2)) < 0.4).astype(np.float32)
+    preds = {"centralised": {"probs": rng.random((50, 2)).astype(np.float32), "labels": y,
+                             "mask": np.ones((50, 2), bool)},
+             "fedavg": {"probs": rng.random((50, 2)).astype(np.float32), "labels": y, "mask": rng.random((50, 2)) > .2}}
+
+    class Store:
+        def predictions(self, partition, arm):
+            return preds.get(arm)
+
+    arms = {n: {"kind": "centralised", "rounds": []} for n in (*preds, "dp-no-predictions")}
+    md = plots(tmp_path, "iid", arms, Store(), ["A", "B"])
+    png = tmp_path / "plots" / "iid" / "reliability.png"
+    assert "![Reliability](plots/iid/reliability.png)" in md
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # Centralised and FedAvg test AUC of the e2e experiment below measured 0.75 / 0.76 (data seed 2; 0.70-0.79 over
 # seeds 2-4), the untrained model 0.34-0.55. The DP arm at epsilon 3 on ~100 images barely learns: at the shared lr
 # (3e-3) its best round measured 0.347 against the untrained 0.341; at lr 1e-2 every round measured 0.456-0.487.
@@ -252,6 +306,7 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
     for f in ["results.json", "report.md", "experiment.json", "partitions/iid.json", "arms/iid/centralised.json",
               "arms/iid/fedavg.json", "arms/iid/fedavg.npz", "plots/iid/auc_per_round.png",
               "plots/iid/per_hospital_auc.png", "plots/iid/roc_centralised.png", "plots/iid/roc_fedavg.png",
+              "plots/iid/reliability.png",
               "plots/iid/cross_site.png", "plots/iid/partition.png"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     for arm in ("centralised", "fedavg"):
@@ -269,14 +324,18 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
     rows = _table_rows(report, "iid")
     for name in ("centralised", "fedavg"):
         h = arms[name]["test"]["headline"]
-        assert rows[name][:5] == [f"{h[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1", "auc")]
+        assert rows[name][:6] == [f"{h[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1", "auc", "ece")]
+        assert h["ece"] == arms[name]["test"]["macro"]["ece"] and 0 < h["ece"] < 1
         ci = arms[name]["test"]["headline_ci"]["auc"]
-        assert rows[name][5] == f"[{ci[0]:.3f}, {ci[1]:.3f}]" and ci[0] <= h["auc"] <= ci[1]
+        assert rows[name][6] == f"[{ci[0]:.3f}, {ci[1]:.3f}]" and ci[0] <= h["auc"] <= ci[1]
+        ece_ci = arms[name]["test"]["headline_ci"]["ece"]
+        assert rows[name][8] == f"[{ece_ci[0]:.3f}, {ece_ci[1]:.3f}]"
     per = arms["centralised"]["test"]["per_finding"].values()
     assert rows["all-positive baseline"][4] == "0.500" and "seed paper" not in report
     assert rows["all-positive baseline"][0] == f"{np.mean([r['support'] / r['n'] for r in per]):.3f}"
     gap = arms["fedavg"]["test"]["headline"]["auc"] - arms["centralised"]["test"]["headline"]["auc"]
-    assert rows["fedavg"][7] == f"{gap:+.3f}"
+    assert rows["fedavg"][9] == f"{gap:+.3f}"
+    assert "![Reliability](plots/iid/reliability.png)" in report
     for img in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / img).is_file(), img
 

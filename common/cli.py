@@ -124,7 +124,8 @@ def _cmd_pretrain(a) -> int:
     if len(statement) < 8:
         raise SystemExit("error: --public needs a statement of why the data is public (its name, licence or where "
                          "it is published), not an empty word")
-    cfg = settings_from_args(a)
+    # the GroupNorm network by default: DP-SGD needs it, and a federation with DP builds it whatever it is given
+    cfg = settings_from_args(a, {"model.dp_compatible": True})
     summary = run_centralised(cfg, progress=not a.quiet, public=statement)
     print(summary["table"])
     print(f"\nwarm start: {summary['bundle']}\nuse it with --set model.weights={summary['bundle']} (DP: "

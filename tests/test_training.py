@@ -147,8 +147,7 @@ def test_pretrain_declares_public_data_and_every_model_trained_from_it_records_w
     (model.weights=<bundle>) names it in its own card: model id, weights sha256, the declaration, the data seen."""
     toml = tmp_path / "c.toml"
     toml.write_text(f'[data]\npath = "{synth_root / "hospital_1"}"\nfindings = {json.dumps(SYNTH_FINDINGS)}\n'
-                    '[preprocess]\nimage_size = 32\n[model]\narch = "smallcnn"\nweights = "none"\n'
-                    'dp_compatible = true\n[train]\nepochs = 1\n')
+                    '[preprocess]\nimage_size = 32\n[model]\narch = "smallcnn"\nweights = "none"\n[train]\nepochs = 1\n')
     with pytest.raises(SystemExit):   # the declaration is required
         cli_main(["pretrain", "--config", str(toml), "--out", str(tmp_path / "w")])
     capsys.readouterr()
@@ -158,9 +157,11 @@ def test_pretrain_declares_public_data_and_every_model_trained_from_it_records_w
     warm = json.loads((tmp_path / "w" / "bundle" / "model.json").read_text())
     assert warm["provenance"]["public_data"] == "synthetic hospital 1, published with the tests"
     assert warm["provenance"]["warm_start"] is None and len(warm["provenance"]["data"]["fingerprint"]) == 16
+    assert warm["architecture"]["dp_compatible"] is True    # pretrain's default: the network DP-SGD trains
 
     assert cli_main(["train", "--config", str(toml), "--out", str(tmp_path / "t"), "--quiet",
-                     "--data", str(synth_root / "hospital_2"), "--set", f"model.weights={tmp_path / 'w' / 'bundle'}"]) == 0
+                     "--data", str(synth_root / "hospital_2"), "--set", f"model.weights={tmp_path / 'w' / 'bundle'}",
+                     "--set", "model.dp_compatible=true"]) == 0
     card = json.loads((tmp_path / "t" / "bundle" / "model.json").read_text())
     ws = card["provenance"]["warm_start"]
     assert ws["kind"] == "bundle" and ws["model_id"] == warm["model_id"]

@@ -261,11 +261,16 @@ def privacy_rows(arms: dict[str, dict]) -> list[dict]:
                      "spent": mean_sd(a.get("epsilon") for a in g)[0], "auc": auc, "sd": sd, "n": n,
                      "ece": mean_sd(_ece(a) for a in g)[0], "reference": ref_name if ref else None,
                      "gap": mean_sd(paired_gaps(g, ref))[0] if ref else None})
-    for ref_name in dict.fromkeys(r["reference"] for r in rows if r["reference"]):
+    refs = list(dict.fromkeys(r["reference"] for r in rows if r["reference"]))
+    if rows:   # the warm start alone spends nothing of any hospital's budget: ε = 0
+        refs += [n for n, g in groups.items() if g[0]["kind"] == "warm-start"]
+    for ref_name in refs:
         g = groups[ref_name]
         auc, sd, n = mean_sd(_auc(a) for a in g)
-        rows.append({"recipe": ref_name, "arm": ref_name, "target": None, "spent": None, "auc": auc, "sd": sd,
-                     "n": n, "ece": mean_sd(_ece(a) for a in g)[0], "reference": None, "gap": None})
+        zero = g[0]["kind"] == "warm-start"
+        rows.append({"recipe": ref_name, "arm": ref_name, "target": None, "spent": 0.0 if zero else None,
+                     "auc": auc, "sd": sd, "n": n, "ece": mean_sd(_ece(a) for a in g)[0], "reference": None,
+                     "gap": None, "no_hospital_data": zero})
     return rows
 
 
@@ -277,7 +282,7 @@ def privacy_table(arms: dict[str, dict]) -> list[str]:
              "|---" * 8 + "|"]
     for r in rows:
         auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
-        target = "∞" if r["target"] is None else f"{r['target']:g}"
+        target = "0 (no hospital data)" if r.get("no_hospital_data") else "∞" if r["target"] is None else f"{r['target']:g}"
         spent = "∞" if r["spent"] is None else fmt(r["spent"])
         gap = "" if r["gap"] is None else f"{r['gap']:+.3f}"
         lines.append(f"| {r['recipe']} | {target} | {spent} | {r['n']} | {auc} | {fmt(r['ece'])} | "
@@ -298,7 +303,8 @@ def privacy_utility(out: Path, results: dict) -> list[str]:
         lo, hi = min(r["spent"] for r in dp), max(r["spent"] for r in dp)
         for r in rows:
             if r["target"] is None and r["auc"] is not None:
-                series[f"{r['recipe']}, no DP [{pname}]"] = [(lo, r["auc"]), (hi, r["auc"])]
+                what = "alone (ε = 0: no hospital data)" if r.get("no_hospital_data") else "no DP"
+                series[f"{r['recipe']}, {what} [{pname}]"] = [(lo, r["auc"]), (hi, r["auc"])]
     if not series:
         return []
     plot_series(series, out / "plots" / "privacy_utility.png", "ε spent (δ as configured)", "global test macro AUC",

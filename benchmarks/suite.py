@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("deployment", "inference", "api", "training", "privacy", "wire")  # table order; others follow
+ORDER = ("deployment", "inference", "api", "training", "privacy", "wire", "secagg")  # table order; others follow
 
 
 def sections() -> list[str]:

@@ -15,22 +15,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.suite import REPO, Row
+from benchmarks.sections._federation import fresh, small_settings
+from benchmarks.suite import Row
 
 
 def _settings(data: str, out: str, fp16: bool, rounds: int):
-    from common.settings import Settings
-
-    return Settings.build("demo", {
-        "data.path": data, "output_dir": out, "federation.fp16": fp16, "federation.rounds": rounds,
-        "federation.local_epochs": 1, "federation.resume": False, "preprocess.image_size": 32,
-        "preprocess.denoise_sigma": 0.0, "augment.enabled": False, "train.batch_size": 8,
-        "federation.min_available_nodes": 3, "federation.min_train_nodes": 3, "federation.min_evaluate_nodes": 3})
+    return small_settings(data, out, rounds, {"federation.fp16": fp16})
 
 
 def sim_worker(data: str, out: str, fp16: bool, rounds: int) -> dict:
@@ -55,11 +49,8 @@ def sim_worker(data: str, out: str, fp16: bool, rounds: int) -> dict:
 
 
 def _sim(data: Path, out: Path, fp16: bool, rounds: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.sections.wire", "--sim-worker", str(data), str(out),
-                           "fp16" if fp16 else "fp32", str(rounds)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the federated simulation (fp16={fp16}) failed; its log is above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh("benchmarks.sections.wire", str(data), str(out), "fp16" if fp16 else "fp32", str(rounds),
+                 what=f"fp16={fp16}")
 
 
 def client_round(data: Path, out: Path) -> dict:

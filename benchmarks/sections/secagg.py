@@ -1,0 +1,233 @@
+"""What SecAgg+ costs a round, by model size, on the product's own path, and that its aggregate is FedAvg's.
+
+For smallcnn, resnet18 and resnet50: the same tiny federation on Flower's simulation runtime
+(`server.federation.run_federated_simulation`, 3 synthetic hospitals, 32 px, the demo profile made small so
+that training is a small part of a round) once with plain FedAvg and once with `secagg.enabled=true`
+(server/secagg.py drives Flower's `SecAggPlusWorkflow`, client/mods.py Flower's `secaggplus_mod`), each in a
+fresh interpreter, same seeds:
+
+- seconds per round, the median of rounds 2 and 3 (federation.json's history: training, aggregation, global
+  evaluation, checkpoint; round 1 also holds the Ray workers' warm-up), SecAgg+ over FedAvg;
+- bytes per client in the last round, down and up (every round's in the note): the payload (array bytes, config bytes) of every train-type
+  message of the round, all four SecAgg+ stages included, counted where the ServerApp's grid
+  (server/grid.py GuardedGrid._exchange, wrapped: called unchanged, sizes read beside it) sends and receives
+  them. federation.json's `bytes_per_client_per_round` counts the "arrays" record of the Message-API
+  strategies only, so it reads 0 under SecAgg+ (its stage messages carry other records); both are in the notes;
+- peak RSS of the worker process (ServerApp and the simulation driver; the ClientApps run in Ray workers and
+  are not counted);
+- the global weights after round 1, max |w_secagg - w_fedavg| over the float arrays against the error
+  SecAgg+'s quantisation implies (`quantisation_bound`; its ratio must be <= 1), over every float weight and
+  over the learnt weights alone (BatchNorm's running statistics left out: they are what grows past the
+  range SecAgg+ clips, +/- clipping_range / the weighting factor; the row names the arrays over the bound).
+  Both runs start from the same
+  initial model and the hospitals train with the same seeds (client/app.py `_seed`); that this makes local
+  training deterministic is measured, not assumed: smallcnn's FedAvg run is repeated and its round-1 weights
+  compared (SecAgg+ replies carry no training metrics to compare instead).
+
+The checkpoint keeps only the latest global weights, so the worker copies global-r0001 aside as soon as the
+product has written it (a wrapper around `Checkpoint.save` that calls it unchanged, then copies the file).
+
+--quick (the suite's smoke test) runs no simulation (two Ray start-ups cost ~1 min): it prints the same rows
+with no figure, plus the bound for the quick settings.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.sections._federation import fresh, small_settings
+from benchmarks.suite import Row
+
+ARCHS = ("smallcnn", "resnet18", "resnet50")
+HOSPITALS, PATIENTS, ROUNDS = 3, 20, 3
+
+
+def _overrides(arch: str, secagg: bool, max_weight: float) -> dict:
+    """The two arms differ only by secagg.enabled; max_weight ~ the largest hospital (settings' advice). No
+    federated evaluation in either: the SecAgg+ path has none (server/secagg.py), so FedAvg's rounds would
+    otherwise hold an evaluate stage SecAgg+'s do not."""
+    return {"model.arch": arch, "secagg.enabled": secagg, "secagg.max_weight": max_weight,
+            "federation.fraction_evaluate": 0.0,
+            "federation.node_wait_timeout": 120.0, "federation.round_timeout": 600.0}
+
+
+def payload_bytes(content) -> int:
+    """Bytes a RecordDict carries: array data, bytes/str config values, 8 per number (no protobuf framing)."""
+    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    for rec in (*content.config_records.values(), *content.metric_records.values()):
+        for v in rec.values():
+            for x in (v if isinstance(v, list) else [v]):
+                n += len(x) if isinstance(x, (bytes, str)) else 8
+    return n
+
+
+def sim_worker(data: str, out: str, arch: str, mode: str, rounds: int, max_weight: float) -> dict:
+    """One federated simulation in this fresh process: round seconds, stage bytes, peak RSS, round-1 weights."""
+    from flwr.app import MessageType
+
+    from benchmarks._util import peak_rss_mb
+    from server.checkpoint import Checkpoint
+    from server.federation import run_federated_simulation
+    from server.grid import GuardedGrid
+
+    kept = Path(out) / "round1"
+    save, exchange = Checkpoint.save, GuardedGrid._exchange
+    traffic = {"down": 0, "up": 0, "messages": 0}
+    per_round: list[dict] = []   # the traffic of each round, closed when the round's checkpoint is saved
+
+    def keep_round1(self, state, *args, **kwargs):   # the product's save, unchanged; then copy round 1 aside
+        save(self, state, *args, **kwargs)
+        per_round.append({k: v // (HOSPITALS if k != "messages" else 1) for k, v in traffic.items()})
+        traffic.update(down=0, up=0, messages=0)
+        if state.rounds_done == 1:
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.dir / state.files["global"], kept / "global.safetensors")
+
+    def counted(self, messages, timeout):            # the product's exchange, unchanged; sizes read beside it
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        traffic["down"] += sum(payload_bytes(m.content) for m in train)
+        traffic["messages"] += len(train)
+        replies = exchange(self, messages, timeout)
+        traffic["up"] += sum(payload_bytes(r.content) for r in replies
+                             if r.metadata.message_type == MessageType.TRAIN and r.has_content())
+        return replies
+
+    Checkpoint.save, GuardedGrid._exchange = keep_round1, counted
+    s = small_settings(data, out, rounds, _overrides(arch, mode == "secagg", max_weight))
+    summary = run_federated_simulation(s, num_supernodes=HOSPITALS)
+    fed = summary["provenance"]["federation"]
+    rows = [h for h in summary["history"] if "clients" in h]
+    return {"seconds": [h["seconds"] for h in rows], "federation_bytes": fed["bytes_per_client_per_round"],
+            "bytes": per_round, "examples": fed["examples_per_node"],
+            "round1_metrics": {c["site"]: c["metrics"] for c in rows[0]["clients"]["train"] if c["ok"]},
+            "peak_rss_mb": peak_rss_mb(), "round1": str(kept / "global.safetensors")}
+
+
+def quantisation_bound(examples: list[int], max_weight: float, clipping_range: float,
+                       quantization_range: int = 2**22, max_abs: float = 0.0) -> float:
+    """Largest |w_secagg - w_fedavg| per weight Flower's SecAgg+ (1.42) allows after one aggregation, for
+    weights whose weighted value r_h * w stays within +/- clipping_range (beyond it they are clipped).
+
+    Hospital h: r_h = q_h / T, q_h = round(n_h / max_weight * T), T = quantization_range (secaggplus_mod);
+    it uploads stochastic_round((r_h w_h + C) T / 2C), off by < 1 level = 2C / T. The server sums, maps back
+    (x 2C/T - C each) and divides by sum(r_h) (SecAggPlusWorkflow.unmask_stage), so the rounding adds
+    < H * 2C / sum(q_h) (H hospitals), and weighting by r_h instead of FedAvg's n_h / N moves the average by
+    <= sum_h |q_h / sum q - n_h / N| * max|w|. A float32 term (2^-22 * max|w|) covers FedAvg's own rounding.
+    """
+    t = quantization_range
+    q = [round(n / max_weight * t) for n in examples]
+    total, n_total = sum(q), sum(examples)
+    rounding = len(examples) * 2 * clipping_range / total
+    weighting = sum(abs(qh / total - n / n_total) for qh, n in zip(q, examples)) * max_abs
+    return rounding + weighting + 2.0**-22 * max_abs
+
+
+def compare(a_path: str, b_path: str, limit: float = float("inf")) -> dict:
+    """max |a - b| over the float arrays (SecAgg+ also quantises the integer counters) and per array, max |a|,
+    the count of weights with |a| > `limit` (where SecAgg+ clips, judged by the FedAvg average; a hospital's
+    own weight may pass it while the average does not), and the maximum without BatchNorm's running statistics."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    a, b = load_file(a_path), load_file(b_path)
+    floats = [k for k in a if np.dtype(a[k].dtype).kind == "f" and "num_batches_tracked" not in k]
+    per = {k: float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()) for k in floats}
+    learnt = [v for k, v in per.items() if not k.endswith(("running_mean", "running_var"))]
+    beyond = {k: int((np.abs(a[k]) > limit).sum()) for k in floats}
+    return {"diff": max(per.values()), "per_array": per, "learnt_diff": max(learnt),
+            "max_abs": max(float(np.abs(a[k]).max()) for k in floats), "weights": sum(a[k].size for k in floats),
+            "beyond": {k: n for k, n in beyond.items() if n}}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def _arch_rows(arch: str, runs: dict, clip: float, max_weight: float) -> list[Row]:
+    fa, sa = runs["fedavg"], runs["secagg"]
+    # SecAgg+ replies carry no metrics record (secaggplus_mod's own content), so the secagg run's
+    # federation.json has num-examples 0; the FedAvg run's are the same hospitals' (same data, same split)
+    examples = [int(fa["examples"][k]) for k in sorted(fa["examples"])]
+    limit = clip / (max(round(n / max_weight * 2**22) for n in examples) / 2**22)   # beyond: clipped by SecAgg+
+    c = compare(fa["round1"], sa["round1"], limit)
+    bound = quantisation_bound(examples, max_weight, clip, max_abs=c["max_abs"])
+    over = sorted(((k, v) for k, v in c["per_array"].items() if v > bound), key=lambda kv: -kv[1])
+    last = len(sa["bytes"]) - 1
+    per_round = lambda run, way: [b[way] for b in run["bytes"]]  # noqa: E731
+    fj = {"secagg": sa["federation_bytes"], "fedavg": fa["federation_bytes"]}
+    settings = (f"num-examples {examples}, secagg.max_weight {max_weight:g}, clipping_range {clip:g}, 2^22 "
+                f"levels, max|w| {c['max_abs']:.3g}")
+    out = [Row(what=f"seconds per round (median of rounds 2-{len(sa['seconds'])}), SecAgg+, {arch}, "
+                    f"{HOSPITALS} hospitals", ours=_median(sa["seconds"][1:]), unit="s",
+               reference=_median(fa["seconds"][1:]), reference_what="plain FedAvg, same rounds",
+               note=f"every round: SecAgg+ {sa['seconds']} s, FedAvg {fa['seconds']} s (round 1: Ray workers' "
+                    "warm-up)", detail={"secagg": sa, "fedavg": fa}),
+           Row(what=f"bytes per client, round {last + 1}, down (every stage), SecAgg+, {arch}",
+               ours=sa["bytes"][last]["down"], unit="B", reference=fa["bytes"][last]["down"],
+               reference_what="plain FedAvg", note=f"every round: SecAgg+ {per_round(sa, 'down')}, FedAvg "
+               f"{per_round(fa, 'down')}; federation.json bytes_per_client_per_round: {fj}",
+               detail={"train_messages": {"secagg": [b["messages"] for b in sa["bytes"]],
+                                          "fedavg": [b["messages"] for b in fa["bytes"]]}, "federation_json": fj}),
+           Row(what=f"bytes per client, round {last + 1}, up (every stage), SecAgg+, {arch}",
+               ours=sa["bytes"][last]["up"], unit="B", reference=fa["bytes"][last]["up"], reference_what="plain FedAvg",
+               note=f"every round: SecAgg+ {per_round(sa, 'up')}, FedAvg {per_round(fa, 'up')}"),
+           Row(what=f"peak RSS, ServerApp process, SecAgg+, {arch}", ours=sa["peak_rss_mb"], unit="MiB",
+               reference=fa["peak_rss_mb"], reference_what="plain FedAvg"),
+           Row(what=f"max |w_secagg - w_fedavg| after round 1, every float weight, {arch}", ours=c["diff"], unit="",
+               reference=bound, reference_what="SecAgg+ quantisation bound", goal_max=1.0,
+               note=f"{len(over)} of {len(c['per_array'])} arrays over the bound"
+                    + (f" ({', '.join(f'{k} {v:.2g}' for k, v in over[:4])}{', ...' if len(over) > 4 else ''})"
+                       if over else "")
+                    + f"; {sum(c['beyond'].values())} of {c['weights']} FedAvg weights beyond +/- {limit:.3g} "
+                    f"(clipping_range / the largest weighting factor: SecAgg+ clips there)"
+                    + (f" in {', '.join(list(c['beyond'])[:4])}" if c["beyond"] else "") + f"; bound from {settings}",
+               detail={k: v for k, v in c.items() if k != "per_array"} | {"over_bound": dict(over)}),
+           Row(what=f"max |w_secagg - w_fedavg| after round 1, BatchNorm running statistics left out, {arch}",
+               ours=c["learnt_diff"], unit="", reference=bound, reference_what="SecAgg+ quantisation bound",
+               goal_max=1.0, note="the learnt weights and biases only")]
+    if "fedavg-again" in runs:
+        again = compare(fa["round1"], runs["fedavg-again"]["round1"])
+        out.append(Row(what=f"max |w_fedavg - w_fedavg| after round 1, FedAvg run twice (determinism), {arch}",
+                       ours=again["diff"], unit="", reference=bound, reference_what="SecAgg+ quantisation bound",
+                       note=("bit-identical" if again["diff"] == 0 else
+                             "not bit-identical: same seeds, a float32 rounding-level "
+                             "difference between two runs; the SecAgg+ comparison cannot resolve below it"),
+                       detail={k: v for k, v in again.items() if k != "per_array"}))
+    return out
+
+
+def rows(quick: bool) -> list[Row]:
+    from common.data.synthetic import synthesize
+    from common.settings import SecAggConfig
+
+    clip = SecAggConfig().clipping_range
+    if quick:   # the rows' shape and the bound only: no Ray start-up in the suite's smoke test
+        bound = quantisation_bound([12, 14, 16], 20.0, clip, max_abs=1.0)
+        return [Row(what=f"{w} (--quick: no simulation run)", ours=None, unit=u, note="run without --quick")
+                for w, u in (("seconds per round, SecAgg+ vs plain FedAvg", "s"),
+                             ("bytes per client per round, SecAgg+ vs plain FedAvg", "B"),
+                             ("max |w_secagg - w_fedavg| after round 1", ""))] + [
+            Row(what="SecAgg+ quantisation bound, 3 hospitals of 12-16 examples, max_weight 20, max|w| 1",
+                ours=bound, unit="")]
+    out: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="fedxray-bench-secagg-") as tmp:
+        data = Path(tmp) / "data"
+        written = synthesize(data, hospitals=HOSPITALS, patients=PATIENTS, size=64, seed=4, progress=False)
+        max_weight = float(max(v for k, v in written.items() if k.startswith("hospital_")))  # >= any num-examples
+        for arch in ARCHS:
+            modes = ("fedavg", "secagg") + (("fedavg-again",) if arch == ARCHS[0] else ())
+            runs = {mode: fresh("benchmarks.sections.secagg", str(data), str(Path(tmp) / arch / mode), arch,
+                                mode.split("-")[0], str(ROUNDS), str(max_weight), what=f"{arch} {mode}")
+                    for mode in modes}
+            out += _arch_rows(arch, runs, clip, max_weight)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--sim-worker":
+        data, out, arch, mode, rounds, max_weight = sys.argv[2:8]
+        print(json.dumps(sim_worker(data, out, arch, mode, int(rounds), float(max_weight))))

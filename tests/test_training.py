@@ -96,7 +96,7 @@ def test_centralised_run_learns_and_writes_its_run_directory(synth_root, tmp_pat
     assert card["findings"] == SYNTH_FINDINGS and set(card["thresholds"]) == set(SYNTH_FINDINGS)
     assert card["metrics"]["test"]["headline"]["auc"] == pytest.approx(test["headline"]["auc"])
     header = summary["table"].splitlines()[1].split()
-    assert header == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "AUC"]
+    assert header == ["Model", "Accuracy", "Precision", "Recall", "Specificity", "F1", "AUC", "ECE"]
     assert "all-positive baseline" in summary["table"] and "seed paper" not in summary["table"]
     # patient-level: no patient of the pooled hospitals in two splits
     rep = summary["data_report"]

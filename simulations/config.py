@@ -91,11 +91,6 @@ class ArmConfig(_Section):
         return {"centralised": "centralised", "local": "local-only", "warm-start": "warm-start"}.get(
             self.kind, self.strategy.lower())
 
-    @property
-    def base(self) -> str:
-        """The arm without its seed: what the over-seeds table groups replicates by."""
-        return self.group or self.name
-
 
 class SimulationConfig(Settings):
     name: str = "experiment"

@@ -237,7 +237,7 @@ def seeds_table(arms: dict[str, dict]) -> list[str]:
         lines.append(f"| {name} | {len(g)} | {fmt_mean_sd(_auc(a) for a in g)} | "
                      f"{fmt_mean_sd(a['test']['headline'].get('f1') for a in g)} | {fmt_mean_sd(_ece(a) for a in g)} | "
                      f"{fmt_mean_sd(eps) if any(e is not None for e in eps) else ''} | "
-                     f"{'' if not gap else fmt_mean_sd(gap).replace('n/a', '')} |")
+                     f"{fmt_mean_sd(gap) if gap else ''} |")
     return ["### Over seeds (mean ± sd)", ""] + lines + [""]
 
 

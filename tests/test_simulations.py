@@ -79,7 +79,7 @@ def test_seeds_replicate_every_arm_but_the_warm_start_and_leave_finished_replica
     arms = [a for a, _ in planned_arms(SimulationConfig.model_validate(raw))]
     assert [a.name for a in arms] == ["centralised-seed1", "centralised-seed2", "warm-start",
                                       "dp-fedavg-eps8-seed1", "dp-fedavg-eps8-seed2"]
-    assert [(a.seed, a.base) for a in arms if a.kind == "dp"] == [(1, "dp-fedavg-eps8"), (2, "dp-fedavg-eps8")]
+    assert [(a.seed, a.group) for a in arms if a.kind == "dp"] == [(1, "dp-fedavg-eps8"), (2, "dp-fedavg-eps8")]
     assert arms[2].warm_start and arms[2].seed is None
     # adding a seed later keeps the finished replicates' fingerprints (they are reused, not rerun)
     more = SimulationConfig.model_validate({**raw, "seeds": [1, 2, 3]})

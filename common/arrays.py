@@ -58,3 +58,23 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
 def record_bytes(record: ArrayRecord) -> int:
     """Serialised payload bytes of the arrays (what Flower ships, headers included)."""
     return sum(len(arr.data) for arr in record.values())
+
+
+def payload_bytes(content) -> int:
+    """Bytes a RecordDict carries: array data, bytes/str config and metric values, 8 per number (no protobuf
+    framing). Counts messages whose weights are not an "arrays" record too (SecAgg+'s stage messages)."""
+    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    for rec in (*content.config_records.values(), *content.metric_records.values()):
+        for v in rec.values():
+            for x in (v if isinstance(v, list) else [v]):
+                n += len(x) if isinstance(x, (bytes, str)) else 8
+    return n
+
+
+# BatchNorm's buffers: data statistics that travel with the weights but are not weights (server/strategies.py
+# averages them plainly; client/mods.py gives them more SecAgg+ headroom)
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_running_statistic(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in RUNNING_STATISTICS

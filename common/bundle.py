@@ -231,9 +231,11 @@ def warm_start_provenance(weights: str) -> dict | None:
     if p.is_dir() or p.name == WEIGHTS_FILE and (p.parent / CARD_FILE).is_file():
         card = read_card(p if p.is_dir() else p.parent)
         prov = card.get("provenance") or {}
+        # where the warm start's data lay on its trainer's disk is nobody else's business (nor a path to copy)
+        data = {k: v for k, v in (prov.get("data") or {}).items() if k != "root"} or None
         return {"kind": "bundle", "model_id": card.get("model_id"), "weights_sha256": card["weights"].get("sha256"),
                 "architecture": card["architecture"], "public_data": prov.get("public_data"),
-                "training": prov.get("training"), "data": prov.get("data"), "epochs_run": prov.get("epochs_run"),
+                "training": prov.get("training"), "data": data, "epochs_run": prov.get("epochs_run"),
                 "test": {k: v for k, v in ((card.get("metrics") or {}).get("test") or {}).get("macro", {}).items()
                          if k in ("auc", "f1", "ece")}}
     return {"kind": "file", "file": p.name, "sha256": sha256_file(p) if p.is_file() else None,

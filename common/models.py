@@ -259,6 +259,11 @@ def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str
     if not any(not k.startswith(head) for k in load):
         raise FedxrayError(f"{source}: none of its {len(sd)} backbone tensors match {arch} (file has e.g. "
                            f"{list(sd)[:3]}, model expects e.g. {list(target)[:3]}): wrong architecture?")
+    stats = [k for k in target if k not in sd and k.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+    if stats:   # GroupNorm weights in BatchNorm layers would normalise with running statistics of 0 and 1
+        raise FedxrayError(f"{source}: has no BatchNorm running statistics for {arch} (e.g. {stats[0]}): it was "
+                           "trained as the GroupNorm network (model.dp_compatible=true, e.g. `fedxray pretrain`'s "
+                           "default); set model.dp_compatible=true to start from it")
     model.load_state_dict(load, strict=False)
     if skipped_head:
         log.warning("%s: head tensors of another shape skipped (head stays randomly initialised): %s",

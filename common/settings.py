@@ -289,7 +289,8 @@ class SecAggConfig(_Section):
     enabled: bool = False
     num_shares: int = Field(3, ge=3, description="shares per secret (neighbours + 1); odd is best")
     reconstruction_threshold: int = Field(2, ge=2, description="shares needed to reconstruct")
-    clipping_range: float = Field(8.0, gt=0, description="every weight is clipped to +/- this")
+    clipping_range: float = Field(8.0, gt=0, description="each scaled update value (client/mods.py secagg_scales) x "
+                                  "num-examples / max_weight is clipped to +/- this")
     max_weight: float = Field(1000.0, gt=0, description="~ the largest hospital's num-examples")
 
 

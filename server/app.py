@@ -110,7 +110,7 @@ class RoundKeeper:
             self.state.best_metrics = {"validation": ev.val, "test": ev.test}
             self.best_arrays = record_to_numpy(arrays)
 
-    def _clients(self, replies: list[dict], bytes_down: list[int], g: int) -> dict:
+    def _clients(self, replies: list[dict], bytes_down: list[tuple[int, str, int]], g: int) -> dict:
         train = [r for r in replies if r["type"] == TRAIN]
         evals = [r for r in replies if r["type"] == EVALUATE]
         for r in train:
@@ -123,9 +123,13 @@ class RoundKeeper:
             node["rounds"].append(g)
             node["examples"] = int(r["metrics"].get("num-examples", 0))
         ups = [r["bytes_up"] for r in train if "bytes_up" in r]
+        down: dict[int, int] = {}   # per hospital: every train message of the round (SecAgg+ sends four)
+        for node_id, kind, n in bytes_down:
+            if kind == TRAIN:
+                down[node_id] = down.get(node_id, 0) + n
         privacy = record_round(self.state.nodes, train, g)  # epsilon per hospital this round (DP-SGD only)
         return {"clients": {"train": train, "evaluate": evals},
-                "bytes_per_client": {"down": int(sum(bytes_down) / len(bytes_down)) if bytes_down else 0,
+                "bytes_per_client": {"down": int(sum(down.values()) / len(down)) if down else 0,
                                      "up": int(sum(ups) / len(ups)) if ups else 0},
                 **({"privacy": privacy} if privacy else {})}
 

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common.arrays import record_bytes, to_fp16, to_fp32
+from common.arrays import payload_bytes, record_bytes, to_fp16, to_fp32
 from client.boundary import describe, is_decline, parse_reply_error
 from common.errors import FedxrayError
 from server.guards import ReplyGuards
@@ -69,7 +69,7 @@ class GuardedGrid(Grid):
         self._short_since: float | None = None
         self.replies: list[dict] = []       # drained by the server after each round
         self.sites: dict[int, str] = {}     # node id -> site name, learnt from replies: names a lost node too
-        self.bytes_down: list[int] = []     # per message sent, drained likewise
+        self.bytes_down: list[tuple[int, str, int]] = []   # (node id, message type, bytes) per message sent, likewise
 
     # -- Grid API delegated to the real grid ---------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -110,8 +110,7 @@ class GuardedGrid(Grid):
         if self.fp16:
             self._encode(messages)
         for m in messages:
-            if "arrays" in m.content.array_records:
-                self.bytes_down.append(record_bytes(m.content["arrays"]))
+            self.bytes_down.append((int(m.metadata.dst_node_id), m.metadata.message_type, _weight_bytes(m.content)))
         replies = self._exchange(messages, timeout)
         sent = {m.metadata.message_id: m for m in messages}   # ids are set by now (push or pull)
         problems = _problems(replies, sent, self.guards)
@@ -197,15 +196,21 @@ class GuardedGrid(Grid):
         elif readable:
             metrics = next(iter(content.metric_records.values()), None)
             row["metrics"] = dict(metrics) if metrics is not None else {}
+            row["bytes_up"] = _weight_bytes(content)
             if "arrays" in content.array_records:
-                row["bytes_up"] = record_bytes(content["arrays"])
                 content["arrays"] = to_fp32(content["arrays"])
         self.replies.append(row)
 
-    def drain(self) -> tuple[list[dict], list[int]]:
+    def drain(self) -> tuple[list[dict], list[tuple[int, str, int]]]:
         out = (self.replies, self.bytes_down)
         self.replies, self.bytes_down = [], []
         return out
+
+
+def _weight_bytes(content: RecordDict) -> int:
+    """The weights' bytes of a message: its "arrays" record (the Message-API strategies), or, for SecAgg+'s
+    stage messages (weights as legacy parameters or masked vectors inside config records), all it carries."""
+    return record_bytes(content["arrays"]) if "arrays" in content.array_records else payload_bytes(content)
 
 
 # ------------------------------------------------------------------------------------------ reply checks

@@ -29,15 +29,11 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from common.arrays import is_running_statistic
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
-RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")   # BatchNorm buffers
 SERVER_OPTIMISERS = (FedAdam, FedYogi, FedAvgM)
-
-
-def is_running_statistic(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in RUNNING_STATISTICS
 
 
 class _RunningStatistics:

@@ -165,3 +165,17 @@ def test_stock_resnet_with_only_validator_fix_crashes_in_hooks_mode():
     # the same stock model, made compatible, trains
     _, after = _one_dp_step(make_dp_compatible(ModuleValidator.fix(tvm.resnet18(num_classes=2))))
     assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def test_groupnorm_weights_into_a_batchnorm_network_are_refused_with_the_setting_to_change(tmp_path):
+    """`fedxray pretrain` trains the GroupNorm network; loading it into the BatchNorm one would leave every
+    BatchNorm with running statistics 0 and 1 under GroupNorm's affine weights: an error, not a warning."""
+    from safetensors.torch import save_file
+
+    gn = build_model(cfg("resnet18", dp_compatible=True), 2)
+    path = tmp_path / "gn.safetensors"
+    save_file({k: v.contiguous() for k, v in gn.state_dict().items()}, path)
+    with pytest.raises(FedxrayError, match="model.dp_compatible=true"):
+        build_model(cfg("resnet18", weights=str(path)), 2)
+    again = build_model(cfg("resnet18", weights=str(path), dp_compatible=True), 2)   # the same network: loads
+    assert all(torch.equal(a, b) for a, b in zip(gn.state_dict().values(), again.state_dict().values()))

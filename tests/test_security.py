@@ -161,6 +161,44 @@ def test_tls_auth_and_signed_apps_on_loopback(synth_root, flower_tmp):
         assert not fed.alive()
 
 
+def test_secagg_masks_scaled_updates_that_stay_inside_the_clipping_range():
+    """What a hospital hands SecAgg+ is its update divided by a per-array scale both sides derive from the
+    global model (client/mods.py); the server adds scale x the aggregate back (server/secagg.py). A round of
+    a network from scratch moves BatchNorm running variances from 1 to ~10 (measured on ResNet-50):
+    absolute weights then exceed SecAgg+'s +/- clipping_range and were clipped; the scaled updates do not,
+    and the example-weighted mean of the scaled updates gives back FedAvg's mean in the global dtypes."""
+    from flwr.app import Array, ArrayRecord
+
+    from client.mods import scaled_update
+    from common.settings import SecAggConfig
+    from server.secagg import apply_update
+
+    rng = np.random.default_rng(0)
+    g = {"conv.weight": (rng.normal(size=(8, 3, 3, 3)) * 0.2).astype(np.float32),
+         "bn.weight": np.ones(8, np.float32), "bn.running_mean": np.zeros(8, np.float32),
+         "bn.running_var": np.ones(8, np.float32), "bn.num_batches_tracked": np.array(0, np.int64)}
+    examples, max_weight, clip = [30, 45, 60], 60.0, SecAggConfig().clipping_range
+    locals_ = [{"conv.weight": g["conv.weight"] + rng.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.05,
+                "bn.weight": g["bn.weight"] * 1.1, "bn.running_mean": np.full(8, 3.0 * h, np.float32),
+                "bn.running_var": np.linspace(2.0, 10.6 + h, 8).astype(np.float32),
+                "bn.num_batches_tracked": np.array(40 + h, np.int64)} for h in range(3)]
+    # SecAgg+ clips num-examples / max_weight x value to +/- clipping_range
+    weighted = lambda n, x: np.abs(n / max_weight * np.asarray(x, np.float64)).max()  # noqa: E731
+    assert max(weighted(n, loc["bn.running_var"]) for n, loc in zip(examples, locals_)) > clip
+    updates = [scaled_update(g, loc) for loc in locals_]
+    assert max(weighted(n, u) for n, u_all in zip(examples, updates) for u in u_all) < clip / 2
+    mean = [np.asarray(sum(n * u[i] for n, u in zip(examples, updates)) / sum(examples)) for i in range(len(g))]
+    names = list(g)
+    out = apply_update(ArrayRecord({str(i): Array(a) for i, a in enumerate(g.values())}),
+                       ArrayRecord({str(i): Array(m) for i, m in enumerate(mean)}), names)
+    got = dict(zip(names, out.to_numpy_ndarrays()))
+    for k in names:
+        fedavg = sum(n * np.asarray(loc[k], np.float64) for n, loc in zip(examples, locals_)) / sum(examples)
+        assert got[k].dtype == g[k].dtype, k
+        np.testing.assert_allclose(got[k], np.rint(fedavg) if g[k].dtype.kind == "i" else fedavg, rtol=1e-6,
+                                   atol=1e-6, err_msg=k)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
@@ -193,6 +231,14 @@ def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):
             assert log.count("Secure aggregation completed") == 2
             assert summary["provenance"]["federation"]["secure_aggregation"] == "SecAgg+"
     (a, sa), (b, sb) = runs["fedavg"], runs["secagg"]
+    assert {k: str(v.dtype) for k, v in b.items()} == {k: str(v.dtype) for k, v in a.items()}   # not float64
+    # SecAgg+'s stage rows are merged per hospital: its examples, and its bytes (four stages, ~2x FedAvg's up)
+    fa, fs = sa["provenance"]["federation"], sb["provenance"]["federation"]
+    assert fs["examples_per_node"] == fa["examples_per_node"] and min(fa["examples_per_node"].values()) > 0
+    assert fs["bytes_per_client_per_round"]["up"] > 1.5 * fa["bytes_per_client_per_round"]["up"] > 0
+    assert fs["bytes_per_client_per_round"]["down"] >= fa["bytes_per_client_per_round"]["down"] > 0
+    clipped = [c["metrics"].get("secagg-clipped") for h in sb["history"][1:] for c in h["clients"]["train"]]
+    assert clipped and set(clipped) == {0}
     floats = [k for k in a if "num_batches_tracked" not in k]   # SecAgg+ quantises every array, ints included
     diff = max(float(np.abs(a[k] - b[k]).max()) for k in floats)
     scale = max(float(np.abs(a[k]).max()) for k in floats)

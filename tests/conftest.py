@@ -25,6 +25,26 @@ PNEUMONIAMNIST = SHARED_DATA / "pneumoniamnist.npz"
 SYNTH_FINDINGS = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
 
 
+# ------------------------------------------------------------------------------------------ order
+# the files that take longest, longest first (serial seconds on 2 cores, `--durations`, 2026-12-02): started
+# first, they do not trail after the quick ones
+LONGEST = ("test_federated.py", "test_standing.py", "test_simulations.py", "test_security.py",
+           "test_hospital_boundary.py", "test_bench.py", "test_privacy.py", "test_jobs.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first, then the other files with slow or integration tests, then the rest; each file's
+    tests in their own order. `make test` runs files on parallel workers (pytest-xdist, --dist loadfile: a
+    module's fixtures are built once), and most of a federation test is waiting on processes."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("integration")}
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST.index(name) if name in LONGEST else len(LONGEST) + (item.path not in heavy)
+
+    items.sort(key=rank)   # stable: the order within each file is kept
+
+
 # ------------------------------------------------------------------------------------------ nothing left running
 _PROGRAMS = ("flwr", "flower-", "fedxray", "raylet", "gcs_server")        # Flower's, ours and Ray's executables
 _MODULES = ("common.", "client.", "server.", "simulations.", "inference_api.", "flwr", "ray", "uvicorn")

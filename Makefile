@@ -24,7 +24,7 @@ demo: $(STAMP)
 # pytest's exit 5 means no tests were collected: make fails on it like on any other non-zero exit.
 # The files run on TEST_WORKERS parallel workers (pytest-xdist; one file per worker at a time, so module
 # fixtures are built once): most of a federation test is waiting on processes, not computing.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc

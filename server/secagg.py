@@ -123,7 +123,8 @@ def apply_update(global_arrays: ArrayRecord, aggregate: ArrayRecord, names: list
     if not len(g) == len(u) == len(names):
         raise FedxrayError(f"SecAgg+ aggregate has {len(u)} arrays, the global model {len(g)}, names {len(names)}")
     keys = list(global_arrays.keys())
-    scales = [secagg_scales(dict(zip(names, g, strict=True)))[n] for n in names]
+    by_name = secagg_scales(dict(zip(names, g, strict=True)))
+    scales = [by_name[n] for n in names]
     out = {}
     for k, a, d, scale in zip(keys, g, u, scales, strict=True):
         new = a.astype(np.float64) + scale * d.reshape(a.shape).astype(np.float64)

@@ -199,6 +199,27 @@ def test_secagg_masks_scaled_updates_that_stay_inside_the_clipping_range():
                                    atol=1e-6, err_msg=k)
 
 
+def test_secagg_stage_rows_become_one_row_per_hospital_with_every_stage_bytes(caplog):
+    """SecAgg+ sends four train-type messages a round; federation.json wants one row per hospital: the stage
+    that carries its metrics (num-examples), with the bytes of all four, and a warning if it clipped."""
+    from server.secagg import merge_stage_rows
+
+    rows = [{"node_id": n, "site": f"h{n}", "type": "train", "ok": True, "metrics": {}, "bytes_up": b}
+            for n in (1, 2) for b in (100, 10)]
+    rows += [{"node_id": 1, "site": "h1", "type": "train", "ok": True, "bytes_up": 5000,
+              "metrics": {"num-examples": 30, "secagg-clipped": 0}},
+             {"node_id": 2, "site": "h2", "type": "train", "ok": True, "bytes_up": 7000,
+              "metrics": {"num-examples": 40, "secagg-clipped": 3}},
+             {"node_id": 3, "site": "h3", "type": "train", "ok": False, "error": "no reply"},
+             {"node_id": 1, "site": "h1", "type": "evaluate", "ok": True, "metrics": {}}]
+    with caplog.at_level("WARNING"):
+        out = merge_stage_rows(rows, 4)
+    train = {r["node_id"]: r for r in out if r["type"] == "train"}
+    assert sorted(train) == [1, 2, 3] and len([r for r in out if r["type"] == "evaluate"]) == 1
+    assert train[1]["bytes_up"] == 5110 and train[2]["bytes_up"] == 7110 and train[2]["metrics"]["num-examples"] == 40
+    assert "round 4: h2 clipped 3 values" in caplog.text and "h1 clipped" not in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_secaggplus_two_rounds_match_fedavg(synth_root, flower_tmp):

@@ -11,8 +11,8 @@
   What a hospital masks is its update, not its weights: (local - global) / scale per array (`secagg_scales`,
   computed from the round's global model on both sides; server/secagg.py adds scale x the aggregate back).
   SecAgg+ clips every value to +/- secagg.clipping_range before quantising it; absolute weights overflow
-  that range (BatchNorm running variances reach 10 after one round of a ResNet-50 from scratch, and ImageNet
-  checkpoints carry larger ones), updates scaled to the array's own magnitude stay far inside it and keep
+  that range (BatchNorm running variances reach 10 after one round of a ResNet-50 from scratch: measured in
+  benchmarks/sections/secagg.py), updates scaled to the array's own magnitude stay far inside it and keep
   the quantisation step relative to the array. A hospital that still clips logs it and says how many
   values in its metrics ("secagg-clipped", a count, nothing else).
 """

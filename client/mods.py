@@ -30,7 +30,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from common.arrays import is_running_statistic, to_fp32
+from common.arrays import to_fp32
+from common.models import is_running_statistic
 
 log = logging.getLogger(__name__)
 

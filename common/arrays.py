@@ -69,12 +69,3 @@ def payload_bytes(content) -> int:
             for x in (v if isinstance(v, list) else [v]):
                 n += len(x) if isinstance(x, (bytes, str)) else 8
     return n
-
-
-# BatchNorm's buffers: data statistics that travel with the weights but are not weights (server/strategies.py
-# averages them plainly; client/mods.py gives them more SecAgg+ headroom)
-RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def is_running_statistic(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in RUNNING_STATISTICS

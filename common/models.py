@@ -228,6 +228,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return strip_wrapper_prefixes(tensors)
 
 
+# BatchNorm's buffers: data statistics that travel with the weights but are not weights (server/strategies.py
+# averages them plainly; client/mods.py gives them more SecAgg+ headroom)
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_running_statistic(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+
+
 _OLD_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
@@ -259,7 +268,9 @@ def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], *, source: str
     if not any(not k.startswith(head) for k in load):
         raise FedxrayError(f"{source}: none of its {len(sd)} backbone tensors match {arch} (file has e.g. "
                            f"{list(sd)[:3]}, model expects e.g. {list(target)[:3]}): wrong architecture?")
-    stats = [k for k in target if k not in sd and k.rsplit(".", 1)[-1] in ("running_mean", "running_var")]
+    # (num_batches_tracked aside: checkpoints of torchvision before 0.4.1 have none)
+    stats = [k for k in target
+             if k not in sd and is_running_statistic(k) and not k.endswith("num_batches_tracked")]
     if stats:   # GroupNorm weights in BatchNorm layers would normalise with running statistics of 0 and 1
         raise FedxrayError(f"{source}: has no BatchNorm running statistics for {arch} (e.g. {stats[0]}): it was "
                            "trained as the GroupNorm network (model.dp_compatible=true, e.g. `fedxray pretrain`'s "

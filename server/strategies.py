@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.arrays import is_running_statistic
+from common.models import is_running_statistic
 from common.settings import Settings
 
 log = logging.getLogger(__name__)

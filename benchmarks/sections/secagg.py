@@ -40,7 +40,7 @@ from pathlib import Path
 
 from benchmarks.sections._federation import fresh, small_settings
 from benchmarks.suite import Row
-from common.arrays import is_running_statistic
+from common.models import is_running_statistic
 
 ARCHS = ("smallcnn", "resnet18", "resnet50")
 HOSPITALS, PATIENTS, ROUNDS = 3, 20, 3
@@ -217,7 +217,8 @@ def rows(quick: bool) -> list[Row]:
                 for w, u in (("seconds per round, SecAgg+ vs plain FedAvg", "s"),
                              ("bytes per client per round, SecAgg+ vs plain FedAvg", "B"),
                              ("max |w_secagg - w_fedavg| after round 1", ""))] + [
-            Row(what="SecAgg+ quantisation bound, 3 hospitals of 12-16 examples, max_weight 20, max|w| 1",
+            Row(what="SecAgg+ quantisation bound, 3 hospitals of 12-16 examples, max_weight 20, max|w| 1, "
+                     "an array of scale 1 (a weight array with max|w| <= 1)",
                 ours=bound, unit="")]
     out: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fedxray-bench-secagg-") as tmp:

@@ -23,7 +23,8 @@ demo: $(STAMP)
 
 # pytest's exit 5 means no tests were collected: make fails on it like on any other non-zero exit.
 # The files run on TEST_WORKERS parallel workers (pytest-xdist; one file per worker at a time, so module
-# fixtures are built once): most of a federation test is waiting on processes, not computing.
+# fixtures are built once). 2 workers measured fastest on 2 cores (10-11 min; serial 19, 3 workers 15): the
+# federation tests are CPU-bound, so more workers only slow each other down.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15; rc=$$?; \

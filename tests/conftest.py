@@ -35,7 +35,7 @@ LONGEST = ("test_federated.py", "test_standing.py", "test_simulations.py", "test
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest files first, then the other files with slow or integration tests, then the rest; each file's
     tests in their own order. `make test` runs files on parallel workers (pytest-xdist, --dist loadfile: a
-    module's fixtures are built once), and most of a federation test is waiting on processes."""
+    module's fixtures are built once); a long file started last would trail after everything else."""
     heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("integration")}
 
     def rank(item: pytest.Item) -> int:

@@ -8,11 +8,9 @@ fresh interpreter, same seeds:
 
 - seconds per round, the median of rounds 2 and 3 (federation.json's history: training, aggregation, global
   evaluation, checkpoint; round 1 also holds the Ray workers' warm-up), SecAgg+ over FedAvg;
-- bytes per client in the last round, down and up (every round's in the note): the payload (array bytes, config
-  bytes) of every train-type message of the round, all four SecAgg+ stages included, counted where the
-  ServerApp's grid (server/grid.py GuardedGrid._exchange, wrapped: called unchanged, sizes read beside it)
-  sends and receives them; federation.json's `bytes_per_client_per_round` counts the same way since the
-  stage rows are merged per hospital (server/secagg.py), and both are in the notes;
+- bytes per client in the last round, down and up (every round's in the note), as the product records them
+  in federation.json's history (`bytes_per_client`, server/grid.py: per hospital, every train-type message
+  of the round, all four SecAgg+ stages included, merged per hospital by server/secagg.py);
 - peak RSS of the worker process (ServerApp and the simulation driver; the ClientApps run in Ray workers and
   are not counted);
 - the global weights after round 1, |w_secagg - w_fedavg| per float array against the error SecAgg+'s
@@ -57,37 +55,20 @@ def _overrides(arch: str, secagg: bool, max_weight: float) -> dict:
 
 def sim_worker(data: str, out: str, arch: str, mode: str, rounds: int, max_weight: float) -> dict:
     """One federated simulation in this fresh process: round seconds, stage bytes, peak RSS, round-1 weights."""
-    from flwr.app import MessageType
-
     import server.secagg as secagg
     from benchmarks._util import peak_rss_mb
     from client.mods import secagg_scales
-    from common.arrays import payload_bytes
     from server.checkpoint import Checkpoint
     from server.federation import run_federated_simulation
-    from server.grid import GuardedGrid
 
     kept = Path(out) / "round1"
-    save, exchange = Checkpoint.save, GuardedGrid._exchange
-    traffic = {"down": 0, "up": 0, "messages": 0}
-    per_round: list[dict] = []   # the traffic of each round, closed when the round's checkpoint is saved
+    save = Checkpoint.save
 
     def keep_round1(self, state, *args, **kwargs):   # the product's save, unchanged; then copy round 1 aside
         save(self, state, *args, **kwargs)
-        per_round.append({k: v // (HOSPITALS if k != "messages" else 1) for k, v in traffic.items()})
-        traffic.update(down=0, up=0, messages=0)
         if state.rounds_done == 1:
             kept.mkdir(parents=True, exist_ok=True)
             shutil.copy2(self.dir / state.files["global"], kept / "global.safetensors")
-
-    def counted(self, messages, timeout):            # the product's exchange, unchanged; sizes read beside it
-        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
-        traffic["down"] += sum(payload_bytes(m.content) for m in train)
-        traffic["messages"] += len(train)
-        replies = exchange(self, messages, timeout)
-        traffic["up"] += sum(payload_bytes(r.content) for r in replies
-                             if r.metadata.message_type == MessageType.TRAIN and r.has_content())
-        return replies
 
     apply_update, scales = secagg.apply_update, {}
 
@@ -96,13 +77,13 @@ def sim_worker(data: str, out: str, arch: str, mode: str, rounds: int, max_weigh
             scales.update(secagg_scales(dict(zip(names, global_arrays.to_numpy_ndarrays(), strict=True))))
         return apply_update(global_arrays, aggregate, names)
 
-    Checkpoint.save, GuardedGrid._exchange, secagg.apply_update = keep_round1, counted, scales_of_round1
+    Checkpoint.save, secagg.apply_update = keep_round1, scales_of_round1
     s = small_settings(data, out, rounds, _overrides(arch, mode == "secagg", max_weight))
     summary = run_federated_simulation(s, num_supernodes=HOSPITALS)
     fed = summary["provenance"]["federation"]
     rows = [h for h in summary["history"] if "clients" in h]
-    return {"seconds": [h["seconds"] for h in rows], "federation_bytes": fed["bytes_per_client_per_round"],
-            "bytes": per_round, "examples": fed["examples_per_node"],
+    return {"seconds": [h["seconds"] for h in rows],
+            "bytes": [h["bytes_per_client"] for h in rows], "examples": fed["examples_per_node"],
             "round1_metrics": {c["site"]: c["metrics"] for c in rows[0]["clients"]["train"] if c["ok"]},
             "peak_rss_mb": peak_rss_mb(), "round1": str(kept / "global.safetensors"), "scales": scales}
 
@@ -161,7 +142,6 @@ def _arch_rows(arch: str, runs: dict, clip: float, max_weight: float) -> list[Ro
     clipped = {site: int(m.get("secagg-clipped", 0)) for site, m in sa["round1_metrics"].items()}
     last = len(sa["bytes"]) - 1
     per_round = lambda run, way: [b[way] for b in run["bytes"]]  # noqa: E731
-    fj = {"secagg": sa["federation_bytes"], "fedavg": fa["federation_bytes"]}
     settings = (f"num-examples {examples}, secagg.max_weight {max_weight:g}, clipping_range {clip:g}, 2^22 "
                 f"levels, max|w| {c['max_abs']:.3g}")
     out = [Row(what=f"seconds per round (median of rounds 2-{len(sa['seconds'])}), SecAgg+, {arch}, "
@@ -172,9 +152,7 @@ def _arch_rows(arch: str, runs: dict, clip: float, max_weight: float) -> list[Ro
            Row(what=f"bytes per client, round {last + 1}, down (every stage), SecAgg+, {arch}",
                ours=sa["bytes"][last]["down"], unit="B", reference=fa["bytes"][last]["down"],
                reference_what="plain FedAvg", note=f"every round: SecAgg+ {per_round(sa, 'down')}, FedAvg "
-               f"{per_round(fa, 'down')}; federation.json bytes_per_client_per_round: {fj}",
-               detail={"train_messages": {"secagg": [b["messages"] for b in sa["bytes"]],
-                                          "fedavg": [b["messages"] for b in fa["bytes"]]}, "federation_json": fj}),
+               f"{per_round(fa, 'down')}"),
            Row(what=f"bytes per client, round {last + 1}, up (every stage), SecAgg+, {arch}",
                ours=sa["bytes"][last]["up"], unit="B", reference=fa["bytes"][last]["up"], reference_what="plain FedAvg",
                note=f"every round: SecAgg+ {per_round(sa, 'up')}, FedAvg {per_round(fa, 'up')}"),

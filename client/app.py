@@ -29,8 +29,8 @@ from client.privacy import RoundPrivacy, dp_trainable, is_pretrained, unwrap
 from common.settings import Settings
 from common.errors import DataError
 from common.models import build_model, set_trainable
-from common.training import (evaluate, make_criterion, make_loader, make_optimizer, model_device, resolve_device,
-                             seed_everything, train_epoch)
+from common.training import (cosine_lr, evaluate, make_criterion, make_loader, make_optimizer, model_device,
+                             resolve_device, seed_everything, train_epoch)
 
 
 def _num(x: Any) -> float:
@@ -117,7 +117,12 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
             "round %d: first training step %.2f s after its process started (data and model ready %.2f s after)",
             server_round, _process_age(), time.perf_counter() - t0)
     losses, steps = [], 0
-    for _ in range(settings.federation.local_epochs):
+    f = settings.federation
+    for k in range(f.local_epochs):
+        if f.lr_schedule == "cosine":   # Opacus' DPOptimizer shares the wrapped optimizer's param_groups
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(settings.train.lr, (server_round - 1) * f.local_epochs + k,
+                                        f.rounds * f.local_epochs)
         r = train_epoch(model, loader, optimizer, criterion, proximal_mu=mu, global_params=global_params)
         losses.append(r["train_loss"])
         steps += len(loader)

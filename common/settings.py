@@ -184,6 +184,9 @@ class FederationConfig(_Section):
     rounds: int = Field(8, ge=1)
     strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     local_epochs: int = Field(2, ge=1, description="each hospital's epochs per round")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="each hospital's learning rate across the run: constant = train.lr every round; "
+        "cosine = train.lr decayed over rounds x local_epochs, the curve centralised training follows over its epochs")
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: int = Field(2, ge=1)

@@ -193,6 +193,14 @@ class FitResult:
     stopped_early: bool = False
 
 
+def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
+    """The learning rate of 0-based `epoch` of `total_epochs` under CosineAnnealingLR(T_max=total_epochs), the
+    curve `fit` follows: a federation's hospitals use it over rounds x local epochs so that federated and
+    centralised training decay alike at matched cost."""
+    e = min(max(epoch, 0), max(total_epochs - 1, 0))
+    return base_lr * (1 + math.cos(math.pi * e / max(total_epochs, 1))) / 2
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -253,4 +261,4 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
 
 
 __all__ = ["MaskedBCELoss", "SoftmaxCELoss", "make_criterion", "train_epoch", "predict", "evaluate", "fit",
-           "FitResult", "seed_everything", "make_loader", "make_optimizer", "probabilities", "macro_f1"]
+           "FitResult", "seed_everything", "make_loader", "make_optimizer", "cosine_lr", "probabilities", "macro_f1"]

@@ -335,6 +335,31 @@ def test_client_train_reply_has_weights_and_only_aggregate_metrics(synth_root, t
     assert ev.content["metrics"]["num-examples"] == len(load_node_data(ctx.node_config, settings).datasets["test"])
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_client_learning_rate_follows_federation_lr_schedule(schedule, synth_root, task_identity, monkeypatch):
+    """Round 3 of 4 with 2 local epochs is the run's epochs 4 and 5 of 8 (0-based) on the cosine."""
+    import client.app as client_app
+    from common.models import build_model
+    from common.settings import ModelConfig
+    from common.training import cosine_lr
+
+    settings = tiny_settings({"data.path": str(synth_root), "federation.rounds": 4, "federation.local_epochs": 2,
+                              "federation.lr_schedule": schedule})
+    seen = []
+    real = client_app.train_epoch
+    monkeypatch.setattr(client_app, "train_epoch", lambda model, loader, optimizer, *a, **k: (
+        seen.append(optimizer.param_groups[0]["lr"]), real(model, loader, optimizer, *a, **k))[1])
+    model = build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)
+    msg = Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
+        {"server-round": 3, "findings": ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]})}),
+        dst_node_id=3, message_type=MessageType.TRAIN)
+    ctx = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config=settings.to_run_config())
+    assert not client_app.train(msg, ctx).has_error()
+    lr = settings.train.lr
+    assert seen == pytest.approx([lr, lr] if schedule == "constant" else [cosine_lr(lr, 4, 8), cosine_lr(lr, 5, 8)])
+
+
 # docker-compose.yml: tests/test_compose.py
 
 

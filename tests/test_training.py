@@ -168,3 +168,20 @@ def test_pretrain_declares_public_data_and_every_model_trained_from_it_records_w
     assert ws["weights_sha256"] == warm["weights"]["sha256"] and ws["public_data"] == warm["provenance"]["public_data"]
     assert ws["data"] == {k: v for k, v in warm["provenance"]["data"].items() if k != "root"}   # no path of theirs
     assert str(synth_root) not in json.dumps(ws) and "public_data" not in card["provenance"]
+
+
+def test_cosine_lr_is_the_curve_centralised_training_follows():
+    """federation.lr_schedule=cosine gives hospitals fit()'s CosineAnnealingLR curve over rounds x local epochs."""
+    import torch
+
+    from common.training import cosine_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=15)
+    expected = []
+    for _ in range(15):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [cosine_lr(3e-4, e, 15) for e in range(15)] == pytest.approx(expected, rel=1e-9)
+    assert cosine_lr(3e-4, 99, 15) == pytest.approx(expected[-1])   # past the plan: the last epoch's rate

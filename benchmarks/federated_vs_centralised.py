@@ -31,8 +31,11 @@ def _median(xs):
 
 
 def is_default(spec: dict, defaults) -> bool:
-    """Whether an arm trains with the federation the product runs when nothing is set."""
-    params = spec.get("params") or {}
+    """Whether an arm trains with the federation the product runs when nothing is set (its params dotted, as in
+    the experiment file, or nested, as results.json stores them)."""
+    from common.settings import flatten
+
+    params = flatten(spec.get("params") or {})
     return (spec.get("strategy") == defaults.strategy
             and params.get("federation.lr_schedule", defaults.lr_schedule) == defaults.lr_schedule
             and not any(k.startswith("federation.") and k != "federation.lr_schedule" for k in params))

@@ -64,3 +64,18 @@ def test_unknown_section_is_refused_with_the_choices():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "choose from" in proc.stderr
 
+
+
+def test_the_gap_benchmark_finds_the_default_federation_among_results_json_arms():
+    """results.json stores an arm's params nested; the goal is judged on the default federation's arm only."""
+    from benchmarks.federated_vs_centralised import is_default
+    from common.settings import FederationConfig
+
+    defaults = FederationConfig()
+    other = "constant" if defaults.lr_schedule == "cosine" else "cosine"
+    for params in ({"federation.lr_schedule": other}, {"federation": {"lr_schedule": other}}):
+        assert not is_default({"strategy": defaults.strategy, "params": params}, defaults)
+    for params in ({}, {"federation": {"lr_schedule": defaults.lr_schedule}}, {"train": {"lr": 0.01}}):
+        assert is_default({"strategy": defaults.strategy, "params": params}, defaults)
+    assert not is_default({"strategy": defaults.strategy, "params": {"federation": {"proximal_mu": 0.01}}}, defaults)
+    assert not is_default({"strategy": "fedadam", "params": {}}, defaults)

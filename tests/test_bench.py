@@ -65,7 +65,6 @@ def test_unknown_section_is_refused_with_the_choices():
     assert proc.returncode == 2 and "choose from" in proc.stderr
 
 
-
 def test_the_gap_benchmark_finds_the_default_federation_among_results_json_arms():
     """results.json stores an arm's params nested; the goal is judged on the default federation's arm only."""
     from benchmarks.federated_vs_centralised import is_default

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,11 @@ def e2e(tmp_path_factory):
         results = run_experiment(cfg, progress=False)
         from server.processes import pids_with_arg
 
-        leftovers = pids_with_arg(str(ray_tmp))
+        # Ray's raylet and workers exit asynchronously after Flower's ray.shutdown(); on a loaded machine that
+        # has taken a few seconds. One still running 30 s later is left behind.
+        deadline = time.monotonic() + 30
+        while (leftovers := pids_with_arg(str(ray_tmp), zombies=False)) and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         mp.undo()
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -36,9 +36,8 @@ def is_default(spec: dict, defaults) -> bool:
     from common.settings import flatten
 
     params = flatten(spec.get("params") or {})
-    return (spec.get("strategy") == defaults.strategy
-            and params.get("federation.lr_schedule", defaults.lr_schedule) == defaults.lr_schedule
-            and not any(k.startswith("federation.") and k != "federation.lr_schedule" for k in params))
+    return spec.get("strategy") == defaults.strategy and all(
+        getattr(defaults, k.split(".", 1)[1], object()) == v for k, v in params.items() if k.startswith("federation."))
 
 
 def gap_table(results: dict) -> str:

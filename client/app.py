@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from common.arrays import load_record, state_to_record, to_fp32
+from client import optimizer_state
 from client.boundary import REFUSED, hospital_log, reason
 from client.data import NodeData, load_node_data
 from client.mods import UNDER_SECURE_AGGREGATION, make_mods
@@ -108,6 +109,8 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
     if dp is not None:   # privacy.trainable: e.g. only the last block + head of a pretrained model
         set_trainable(model, dp_trainable(settings.privacy, is_pretrained(settings.model.weights)))
     optimizer = make_optimizer(model, settings.train)
+    if settings.federation.local_optimizer == "kept":
+        optimizer_state.restore(optimizer, context.state)
     mu = float(config.get("proximal-mu", settings.federation.proximal_mu))
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     if dp is not None:  # Opacus: per-sample clipping + noise, Poisson sampling over the same examples
@@ -126,6 +129,8 @@ def train(msg: Message, context: Context, overrides: dict | None = None) -> Mess
         r = train_epoch(model, loader, optimizer, criterion, proximal_mu=mu, global_params=global_params)
         losses.append(r["train_loss"])
         steps += len(loader)
+    if settings.federation.local_optimizer == "kept":
+        optimizer_state.keep(optimizer, context.state)
     val = (evaluate(unwrap(model), make_loader(ds["val"], settings.train.batch_size * 2, shuffle=False), data.findings,
                     criterion=criterion, tune=settings.train.threshold_method, multilabel=data.multilabel)
            if len(ds["val"]) else {"macro": {"auc": None, "f1": None}})   # local_split=train: no local metrics

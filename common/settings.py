@@ -187,6 +187,9 @@ class FederationConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="each hospital's learning rate across the run: constant = train.lr every round; "
         "cosine = train.lr decayed over rounds x local_epochs, the curve centralised training follows over its epochs")
+    local_optimizer: Literal["fresh", "kept"] = Field(
+        "fresh", description="fresh = a new Adam every round; kept = each hospital carries its Adam moments and step "
+        "count from round to round in its own node state (client/optimizer_state.py), never in a reply")
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: int = Field(2, ge=1)

@@ -77,4 +77,8 @@ def test_the_gap_benchmark_finds_the_default_federation_among_results_json_arms(
     for params in ({}, {"federation": {"lr_schedule": defaults.lr_schedule}}, {"train": {"lr": 0.01}}):
         assert is_default({"strategy": defaults.strategy, "params": params}, defaults)
     assert not is_default({"strategy": defaults.strategy, "params": {"federation": {"proximal_mu": 0.01}}}, defaults)
+    other = "fresh" if defaults.local_optimizer == "kept" else "kept"
+    assert not is_default({"strategy": defaults.strategy, "params": {"federation.local_optimizer": other}}, defaults)
+    assert is_default({"strategy": defaults.strategy, "params": {
+        "federation": {"local_optimizer": defaults.local_optimizer, "proximal_mu": defaults.proximal_mu}}}, defaults)
     assert not is_default({"strategy": "fedadam", "params": {}}, defaults)

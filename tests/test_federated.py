@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from common.arrays import record_bytes, state_to_record, to_fp16, to_fp32
@@ -358,6 +359,55 @@ def test_client_learning_rate_follows_federation_lr_schedule(schedule, synth_roo
     assert not client_app.train(msg, ctx).has_error()
     lr = settings.train.lr
     assert seen == pytest.approx([lr, lr] if schedule == "constant" else [cosine_lr(lr, 4, 8), cosine_lr(lr, 5, 8)])
+
+
+@pytest.mark.parametrize("mode", ["fresh", "kept"])
+def test_hospital_keeps_its_adam_moments_across_rounds_only_when_asked(mode, synth_root, task_identity, monkeypatch):
+    """federation.local_optimizer=kept: round 2 starts from round 1's Adam step count and moments, held in the
+    node's own state, not in the reply; fresh starts every round at step 0 and keeps nothing."""
+    import client.app as client_app
+    from client import optimizer_state
+    from common.models import build_model
+    from common.settings import ModelConfig
+
+    settings = tiny_settings({"data.path": str(synth_root), "federation.rounds": 2, "federation.local_epochs": 1,
+                              "federation.local_optimizer": mode})
+    first_steps = []
+    real = client_app.train_epoch
+
+    def spy(model, loader, optimizer, *a, **k):
+        st = optimizer.state_dict()["state"]
+        first_steps.append(int(st[0]["step"]) if st else 0)
+        return real(model, loader, optimizer, *a, **k)
+
+    monkeypatch.setattr(client_app, "train_epoch", spy)
+    findings = ["Cardiomegaly", "Effusion", "Nodule", "Pneumonia"]
+    model = build_model(ModelConfig(arch="smallcnn", weights="none"), 4, 1)
+    ctx = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                  run_config=settings.to_run_config())
+    replies = []
+    for rnd in (1, 2):
+        msg = Message(RecordDict({"arrays": state_to_record(model), "config": ConfigRecord(
+            {"server-round": rnd, "findings": findings})}), dst_node_id=3, message_type=MessageType.TRAIN)
+        replies.append(client_app.train(msg, ctx))
+        assert not replies[-1].has_error()
+    steps = int(replies[0].content["metrics"]["local-steps"])
+    assert steps > 0
+    assert set(replies[1].content.keys()) == {"arrays", "metrics", "node"}   # the moments never travel
+    if mode == "fresh":
+        assert first_steps == [0, 0] and optimizer_state.TENSORS not in ctx.state.array_records
+        return
+    assert first_steps == [0, steps]
+    kept = ctx.state.array_records[optimizer_state.TENSORS]
+    assert ctx.state.config_records[optimizer_state.SCALARS]["0.step"] == 2 * steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert tuple(kept["0.exp_avg"].shape) == tuple(params[0].shape)
+
+    # another model on the same node (a new trainable set): the kept moments are dropped, not misloaded
+    other = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    assert not optimizer_state.restore(other, ctx.state)
+    assert optimizer_state.TENSORS not in ctx.state.array_records and optimizer_state.SCALARS not in ctx.state.config_records
+    assert not other.state_dict()["state"]
 
 
 # docker-compose.yml: tests/test_compose.py

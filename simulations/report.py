@@ -38,8 +38,11 @@ def done_arms(part: dict) -> dict[str, dict]:
     return {k: v for k, v in part["arms"].items() if v.get("status") == "done"}
 
 
-def reference(arms: dict[str, dict]) -> dict | None:
-    return next((a for a in arms.values() if a["kind"] == "centralised"), None)
+def reference(arms: dict[str, dict], arm: dict | None = None) -> dict | None:
+    """The centralised arm an arm is compared with: the replicate of the arm's own train seed when there is one."""
+    refs = [a for a in arms.values() if a["kind"] == "centralised"]
+    seed = ((arm or {}).get("spec") or {}).get("seed")
+    return next((r for r in refs if (r.get("spec") or {}).get("seed") == seed), refs[0] if refs else None)
 
 
 def describe_arm(a: dict) -> str:
@@ -64,8 +67,6 @@ def headline_table(arms: dict[str, dict], compare_paper: bool = False) -> list[s
     drift while AUC holds) + macro AUC/F1/ECE CIs + gap to centralised, one row per arm, then the all-positive
     baseline on the same test images and, only when asked (`compare_paper`), the seed paper's reported
     ChestX-ray14 figures (neither has an ECE: the paper reports none, the baseline is a decision rule)."""
-    ref = reference(arms)
-    ref_auc = ref["test"]["headline"]["auc"] if ref else None
     cols = [HEAD_NAMES[k] for k in HEADLINE] + ["ECE", "AUC 95% CI", "F1 95% CI", "ECE 95% CI",
                                                 "Δ AUC vs centralised", "best round"]
     tail = " |" * (len(cols) - len(HEADLINE) + 1)  # close a reference row's fifth figure, then its empty cells
@@ -75,7 +76,10 @@ def headline_table(arms: dict[str, dict], compare_paper: bool = False) -> list[s
         if a["kind"] == "local":
             rng = a["test"].get("range") or {}
             ci = {"auc": rng.get("auc"), "f1": rng.get("f1"), "ece": rng.get("ece")}
-        gap = (h["auc"] - ref_auc) if (ref_auc is not None and h.get("auc") is not None and a is not ref) else None
+        ref = reference(arms, a)   # the same seed's centralised arm
+        ref_auc = ref["test"]["headline"]["auc"] if ref else None
+        gap = (h["auc"] - ref_auc) if (ref_auc is not None and h.get("auc") is not None
+                                       and a["kind"] != "centralised") else None
         label = f"{name} (mean of {a['test'].get('n_models')} hospitals; range)" if a["kind"] == "local" else name
         cells = [fmt(h.get(k)) for k in HEADLINE] + [fmt(h.get("ece")), fmt_ci(ci.get("auc")), fmt_ci(ci.get("f1")),
                                                      fmt_ci(ci.get("ece")), "" if gap is None else f"{gap:+.3f}",
@@ -90,11 +94,11 @@ def headline_table(arms: dict[str, dict], compare_paper: bool = False) -> list[s
 
 
 def gaps(arms: dict[str, dict]) -> list[str]:
-    ref = reference(arms)
-    if ref is None:
+    if reference(arms) is None:
         return []
     out = []
     for name, a in arms.items():
+        ref = reference(arms, a)   # the same seed's centralised arm
         if a["kind"] in ("federated", "dp", "local") and a["test"]["headline"].get("auc") is not None:
             d = a["test"]["headline"]["auc"] - ref["test"]["headline"]["auc"]
             f1 = (a["test"]["headline"]["f1"] or 0) - (ref["test"]["headline"]["f1"] or 0)

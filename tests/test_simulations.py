@@ -214,6 +214,26 @@ def _fake_arm(kind: str, test: dict) -> dict:
     return {"kind": kind, "status": "done", "test": test, "best_round": None, "spec": {}, "cost": {"schedule": ""}}
 
 
+def test_report_compares_each_replicate_with_the_same_seeds_centralised_arm():
+    """With train seeds, an arm's Δ AUC (headline table and gap lines) is against centralised of its own seed;
+    a centralised replicate has no Δ."""
+    from simulations.report import gaps, headline_table
+
+    def arm(kind, seed, auc):
+        a = _fake_arm(kind, {"headline": {"auc": auc, "f1": 0.5}})
+        a["spec"] = {"seed": seed}
+        return a
+
+    arms = {"centralised-seed1": arm("centralised", 1, 0.90), "centralised-seed2": arm("centralised", 2, 0.80),
+            "fedavg-seed1": arm("federated", 1, 0.88), "fedavg-seed2": arm("federated", 2, 0.79)}
+    rows = {c[0]: c[1:] for c in ([x.strip() for x in line.strip().strip("|").split("|")]
+                                  for line in headline_table(arms)[2:])}
+    delta = len(rows["fedavg-seed1"]) - 2
+    assert rows["fedavg-seed1"][delta] == "-0.020" and rows["fedavg-seed2"][delta] == "-0.010"
+    assert rows["centralised-seed2"][delta] == ""
+    assert [line.split("macro AUC ")[1][:6] for line in gaps(arms)] == ["-0.020", "-0.010"]
+
+
 def test_report_headline_table_shows_ece_and_its_ci():
     """Fast: the table from metrics dicts alone (the e2e test below checks the same against results.json)."""
     from common.metrics import compute_metrics

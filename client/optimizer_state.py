@@ -6,7 +6,8 @@ continues) from round to round in its node state (`context.state`), which lives 
 travels in a reply. The moments are computed from this hospital's gradients (under DP-SGD, its clipped and
 noised ones), so they stay where those did. A moment that no longer fits the model's trainable parameters
 (another architecture or trainable set in a new run on the same node) is dropped, never loaded into the
-wrong parameter.
+wrong parameter. Measured in pneumoniamnist-fedavg-gap (README): no closer to centralised than a fresh Adam,
+better calibrated; so not the default.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def restore(optimizer: torch.optim.Optimizer, state: RecordDict) -> bool:
         return False
     opt = _plain(optimizer)
     params = [p for g in opt.param_groups for p in g["params"]]
+    if not params:
+        return False
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, arr in state.array_records[TENSORS].items():
         i, name = key.split(".", 1)

@@ -43,7 +43,7 @@ def _train(cfg: Settings, data, report: dict, out: Path, run_id: str, tracker: T
     from common.metrics import SEED_PAPER, format_headline_table
     from common.models import build_model
     from common.plots import plot_per_finding_bars, plot_roc_curves, plot_training_curves
-    from common.training import evaluate, fit, make_criterion, make_loader, predict, resolve_device
+    from common.training import SELECTION_RULES, evaluate, fit, make_criterion, make_loader, predict, resolve_device
 
     multilabel = cfg.train.loss == "bce"
     ds = data.datasets
@@ -69,7 +69,8 @@ def _train(cfg: Settings, data, report: dict, out: Path, run_id: str, tracker: T
         "run_id": run_id, "training": "centralised", "data": {"source": report["source"], "root": report["root"],
         "images": {k: v["images"] for k, v in report["splits"].items()}, "patients": report["patients"],
         "excluded": len(report["excluded"]), "fingerprint": data.fingerprint()}, "epochs_run": len(res.history),
-        "best_epoch": res.best_epoch, "train_seconds": round(train_seconds, 2), "config": cfg.model_dump(mode="json"),
+        "best_epoch": res.best_epoch, "selection": f"{SELECTION_RULES[cfg.train.select_on]} (validation split)",
+        "train_seconds": round(train_seconds, 2), "config": cfg.model_dump(mode="json"),
         "warm_start": warm_start_provenance(cfg.model.weights),
     }
     if public is not None:

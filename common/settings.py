@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     pos_weight: bool = Field(False, description="Per-finding positive weighting of the BCE loss")
     loss: Literal["bce", "softmax"] = Field("bce", description="bce: multi-label; softmax: exclusive classes")
     threshold_method: Literal["f1", "youden"] = "f1"
+    select_on: Literal["val-f1", "val-auc", "val-loss"] = Field(
+        "val-f1", description="which epoch (centralised) or round (federated) is kept: best validation macro-F1 at "
+        "tuned thresholds (the seed paper's rule), best validation macro AUC, or lowest validation loss")
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None = torch default")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",

@@ -183,6 +183,23 @@ def evaluate(model: nn.Module, loader: DataLoader, findings: list[str], *, crite
     return result
 
 
+SELECTION_RULES = {"val-f1": "best validation macro-F1", "val-auc": "best validation macro AUC",
+                   "val-loss": "lowest validation loss"}
+
+
+def selection_key(select_on: str, f1: float | None, auc: float | None, loss: float | None) -> tuple[float, float]:
+    """The one rule that picks the kept epoch (`fit`) and the kept federated round (the ServerApp): larger is
+    better; the other figure breaks ties (F1 and AUC each other, loss by AUC). A missing figure ranks last."""
+    f1_, auc_ = (-1.0 if f1 is None else f1), (-1.0 if auc is None else auc)
+    if select_on == "val-f1":
+        return f1_, auc_
+    if select_on == "val-auc":
+        return auc_, f1_
+    if select_on == "val-loss":
+        return (-math.inf if loss is None or math.isnan(loss) else -loss), auc_
+    raise ValueError(f"unknown selection rule {select_on!r}; one of {', '.join(SELECTION_RULES)}")
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
@@ -209,8 +226,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg: TrainConfig, findings: list[str], *,
         criterion: nn.Module, multilabel: bool = True, freeze_backbone_epochs: int = 0, progress: bool = True,
         on_epoch=None) -> FitResult:
-    """Adam + scheduler + early stopping; keeps the epoch with the best validation macro-F1 at tuned
-    thresholds (the seed paper's rule), AUC reported beside it."""
+    """Adam + scheduler + early stopping; keeps the epoch that `cfg.select_on` ranks best (`selection_key`;
+    by default validation macro-F1 at tuned thresholds, the seed paper's rule), AUC reported beside it."""
     from common.models import set_backbone_trainable
 
     if freeze_backbone_epochs:
@@ -219,7 +236,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs) if cfg.scheduler == "cosine"
              else torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
              if cfg.scheduler == "plateau" else None)
-    res, best_key, since_best = FitResult(), (-1.0, -1.0), 0
+    res, best_key, since_best = FitResult(), (-math.inf, -math.inf), 0
     epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=None if progress else True)
     for epoch in epochs:
         if freeze_backbone_epochs and epoch == freeze_backbone_epochs + 1:
@@ -236,7 +253,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
                "images_per_s": tr["images_per_s"]}
         res.history.append(row)
         epochs.set_postfix(val_f1=f"{row['val_f1']:.3f}", val_auc=f"{auc:.3f}" if auc is not None else "n/a")
-        key = (row["val_f1"], auc if auc is not None else -1.0)
+        key = selection_key(cfg.select_on, row["val_f1"], auc, val_loss)
         if key > best_key:
             best_key, since_best = key, 0
             res.best_epoch, res.thresholds, res.val_metrics = epoch, thr, metrics
@@ -261,4 +278,5 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
 
 
 __all__ = ["MaskedBCELoss", "SoftmaxCELoss", "make_criterion", "train_epoch", "predict", "evaluate", "fit",
-           "FitResult", "seed_everything", "make_loader", "make_optimizer", "cosine_lr", "probabilities", "macro_f1"]
+           "FitResult", "selection_key", "SELECTION_RULES", "seed_everything", "make_loader", "make_optimizer",
+           "cosine_lr", "probabilities", "macro_f1"]

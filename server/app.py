@@ -1,5 +1,5 @@
 """The aggregator's Flower ServerApp: Flower's strategy drives the rounds; this module adds what a clinic needs
-around it: global evaluation on held-out data every round, best-round selection on validation macro-F1,
+around it: global evaluation on held-out data every round, best-round selection on validation (`train.select_on`),
 a checkpoint after every round (and resumption from it), bounded waits, and the exported model bundle.
 
 Output directory (`output_dir`): bundle/ (served by `fedxray serve`), federation.json (summary + per-round
@@ -26,7 +26,7 @@ from common.errors import FedxrayError
 from common.fileio import write_json
 from common.metrics import format_headline_table
 from common.models import build_model
-from common.training import seed_everything
+from common.training import SELECTION_RULES, seed_everything, selection_key
 from server.checkpoint import Checkpoint, RunState, numpy_to_record, record_to_numpy
 from server.evaluation import GlobalEval, GlobalEvaluator
 from server.progress import PROGRESS
@@ -102,10 +102,12 @@ class RoundKeeper:
         return PROGRESS + " | ".join(parts)
 
     def _update_best(self, ev: GlobalEval, arrays: ArrayRecord) -> None:
-        f1 = ev.val["macro"]["f1"] or 0.0
-        auc = ev.val["macro"]["auc"] if ev.val["macro"]["auc"] is not None else -1.0
-        if (f1, auc) > (self.state.best_val_f1, self.state.best_val_auc):
-            self.state.best_round, self.state.best_val_f1, self.state.best_val_auc = ev.round, f1, auc
+        f1, auc = ev.val["macro"]["f1"], ev.val["macro"]["auc"]
+        key = list(selection_key(self.s.train.select_on, f1, auc, ev.val.get("loss")))
+        if key > self.state.best_key:   # [] (nothing kept yet) sorts below any key
+            self.state.best_round, self.state.best_key = ev.round, key
+            self.state.best_val_f1 = -1.0 if f1 is None else f1
+            self.state.best_val_auc = -1.0 if auc is None else auc
             self.state.best_thresholds = [float(x) for x in ev.thresholds]
             self.state.best_metrics = {"validation": ev.val, "test": ev.test}
             self.best_arrays = record_to_numpy(arrays)
@@ -260,7 +262,8 @@ def _summary(s: Settings, state: RunState, evaluator: GlobalEvaluator, grid: Gri
     federation = {
         "runtime": type(grid).__name__, "strategy": s.federation.strategy, "strategy_params": strategy_params(s),
         "rounds_planned": s.federation.rounds, "rounds_completed": state.rounds_done,
-        "best_round": state.best_round, "selection": "best validation macro-F1 (server held-out validation split)",
+        "best_round": state.best_round,
+        "selection": f"{SELECTION_RULES[s.train.select_on]} (server held-out validation split)",
         "nodes": state.nodes, "examples_per_node": {k: v["examples"] for k, v in state.nodes.items()},
         "local_epochs": s.federation.local_epochs, "fp16_transfer": s.federation.fp16,
         "bytes_per_client_per_round": last.get("bytes_per_client"),

@@ -3,7 +3,7 @@
 Layout in `<output_dir>/checkpoint/`:
   state.json                    round done, settings fingerprint, history, best round, file names
   global-rNNNN.safetensors      global weights after round NNNN
-  best-rNNNN.safetensors        weights of the best round so far (validation macro-F1)
+  best-rNNNN.safetensors        weights of the best round so far (train.select_on)
   strategy-rNNNN.safetensors    server-optimiser state (FedAdam/FedYogi/FedAvgM), when there is any
 
 Tensor files are named by round and written first; state.json is replaced atomically last and names the
@@ -33,6 +33,7 @@ class RunState:
     best_round: int = 0
     best_val_f1: float = -1.0
     best_val_auc: float = -1.0
+    best_key: list[float] = field(default_factory=list)   # common.training.selection_key of the best round
     best_thresholds: list[float] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)      # {"validation": ..., "test": ...} of the best round
     nodes: dict[str, dict] = field(default_factory=dict)   # site -> {"node_ids", "rounds", "examples"}

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from common.metrics import ECE_BINS, HEADLINE, SEED_PAPER, SEED_PAPER_NAME, trivial_baseline
 from common.plots import plot_bars, plot_reliability, plot_roc_curves, plot_series
 from common.tracking import MLRUNS, local_store_uri
+from common.training import SELECTION_RULES, selection_key
 from simulations.store import REPORT_FILE, ResultStore, write_atomic
 
 HEAD_NAMES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "auc": "Macro AUC"}
@@ -245,6 +246,49 @@ def seeds_table(arms: dict[str, dict]) -> list[str]:
     return ["### Over seeds (mean ± sd)", ""] + lines + [""]
 
 
+def kept_round(rounds: list[dict], rule: str) -> dict | None:
+    """The round (epoch) `rule` would have kept, by the very `selection_key` training uses (the first of equals,
+    as training keeps it); None when a round lacks the figure the rule needs or its test AUC."""
+    need = {"val-f1": "val_f1", "val-auc": "val_auc", "val-loss": "val_loss"}[rule]
+    if not rounds or any(r.get(need) is None or r.get("test_auc") is None for r in rounds):
+        return None
+    return max(rounds, key=lambda r: selection_key(rule, r.get("val_f1"), r.get("val_auc"), r.get("val_loss")))
+
+
+def selection_table(arms: dict[str, dict]) -> list[str]:
+    """How much the rule that keeps a round moves each arm's test AUC and its gap to centralised: every rule
+    applied to the per-round validation figures the arm recorded, the test AUC of its pick beside it (the
+    test split chose nothing; the arm's own rule is the one its headline used). With train seeds only."""
+    groups = replicate_groups(arms)
+    if all(len(g) == 1 for g in groups.values()):
+        return []
+
+    def test_auc(a: dict, rule: str) -> float | None:
+        r = kept_round(a.get("rounds") or [], rule)
+        return None if r is None else r["test_auc"]
+
+    def seed(a: dict):
+        return (a.get("spec") or {}).get("seed")
+
+    ref = next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
+    if not any(test_auc(a, rule) is not None for g in groups.values() for a in g for rule in SELECTION_RULES):
+        return []
+    lines = ["| Arm | seeds | " + " | ".join(f"kept on {rule}: AUC (Δ vs centralised)" for rule in SELECTION_RULES)
+             + " |", "|---" * (2 + len(SELECTION_RULES)) + "|"]
+    for name, g in groups.items():
+        cells = []
+        for rule in SELECTION_RULES:
+            aucs = [test_auc(a, rule) for a in g]
+            ref_auc = {seed(c): test_auc(c, rule) for c in ref or []} if g is not ref else {}
+            gap = [x - ref_auc[seed(a)] for a, x in zip(g, aucs, strict=True)
+                   if x is not None and ref_auc.get(seed(a)) is not None]
+            cells.append(fmt_mean_sd(aucs) + (f" (Δ {fmt_mean_sd(gap)})" if gap else ""))
+        lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
+    return ["### Selection rule (test AUC of the round each rule keeps, mean ± sd over seeds)", "",
+            "Read from each arm's per-round validation figures and per-round test AUC (for a federated arm the "
+            "server's own, on the same test images); the headline used the arm's `train.select_on`.", ""] + lines + [""]
+
+
 def dp_recipe(name: str) -> str:
     """A DP arm's recipe (its name without the target ε): one curve per recipe."""
     return re.sub(r"-eps[0-9.e+-]+$", "", name)
@@ -345,7 +389,7 @@ def write_report(out: Path, results: dict, store: ResultStore) -> Path:
         if arms:
             lines += ["### Arms", ""] + [f"- **{n}**: {describe_arm(a)}" for n, a in arms.items()] + [""]
             lines += ["### Headline (global test set)", ""] + headline_table(arms, cfg.get("compare_paper", False)) + [""] + gaps(arms) + [""]
-            lines += seeds_table(arms) + privacy_table(arms)
+            lines += seeds_table(arms) + selection_table(arms) + privacy_table(arms)
             findings = partition["findings"] if partition else []
             lines += ["### Plots", ""] + plots(out, pname, arms, store, findings) + [""]
             names, cols, mat = cross_site(arms)

@@ -269,6 +269,36 @@ def test_checkpoint_resume_rules(tmp_path):
     assert ck.load("other", num_rounds=5) is None   # other settings: start fresh
 
 
+
+@pytest.mark.parametrize("select_on,kept", [("val-f1", 1), ("val-auc", 2), ("val-loss", 3)])
+def test_server_keeps_the_round_its_selection_rule_ranks_best_across_a_restart(tmp_path, select_on, kept):
+    """The ServerApp's best round follows `train.select_on` (the same `selection_key` as centralised `fit`), and
+    a resumed server keeps comparing against the best round from before the restart."""
+    from server.app import RoundKeeper
+    from server.checkpoint import Checkpoint, RunState
+    from server.evaluation import GlobalEval
+
+    def ev(g, f1, auc, loss):
+        m = {"macro": {"f1": f1, "auc": auc}, "loss": loss}
+        return GlobalEval(round=g, thresholds=np.array([0.5]), val=m, test=m)
+
+    def keeper(state):
+        k = RoundKeeper.__new__(RoundKeeper)
+        k.s, k.state, k.best_arrays = Settings.build("demo", {"train.select_on": select_on}), state, None
+        return k
+
+    arrays = {"w": np.zeros(2, np.float32)}
+    k = keeper(RunState(fingerprint="abc"))
+    for g, figures in enumerate([(0.9, 0.80, 0.50), (0.8, 0.95, 0.40), (0.7, 0.85, 0.30)], start=1):
+        k._update_best(ev(g, *figures), ArrayRecord({"w": Array(arrays["w"] + g)}))
+        k.state.rounds_done = g
+    assert k.state.best_round == kept and k.best_arrays["w"][0] == kept
+    Checkpoint(tmp_path).save(k.state, arrays, k.best_arrays, {}, best_changed=True)
+    resumed = keeper(Checkpoint(tmp_path).load("abc", num_rounds=5)[0])
+    resumed._update_best(ev(4, 0.6, 0.70, 0.60), ArrayRecord({"w": Array(arrays["w"] + 4)}))   # worse on every rule
+    assert resumed.state.best_round == kept
+
+
 # ------------------------------------------------------------------------------------------------ client
 def test_node_data_resolution(synth_root, tmp_path):
     from client.data import resolve_source

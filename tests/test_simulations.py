@@ -234,6 +234,31 @@ def test_report_compares_each_replicate_with_the_same_seeds_centralised_arm():
     assert [line.split("macro AUC ")[1][:6] for line in gaps(arms)] == ["-0.020", "-0.010"]
 
 
+def test_report_selection_table_gives_each_rules_pick_and_its_gap_paired_by_seed():
+    """Per-round validation figures where validation F1, AUC and loss each prefer another round: each column
+    shows the test AUC of that rule's pick, Δ against the same seed's centralised pick under the same rule."""
+    from simulations.report import selection_table
+
+    def arm(kind, group, seed, test_aucs):
+        a = _fake_arm(kind, {"headline": {"auc": 0.0, "f1": 0.5}})
+        a["spec"] = {"seed": seed, "group": group}
+        a["rounds"] = [{"round": r, "val_f1": f1, "val_auc": auc, "val_loss": loss, "test_auc": t}
+                       for r, (f1, auc, loss), t in zip((1, 2, 3), ((0.9, 0.80, 0.5), (0.8, 0.95, 0.4),
+                                                                    (0.7, 0.85, 0.3)), test_aucs, strict=True)]
+        return a
+
+    arms = {"centralised-seed1": arm("centralised", "centralised", 1, (0.90, 0.91, 0.92)),
+            "centralised-seed2": arm("centralised", "centralised", 2, (0.80, 0.81, 0.82)),
+            "fedavg-seed1": arm("federated", "fedavg", 1, (0.88, 0.90, 0.92)),
+            "fedavg-seed2": arm("federated", "fedavg", 2, (0.77, 0.81, 0.80))}
+    rows = _rows("\n".join(selection_table(arms)))
+    assert rows["centralised"] == ["2", "0.850 ± 0.071", "0.860 ± 0.071", "0.870 ± 0.071"]
+    assert rows["fedavg"] == ["2", "0.825 ± 0.078 (Δ -0.025 ± 0.007)", "0.855 ± 0.064 (Δ -0.005 ± 0.007)",
+                              "0.860 ± 0.085 (Δ -0.010 ± 0.014)"]
+    single = {"centralised": arm("centralised", "centralised", 1, (0.9, 0.9, 0.9))}
+    assert selection_table(single) == []   # no seeds: no table
+
+
 def test_report_headline_table_shows_ece_and_its_ci():
     """Fast: the table from metrics dicts alone (the e2e test below checks the same against results.json)."""
     from common.metrics import compute_metrics
@@ -406,6 +431,11 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
         for g in p["patient_groups"]:
             assert seen.setdefault(g, name) == name, f"patient {g} in {seen[g]} and {name}"
     assert sum(s["train"]["images"] for s in part["hospitals"].values()) == arms["centralised"]["train_images"]
+
+    # the report's selection table re-applies training's rule to the recorded rounds: it finds the kept round
+    from simulations.report import kept_round
+    for name in ("centralised", "fedavg", "dp-fedavg-eps3"):
+        assert kept_round(arms[name]["rounds"], cfg.train.select_on)["round"] == arms[name]["best_round"], name
 
     # cross-site: the global models on every hospital's test split
     for name in ("centralised", "fedavg"):

@@ -11,7 +11,8 @@ from fedxray.cli import main as cli_main
 from common.settings import Settings, ModelConfig, TrainConfig, load_settings
 from common.models import build_model
 from common.centralised import run_centralised
-from common.training import MaskedBCELoss, SoftmaxCELoss, make_criterion, seed_everything, train_epoch
+from common.training import (SELECTION_RULES, MaskedBCELoss, SoftmaxCELoss, make_criterion, seed_everything,
+                             selection_key, train_epoch)
 from tests.conftest import SYNTH_FINDINGS
 
 
@@ -185,3 +186,27 @@ def test_cosine_lr_is_the_curve_centralised_training_follows():
         sched.step()
     assert [cosine_lr(3e-4, e, 15) for e in range(15)] == pytest.approx(expected, rel=1e-9)
     assert cosine_lr(3e-4, 99, 15) == pytest.approx(expected[-1])   # past the plan: the last epoch's rate
+
+
+
+@pytest.mark.parametrize("select_on", ["val-f1", "val-auc"])
+def test_fit_keeps_the_epoch_that_its_selection_rule_ranks_best(synth_root, tmp_path, select_on):
+    """`train.select_on` decides which epoch is exported: each rule's pick over the recorded history. On this
+    data the rules disagree (measured: validation F1 keeps epoch 5 of 6, AUC epoch 6), so an ignored rule fails."""
+    summary = run_centralised(_config(synth_root, tmp_path / "r", select_on=select_on), progress=False)
+    h = summary["history"]
+    score = {"val-f1": lambda r: (r["val_f1"], r["val_auc"]), "val-auc": lambda r: (r["val_auc"], r["val_f1"])}
+    assert summary["best_epoch"] == max(h, key=score[select_on])["epoch"], h
+    card = json.loads((tmp_path / "r" / "bundle" / "model.json").read_text())
+    assert card["provenance"]["config"]["train"]["select_on"] == select_on
+    assert card["provenance"]["selection"] == f"{SELECTION_RULES[select_on]} (validation split)"
+
+
+def test_selection_rules_rank_by_their_own_figure_and_put_a_missing_one_last():
+    """(F1, AUC, loss) of three epochs: each rule prefers a different one; None / NaN never wins."""
+    epochs = {1: (0.9, 0.80, 0.50), 2: (0.8, 0.95, 0.40), 3: (0.7, 0.85, 0.30), 4: (None, None, float("nan"))}
+    best = {rule: max(epochs, key=lambda e: selection_key(rule, *epochs[e])) for rule in SELECTION_RULES}
+    assert best == {"val-f1": 1, "val-auc": 2, "val-loss": 3}
+    assert selection_key("val-f1", 0.5, 0.9, 0.1) > selection_key("val-f1", 0.5, 0.8, 0.1)   # ties broken by AUC
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        selection_key("val-acc", 0.5, 0.5, 0.5)

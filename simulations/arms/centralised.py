@@ -23,7 +23,7 @@ def train_and_track(ctx: ArmContext, train_idx: list[int], val_loader, seed: int
 
     def on_epoch(row: dict) -> None:
         rows.append({"round": row["epoch"], "train_loss": row["train_loss"], "val_auc": row["val_auc"],
-                     "val_f1": row["val_f1"], "test_auc": ctx.evaluator.quick_auc(model),
+                     "val_f1": row["val_f1"], "val_loss": row["val_loss"], "test_auc": ctx.evaluator.quick_auc(model),
                      "wall_s": round(time.perf_counter() - t[0], 3)})
         t[0] = time.perf_counter()
 

@@ -69,7 +69,8 @@ def _rounds(summary: dict) -> list[dict]:
                 if n else None)
         eps = [c["epsilon"] for c in clients.values() if c.get("epsilon") is not None]
         rows.append({"round": h["round"], "val_auc": g["val"].get("auc"), "val_f1": g["val"].get("f1"),
-                     "test_auc": g["test"].get("auc"), "test_f1": g["test"].get("f1"), "train_loss": loss,
+                     "val_loss": g["val"].get("loss"), "test_auc": g["test"].get("auc"), "test_f1": g["test"].get("f1"),
+                     "train_loss": loss,
                      "wall_s": h.get("seconds"), "epsilon": max(eps) if eps else None, "clients": clients})
     return rows
 

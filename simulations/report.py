@@ -39,11 +39,20 @@ def done_arms(part: dict) -> dict[str, dict]:
     return {k: v for k, v in part["arms"].items() if v.get("status") == "done"}
 
 
+def seed_of(arm: dict) -> int | None:
+    return (arm.get("spec") or {}).get("seed")
+
+
+def same_seed(refs: list[dict], arm: dict | None, *, fallback: bool = False) -> dict | None:
+    """The replicate among `refs` trained with `arm`'s seed (the pairing of every Δ in the report); with
+    `fallback`, the first of them when none was."""
+    seed = seed_of(arm or {})
+    return next((r for r in refs if seed_of(r) == seed), refs[0] if refs and fallback else None)
+
+
 def reference(arms: dict[str, dict], arm: dict | None = None) -> dict | None:
     """The centralised arm an arm is compared with: the replicate of the arm's own train seed when there is one."""
-    refs = [a for a in arms.values() if a["kind"] == "centralised"]
-    seed = ((arm or {}).get("spec") or {}).get("seed")
-    return next((r for r in refs if (r.get("spec") or {}).get("seed") == seed), refs[0] if refs else None)
+    return same_seed([a for a in arms.values() if a["kind"] == "centralised"], arm, fallback=True)
 
 
 def describe_arm(a: dict) -> str:
@@ -219,13 +228,12 @@ def fmt_mean_sd(values) -> str:
     return "n/a" if m is None else f"{m:.3f}" if sd is None else f"{m:.3f} ± {sd:.3f}"
 
 
-def paired_gaps(group: list[dict], ref: list[dict] | None) -> list[float]:
-    """AUC differences to the reference arm's replicate of the same seed (all pairs when unseeded)."""
-    if not ref:
-        return []
-    by_seed = {(r.get("spec") or {}).get("seed"): _auc(r) for r in ref}
-    return [_auc(a) - by_seed[s] for a in group
-            if (s := (a.get("spec") or {}).get("seed")) in by_seed and _auc(a) is not None and by_seed[s] is not None]
+def paired_gaps(group: list[dict], ref: list[dict] | None, value=None) -> list[float]:
+    """value(arm) − value(the reference's replicate of the same seed), test AUC by default, for every pair where
+    both are known."""
+    value = value or _auc
+    pairs = [(value(a), value(r)) for a in group if (r := same_seed(ref or [], a)) is not None]
+    return [x - y for x, y in pairs if x is not None and y is not None]
 
 
 def seeds_table(arms: dict[str, dict]) -> list[str]:
@@ -267,9 +275,6 @@ def selection_table(arms: dict[str, dict]) -> list[str]:
         r = kept_round(a.get("rounds") or [], rule)
         return None if r is None else r["test_auc"]
 
-    def seed(a: dict):
-        return (a.get("spec") or {}).get("seed")
-
     ref = next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
     if not any(test_auc(a, rule) is not None for g in groups.values() for a in g for rule in SELECTION_RULES):
         return []
@@ -278,11 +283,8 @@ def selection_table(arms: dict[str, dict]) -> list[str]:
     for name, g in groups.items():
         cells = []
         for rule in SELECTION_RULES:
-            aucs = [test_auc(a, rule) for a in g]
-            ref_auc = {seed(c): test_auc(c, rule) for c in ref or []} if g is not ref else {}
-            gap = [x - ref_auc[seed(a)] for a, x in zip(g, aucs, strict=True)
-                   if x is not None and ref_auc.get(seed(a)) is not None]
-            cells.append(fmt_mean_sd(aucs) + (f" (Δ {fmt_mean_sd(gap)})" if gap else ""))
+            gap = paired_gaps(g, ref, lambda a: test_auc(a, rule)) if g is not ref else []
+            cells.append(fmt_mean_sd(test_auc(a, rule) for a in g) + (f" (Δ {fmt_mean_sd(gap)})" if gap else ""))
         lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
     return ["### Selection rule (test AUC of the round each rule keeps, mean ± sd over seeds)", "",
             "Read from each arm's per-round validation figures and per-round test AUC (for a federated arm the "

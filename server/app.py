@@ -102,12 +102,10 @@ class RoundKeeper:
         return PROGRESS + " | ".join(parts)
 
     def _update_best(self, ev: GlobalEval, arrays: ArrayRecord) -> None:
-        f1, auc = ev.val["macro"]["f1"], ev.val["macro"]["auc"]
-        key = list(selection_key(self.s.train.select_on, f1, auc, ev.val.get("loss")))
+        m = ev.val["macro"]
+        key = list(selection_key(self.s.train.select_on, m["f1"], m["auc"], ev.val.get("loss")))
         if key > self.state.best_key:   # [] (nothing kept yet) sorts below any key
             self.state.best_round, self.state.best_key = ev.round, key
-            self.state.best_val_f1 = -1.0 if f1 is None else f1
-            self.state.best_val_auc = -1.0 if auc is None else auc
             self.state.best_thresholds = [float(x) for x in ev.thresholds]
             self.state.best_metrics = {"validation": ev.val, "test": ev.test}
             self.best_arrays = record_to_numpy(arrays)

@@ -31,8 +31,6 @@ class RunState:
     rounds_done: int = 0
     history: list[dict] = field(default_factory=list)
     best_round: int = 0
-    best_val_f1: float = -1.0
-    best_val_auc: float = -1.0
     best_key: list[float] = field(default_factory=list)   # common.training.selection_key of the best round
     best_thresholds: list[float] = field(default_factory=list)
     best_metrics: dict = field(default_factory=dict)      # {"validation": ..., "test": ...} of the best round

@@ -44,13 +44,13 @@ def gap_table(results: dict) -> str:
     """Per partition and arm: test AUC and the gap to centralised (paired by seed), mean ± sd over seeds, the
     goal judged on the default federation's mean gap."""
     from common.settings import FederationConfig
-    from simulations.report import done_arms, fmt_mean_sd, mean_sd, paired_gaps, replicate_groups
+    from simulations.report import centralised_group, done_arms, fmt_mean_sd, mean_sd, paired_gaps, replicate_groups
 
     defaults = FederationConfig()
     rows = []
     for pname, part in results["partitions"].items():
         groups = replicate_groups(done_arms(part))
-        ref = next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
+        ref = centralised_group(groups)
         for name, g in groups.items():
             aucs = [a["test"]["headline"]["auc"] for a in g]
             gap = paired_gaps(g, ref) if g is not ref else []

@@ -185,6 +185,7 @@ def evaluate(model: nn.Module, loader: DataLoader, findings: list[str], *, crite
 
 SELECTION_RULES = {"val-f1": "best validation macro-F1", "val-auc": "best validation macro AUC",
                    "val-loss": "lowest validation loss"}
+SELECTION_FIGURE = {"val-f1": "val_f1", "val-auc": "val_auc", "val-loss": "val_loss"}   # the record field each ranks by
 
 
 def selection_key(select_on: str, f1: float | None, auc: float | None, loss: float | None) -> tuple[float, float]:
@@ -278,5 +279,5 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
 
 
 __all__ = ["MaskedBCELoss", "SoftmaxCELoss", "make_criterion", "train_epoch", "predict", "evaluate", "fit",
-           "FitResult", "selection_key", "SELECTION_RULES", "seed_everything", "make_loader", "make_optimizer",
+           "FitResult", "selection_key", "SELECTION_RULES", "SELECTION_FIGURE", "seed_everything", "make_loader", "make_optimizer",
            "cosine_lr", "probabilities", "macro_f1"]

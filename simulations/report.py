@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from common.metrics import ECE_BINS, HEADLINE, SEED_PAPER, SEED_PAPER_NAME, trivial_baseline
 from common.plots import plot_bars, plot_reliability, plot_roc_curves, plot_series
 from common.tracking import MLRUNS, local_store_uri
-from common.training import SELECTION_RULES, selection_key
+from common.training import SELECTION_FIGURE, SELECTION_RULES, selection_key
 from simulations.store import REPORT_FILE, ResultStore, write_atomic
 
 HEAD_NAMES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "auc": "Macro AUC"}
@@ -48,6 +48,16 @@ def same_seed(refs: list[dict], arm: dict | None, *, fallback: bool = False) -> 
     `fallback`, the first of them when none was."""
     seed = seed_of(arm or {})
     return next((r for r in refs if seed_of(r) == seed), refs[0] if refs and fallback else None)
+
+
+def centralised_group(groups: dict[str, list[dict]]) -> list[dict] | None:
+    """The centralised arm's replicates among replicate_groups(), the reference every gap is paired against."""
+    return next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
+
+
+def has_replicates(groups: dict[str, list[dict]]) -> bool:
+    """Some arm ran more than one train seed: the over-seeds tables have something to show."""
+    return any(len(g) > 1 for g in groups.values())
 
 
 def reference(arms: dict[str, dict], arm: dict | None = None) -> dict | None:
@@ -239,9 +249,9 @@ def paired_gaps(group: list[dict], ref: list[dict] | None, value=None) -> list[f
 def seeds_table(arms: dict[str, dict]) -> list[str]:
     """Mean ± sd over train seeds of every arm with replicates; the gap to centralised is paired by seed."""
     groups = replicate_groups(arms)
-    if all(len(g) == 1 for g in groups.values()):
+    if not has_replicates(groups):
         return []
-    ref = next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
+    ref = centralised_group(groups)
     lines = ["| Arm | seeds | Macro AUC | F1 | ECE | ε spent | Δ AUC vs centralised (paired by seed) |",
              "|---" * 7 + "|"]
     for name, g in groups.items():
@@ -257,7 +267,7 @@ def seeds_table(arms: dict[str, dict]) -> list[str]:
 def kept_round(rounds: list[dict], rule: str) -> dict | None:
     """The round (epoch) `rule` would have kept, by the very `selection_key` training uses (the first of equals,
     as training keeps it); None when a round lacks the figure the rule needs or its test AUC."""
-    need = {"val-f1": "val_f1", "val-auc": "val_auc", "val-loss": "val_loss"}[rule]
+    need = SELECTION_FIGURE[rule]
     if not rounds or any(r.get(need) is None or r.get("test_auc") is None for r in rounds):
         return None
     return max(rounds, key=lambda r: selection_key(rule, r.get("val_f1"), r.get("val_auc"), r.get("val_loss")))
@@ -268,14 +278,14 @@ def selection_table(arms: dict[str, dict]) -> list[str]:
     applied to the per-round validation figures the arm recorded, the test AUC of its pick beside it (the
     test split chose nothing; the arm's own rule is the one its headline used). With train seeds only."""
     groups = replicate_groups(arms)
-    if all(len(g) == 1 for g in groups.values()):
+    if not has_replicates(groups):
         return []
 
     def test_auc(a: dict, rule: str) -> float | None:
         r = kept_round(a.get("rounds") or [], rule)
         return None if r is None else r["test_auc"]
 
-    ref = next((g for g in groups.values() if g[0]["kind"] == "centralised"), None)
+    ref = centralised_group(groups)
     if not any(test_auc(a, rule) is not None for g in groups.values() for a in g for rule in SELECTION_RULES):
         return []
     lines = ["| Arm | seeds | " + " | ".join(f"kept on {rule}: AUC (Δ vs centralised)" for rule in SELECTION_RULES)

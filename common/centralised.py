@@ -71,7 +71,7 @@ def _train(cfg: Settings, data, report: dict, out: Path, run_id: str, tracker: T
         "excluded": len(report["excluded"]), "fingerprint": data.fingerprint()}, "epochs_run": len(res.history),
         "best_epoch": res.best_epoch, "selection": f"{SELECTION_RULES[cfg.train.select_on]} (validation split)",
         "train_seconds": round(train_seconds, 2), "config": cfg.model_dump(mode="json"),
-        "warm_start": warm_start_provenance(cfg.model.weights),
+        "warm_start": warm_start_provenance(cfg.model.weights), "calibration": res.calibration,
     }
     if public is not None:
         provenance.update(public_data=public, purpose="warm start (fedxray pretrain)")

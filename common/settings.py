@@ -147,6 +147,10 @@ class TrainConfig(_Section):
     select_on: Literal["val-f1", "val-auc", "val-loss"] = Field(
         "val-f1", description="which epoch (centralised) or round (federated) is kept: best validation macro-F1 at "
         "tuned thresholds (the seed paper's rule), best validation macro AUC, or lowest validation loss")
+    calibration: Literal["platt", "temperature", "none"] = Field(
+        "platt", description="calibration of the exported model, fitted on the validation split and folded into "
+        "the head (common/calibration.py), thresholds tuned again after it: platt = sigmoid(a z + b) per finding, "
+        "temperature = z / T (softmax outputs get a temperature under either); none = the kept model as trained")
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None = torch default")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.settings import TrainConfig
+from common.calibration import calibrate
 from common.errors import FedxrayError, ModelDiverged
 from common.metrics import compute_metrics, macro_f1, tune_thresholds
 
@@ -209,6 +210,7 @@ class FitResult:
     thresholds: np.ndarray | None = None
     val_metrics: dict | None = None
     stopped_early: bool = False
+    calibration: dict | None = None       # common.calibration.calibrate's record unless train.calibration = none
 
 
 def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
@@ -228,7 +230,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
         criterion: nn.Module, multilabel: bool = True, freeze_backbone_epochs: int = 0, progress: bool = True,
         on_epoch=None) -> FitResult:
     """Adam + scheduler + early stopping; keeps the epoch that `cfg.select_on` ranks best (`selection_key`;
-    by default validation macro-F1 at tuned thresholds, the seed paper's rule), AUC reported beside it."""
+    by default validation macro-F1 at tuned thresholds, the seed paper's rule), AUC reported beside it; then
+    calibrates it on validation (`cfg.calibration`), so thresholds and validation metrics are the exported model's."""
     from common.models import set_backbone_trainable
 
     if freeze_backbone_epochs:
@@ -275,6 +278,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
             break
     if res.best_state is not None:
         model.load_state_dict(res.best_state)
+        if cfg.calibration != "none":   # the kept model as it will be exported: calibrated, re-thresholded
+            res.calibration = calibrate(model, val_loader, findings, multilabel, cfg.calibration)
+            p, y, m, _ = predict(model, val_loader, criterion, multilabel=multilabel)
+            res.thresholds = tune_thresholds(y, p, cfg.threshold_method, mask=m)
+            res.val_metrics = compute_metrics(y, p, findings, res.thresholds, mask=m)
     return res
 
 

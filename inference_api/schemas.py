@@ -23,7 +23,8 @@ GateCode = Literal[GATE_CODES]  # type: ignore[valid-type]
 
 class FindingResult(BaseModel):
     finding: str = Field(description="Finding name, e.g. 'Pneumonia'")
-    probability: float = Field(ge=0, le=1, description="Model probability (sigmoid for multi-label bundles)")
+    probability: float = Field(ge=0, le=1, description="Model probability (sigmoid for multi-label bundles), "
+                               "calibrated on the validation split at export (GET /v1/model: provenance.calibration)")
     threshold: float = Field(description="Decision threshold chosen on the validation set, from the bundle")
     positive: bool = Field(description="probability >= threshold")
 

@@ -51,7 +51,8 @@ def _privacy(card: dict) -> dict | None:
 _PUBLIC_CONFIG = {"model": None, "preprocess": None, "augment": None, "privacy": None, "central_dp": None,
                   "secagg": None, "guards": None,
                   "train": ("epochs", "batch_size", "lr", "weight_decay", "loss", "pos_weight", "threshold_method",
-                            "seed", "early_stopping_patience", "scheduler", "optimizer", "bootstrap"),
+                            "seed", "early_stopping_patience", "scheduler", "optimizer", "bootstrap", "select_on",
+                            "calibration"),
                   "data": ("source", "findings", "split_fractions", "frontal_only", "uncertainty",
                            "min_resolution", "max_samples", "seed"),
                   "federation": tuple(k for k in FederationConfig.model_fields if k != "server_data_path")}
@@ -94,6 +95,9 @@ def public_provenance(prov: dict) -> dict:
         if isinstance(ws.get("data"), dict):
             out["warm_start"]["data"] = {k: v for k, v in ws["data"].items()
                                          if k in ("source", "images", "patients", "fingerprint")}
+    cal = prov.get("calibration")
+    if isinstance(cal, dict):   # how the served probabilities were calibrated (common/calibration.py)
+        out["calibration"] = {k: cal[k] for k in ("method", "fitted_on", "scope", "scale", "shift", "val_nll") if k in cal}
     fed = prov.get("federation")
     if isinstance(fed, dict):
         out["federation"] = {k: fed[k] for k in _FEDERATION_KEYS if k in fed}

@@ -231,23 +231,44 @@ def _run(grid: Grid, s: Settings, out: Path, run_id: int) -> dict:
     if keeper.best_arrays is None:
         raise FedxrayError("no round produced a model (every node failed or timed out); see the SuperNode logs")
     load_record(model, numpy_to_record(keeper.best_arrays))
+    thresholds, metrics, calibration = _exported(s, evaluator, model, state)
     summary = _summary(s, state, evaluator, grid, run_id, time.perf_counter() - t0)
+    summary["provenance"]["calibration"] = calibration
+    summary.update(metrics)
     bundle = save_bundle(out / "bundle", model,
                          model_config=s.network,
-                         preprocess=evaluator.cfg.preprocess, findings=findings, thresholds=state.best_thresholds,
-                         metrics=state.best_metrics, provenance=summary["provenance"],
+                         preprocess=evaluator.cfg.preprocess, findings=findings, thresholds=thresholds,
+                         metrics=metrics, provenance=summary["provenance"],
                          multilabel=evaluator.multilabel, validation=evaluator.datasets["val"],
                          test=evaluator.datasets.get("test"))
     summary["bundle"] = str(bundle)
     contributed = _contributors(state, state.best_round)
     summary["table"] = format_headline_table(
-        {f"federated test (round {state.best_round})": state.best_metrics["test"]},
+        {f"federated test (round {state.best_round})": metrics["test"]},
         title=f"Federated {s.federation.strategy}, {len(contributed)} hospitals in the selected round {state.best_round} "
               f"({', '.join(contributed)}), {state.rounds_done} rounds - server test split")
     write_json(out / SUMMARY_FILE, summary)
     # one line: the table itself is printed once, by whoever started the run (it is in federation.json)
     log.info("%sdone: round %d selected on validation, bundle %s", PROGRESS, state.best_round, bundle)
     return summary
+
+
+def _exported(s: Settings, evaluator: GlobalEvaluator, model, state: RunState) -> tuple[list[float], dict, dict | None]:
+    """(thresholds, {validation, test} metrics, calibration record) of the model the bundle will hold: the kept
+    round as it was evaluated, or (train.calibration = platt or temperature) that round calibrated on the
+    server's validation split (common/calibration.py) and evaluated again, thresholds tuned afresh. The
+    per-round history stays the rounds as trained."""
+    if s.train.calibration == "none":
+        return state.best_thresholds, state.best_metrics, None
+    from common.calibration import calibrate
+
+    calibration = calibrate(model, evaluator.loaders["val"], evaluator.findings, evaluator.multilabel,
+                            s.train.calibration)
+    ev = evaluator(state.best_round, state_to_record(model), s.train.threshold_method)
+    log.info("%scalibrated round %d on validation (%s), validation ECE %.3f -> %.3f", PROGRESS, state.best_round,
+             calibration["method"],
+             state.best_metrics["validation"]["macro"]["ece"] or float("nan"), ev.val["macro"]["ece"] or float("nan"))
+    return [float(x) for x in ev.thresholds], {"validation": ev.val, "test": ev.test}, calibration
 
 
 def _summary(s: Settings, state: RunState, evaluator: GlobalEvaluator, grid: Grid, run_id: int,

@@ -593,8 +593,12 @@ def test_public_provenance_of_a_federated_card():
                            "preprocess.image_size": 224, "model.weights": "/home/me/w.pt", "train.seed": 42},
             "warm_start": {"kind": "bundle", "model_id": "fx-abc", "weights_sha256": "00ff", "public_data": "MedMNIST v2",
                            "data": {"source": "medmnist", "root": "/srv/public", "images": {"train": 9}, "patients": 9,
-                                    "fingerprint": "1234"}, "architecture": {"arch": "resnet50"}}}
+                                    "fingerprint": "1234"}, "architecture": {"arch": "resnet50"}},
+            "calibration": {"method": "platt", "fitted_on": "validation split", "scope": "per finding",
+                            "scale": {"pneumonia": 0.5}, "shift": {"pneumonia": -6.0},
+                            "val_nll": {"before": 2.1, "after": 0.3}}}
     out = public_provenance(prov)
+    assert out["calibration"] == prov["calibration"]   # how the served probabilities were calibrated
     assert out["warm_start"] == {"kind": "bundle", "model_id": "fx-abc", "weights_sha256": "00ff",
                                  "public_data": "MedMNIST v2", "data": {"source": "medmnist", "images": {"train": 9},
                                                                          "patients": 9, "fingerprint": "1234"}}

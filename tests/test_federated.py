@@ -476,8 +476,29 @@ def _check_result(out: Path, rounds: int, hospitals: int, evaluated: bool = True
     assert card["metrics"]["test"]["headline"]["ece"] == summary["test"]["macro"]["ece"]
     assert all(h["global"]["val"]["ece"] is not None for h in summary["history"])
     assert summary["table"].splitlines()[1].split()[-1] == "ECE"
+    _assert_exported_calibrated(out, summary, bundle)
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     return summary
+
+
+def _assert_exported_calibrated(out: Path, summary: dict, bundle) -> None:
+    """The bundle holds the kept round Platt-scaled on the server's validation split (train.calibration's
+    default): its head is the checkpoint's best round times the recorded scale plus the shift, and the ranking,
+    so the test AUC, is the kept round's."""
+    from safetensors.numpy import load_file
+
+    from common.models import classifier_head
+
+    cal = bundle.card["provenance"]["calibration"]
+    assert cal["method"] == "platt" and cal["val_nll"]["after"] <= cal["val_nll"]["before"], cal
+    a, b = np.array(list(cal["scale"].values())), np.array(list(cal["shift"].values()))
+    best = load_file(out / "checkpoint" / f"best-r{summary['best_round']:04d}.safetensors")
+    head = classifier_head(bundle.model)
+    name = next(n for n, p in bundle.model.named_parameters() if p is head.weight).rsplit(".", 1)[0]
+    assert head.weight.detach().numpy() == pytest.approx(best[name + ".weight"] * a[:, None], rel=1e-3, abs=1e-6)
+    assert head.bias.detach().numpy() == pytest.approx(best[name + ".bias"] * a + b, rel=1e-3, abs=1e-5)
+    kept = next(h for h in summary["history"] if h["round"] == summary["best_round"])["global"]["test"]["auc"]
+    assert summary["test"]["macro"]["auc"] == pytest.approx(kept, abs=1e-6)
 
 
 @pytest.fixture

@@ -456,6 +456,27 @@ def test_end_to_end_writes_every_output_and_its_numbers_agree(e2e):
 
 
 @pytest.mark.integration
+def test_exported_models_are_calibrated_and_the_calibration_benchmark_rescores_their_bundles(e2e):
+    """Every arm's exported model is Platt-scaled on validation (train.calibration's default) and records it;
+    benchmarks/calibration.py reads the federated arms' bundles and the server's splits back, and no method
+    moves a test AUC (beyond float32 ties: the tiny DP arm's outputs differ by ~1e-6, and folding the scale
+    into the head rounds them differently; a flipped ranking would move it by 0.1 here)."""
+    _, results, out, _ = e2e
+    arms = results["partitions"]["iid"]["arms"]
+    for name in ("centralised", "fedavg", "dp-fedavg-eps3"):
+        cal = arms[name]["calibration"]
+        assert cal["method"] == "platt" and cal["val_nll"]["after"] <= cal["val_nll"]["before"], (name, cal)
+    from benchmarks.calibration import METHODS, score, summary_table
+
+    rows = score(out)
+    assert {"fedavg", "dp-fedavg-eps3"} <= {r["arm"] for r in rows}
+    for r in rows:
+        for m in METHODS:
+            assert r[m].test["macro"]["auc"] == pytest.approx(r["as trained"].test["macro"]["auc"], abs=1e-3), r["arm"]
+    assert "Platt" in summary_table(rows)
+
+
+@pytest.mark.integration
 def test_a_warm_start_trains_on_a_public_slice_no_hospital_holds_and_its_provenance_reaches_the_bundle(e2e):
     cfg, results, out, _ = e2e
     part = json.loads((out / "partitions" / "iid.json").read_text())

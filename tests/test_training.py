@@ -200,6 +200,8 @@ def test_fit_keeps_the_epoch_that_its_selection_rule_ranks_best(synth_root, tmp_
     card = json.loads((tmp_path / "r" / "bundle" / "model.json").read_text())
     assert card["provenance"]["config"]["train"]["select_on"] == select_on
     assert card["provenance"]["selection"] == f"{SELECTION_RULES[select_on]} (validation split)"
+    cal = card["provenance"]["calibration"]   # train.calibration's default: the exported epoch Platt-scaled
+    assert cal["method"] == "platt" and cal["val_nll"]["after"] <= cal["val_nll"]["before"], cal
 
 
 def test_selection_rules_rank_by_their_own_figure_and_put_a_missing_one_last():

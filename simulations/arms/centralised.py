@@ -45,7 +45,7 @@ class Centralised(ArmType):
                                          "train_loss": r["train_loss"]})
         scored = ctx.evaluator.global_test(model, res.thresholds)
         result = {"test": scored.metrics, "validation": res.val_metrics, "best_round": res.best_epoch,
-                  "rounds": rows, "train_images": n,
+                  "rounds": rows, "train_images": n, "calibration": res.calibration,
                   "cost": {**ctx.cost, "schedule": f"{ctx.cfg.federation.epochs} epochs on the pooled training images"},
                   "per_hospital_test": ctx.evaluator.cross_site(model, res.thresholds)}
         result["cross_site"] = {spec.name: result["per_hospital_test"]}

@@ -111,6 +111,7 @@ class Federated(ArmType):
             "per_hospital_test": per_hospital, "cross_site": {spec.name: per_hospital},
             "epsilon": max((r["epsilon"] for r in rounds if r["epsilon"] is not None), default=None),
             "apps_test_auc": apps_auc, "flower_output": str(out), "initial": initial_model(summary),
+            "calibration": summary["provenance"].get("calibration"),
         }
         if apps_auc is not None and mine is not None and abs(apps_auc - mine) > 1e-6:
             result["note"] = (f"the apps' own test AUC ({apps_auc:.6f}) differs from this evaluation ({mine:.6f}) "

@@ -287,5 +287,5 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
 
 
 __all__ = ["MaskedBCELoss", "SoftmaxCELoss", "make_criterion", "train_epoch", "predict", "evaluate", "fit",
-           "FitResult", "selection_key", "SELECTION_RULES", "SELECTION_FIGURE", "seed_everything", "make_loader", "make_optimizer",
-           "cosine_lr", "probabilities", "macro_f1"]
+           "FitResult", "selection_key", "SELECTION_RULES", "SELECTION_FIGURE", "seed_everything", "make_loader",
+           "make_optimizer", "cosine_lr", "probabilities", "macro_f1"]

@@ -22,6 +22,7 @@ from common.arrays import load_record, state_to_record
 from client.boundary import DECLINES
 from common.settings import Settings
 from common.bundle import save_bundle, warm_start_provenance
+from common.calibration import calibrate
 from common.errors import FedxrayError
 from common.fileio import write_json
 from common.metrics import format_headline_table
@@ -260,8 +261,6 @@ def _exported(s: Settings, evaluator: GlobalEvaluator, model, state: RunState) -
     per-round history stays the rounds as trained."""
     if s.train.calibration == "none":
         return state.best_thresholds, state.best_metrics, None
-    from common.calibration import calibrate
-
     calibration = calibrate(model, evaluator.loaders["val"], evaluator.findings, evaluator.multilabel,
                             s.train.calibration)
     ev = evaluator(state.best_round, state_to_record(model), s.train.threshold_method)

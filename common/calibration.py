@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 from scipy.optimize import minimize, minimize_scalar
+from scipy.special import expit, logsumexp
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -52,9 +53,7 @@ def nll(z: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
     (z, y 2-D, y one-hot)."""
     if multilabel:
         return float(np.mean(np.logaddexp(0.0, z) - y * z))
-    top = z.max(axis=1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
-    return float(np.mean(lse - z[np.arange(len(z)), y.argmax(1)]))
+    return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(z)), y.argmax(1)]))
 
 
 def _fit_temperature(z: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
@@ -75,7 +74,7 @@ def _fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
     def loss(ab):
         s = ab[0] * z + ab[1]
-        sig = 1.0 / (1.0 + np.exp(-s))
+        sig = expit(s)
         return float(np.mean(np.logaddexp(0.0, s) - t * s)), np.array([np.mean((sig - t) * z), np.mean(sig - t)])
 
     lo, hi = T_BOUNDS
